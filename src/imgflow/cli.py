@@ -1,0 +1,181 @@
+"""Command line: parse, validate, call one library function, turn known errors into exit 2.
+
+No ML logic lives here. Heavy modules (torch) are imported inside the command that needs them,
+so `imgflow --help` and `imgflow inspect` start quickly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from imgflow.errors import UserError
+
+log = logging.getLogger("imgflow")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line ('imgflow: error: ...') and exit 2, without usage spam."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """'32' or '32x48' (height x width)."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HxW such as 32 or 32x48, got {text!r}")
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HxW such as 32 or 32x48, got {text!r}")
+    return sizes[0], sizes[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from imgflow.data.card import format_card, inspect
+
+    card = inspect(args.data, out_dir=Path(args.out), image_size=args.image_size)
+    if args.json:
+        print(json.dumps(card, indent=2))
+    else:
+        print(format_card(card))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from imgflow.models import describe_models, format_models
+
+    rows = describe_models(num_classes=args.num_classes, in_channels=args.channels,
+                           image_size=args.image_size)
+    print(json.dumps(rows, indent=2) if args.json else format_models(rows))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from imgflow.training.config import config_from_args
+    from imgflow.training.engine import train
+
+    config = config_from_args(args)
+    result = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from imgflow.evaluation import evaluate_run, format_metrics
+
+    metrics = evaluate_run(Path(args.run_dir), tta=args.tta)
+    print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
+    return 0
+
+
+def cmd_reproduce_seed(args: argparse.Namespace) -> int:
+    from imgflow.reproduce import reproduce_seed
+
+    table = reproduce_seed(args.data, Path(args.out), precision=args.precision,
+                           epochs=args.epochs, models=args.models, seed=args.seed,
+                           resume=args.resume)
+    print(table)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from imgflow import __version__
+
+    parser = _Parser(prog="imgflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"imgflow {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("inspect", help="data set card and example grid")
+    p.add_argument("data", help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images")
+    p.add_argument("--out", default=".", help="directory for examples.png (default: .)")
+    p.add_argument("--json", action="store_true", help="print the card as JSON")
+    p.add_argument("--image-size", type=_image_size, help="resize every image to SIZE or HxW")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("models", help="registered models with parameter counts")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--num-classes", type=_positive_int, default=10)
+    p.add_argument("--channels", type=_positive_int, default=3)
+    p.add_argument("--image-size", type=_image_size, default=(32, 32))
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="train a model into a run directory")
+    from imgflow.training.config import add_train_arguments
+
+    add_train_arguments(p, _positive_int, _non_negative_int, _image_size)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a run's model on its test split")
+    p.add_argument("run_dir")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (flip + shifts)")
+    p.add_argument("--json", action="store_true", help="print metrics.json's content")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("reproduce-seed", help="the reference notebook's two experiments")
+    p.add_argument("data", nargs="?", default="cifar10")
+    p.add_argument("--out", default="runs/reproduce-seed")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--epochs", type=_positive_int, default=20)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--models", nargs="+", default=["seed-baseline", "seed-batchnorm"])
+    p.add_argument("--resume", action="store_true", help="continue interrupted runs")
+    p.set_defaults(func=cmd_reproduce_seed)
+
+    return parser
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(max(-1, min(verbosity, 1)), logging.DEBUG)
+    if verbosity <= -2:
+        level = logging.ERROR
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose - args.quiet)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"imgflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imgflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
