@@ -1,0 +1,57 @@
+"""Batched forward passes over uint8 images: the one path evaluate, predict and reports share."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from imgflow.precision import autocast
+from imgflow.preprocess import Preprocessing, to_model_input
+from imgflow.training.augment import shift
+
+
+def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """Test-time views: the image, its mirror, and both shifted one pixel (reflect fill)."""
+    flipped = images.flip(2)
+    return [images, flipped, shift(images, 1, 1), shift(flipped, -1, -1)]
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, prep: Preprocessing,
+                   precision: str = "fp32", batch_size: int = 500, tta: bool = False,
+                   progress: bool = False, desc: str = "predict") -> torch.Tensor:
+    """float32 logits (N, classes) for uint8 images (N, H, W, C); model must be in eval mode.
+
+    With tta, the logits are log of the mean softmax over the views, so softmax() of the result
+    is the averaged probability.
+    """
+    images = torch.as_tensor(images)
+    assert images.dtype == torch.uint8, f"expected uint8 images, got {images.dtype}"
+    assert not model.training, "predict_logits needs model.eval()"
+    channels_last = precision == "bf16"
+    out = []
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            views = tta_views(batch) if tta else [batch]
+            probs = None
+            for view in views:
+                with autocast(precision):
+                    logits = model(to_model_input(view, prep, channels_last)).float()
+                if not tta:
+                    out.append(logits)
+                    break
+                p = logits.softmax(dim=1)
+                probs = p if probs is None else probs + p
+            if tta:
+                out.append((probs / len(views)).clamp_min(1e-12).log())
+            bar.update(len(batch))
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def loss_and_accuracy(logits: torch.Tensor, labels: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Plain cross-entropy (no label smoothing) and top-1 accuracy."""
+    labels = torch.as_tensor(labels)
+    return {"loss": float(F.cross_entropy(logits, labels)),
+            "accuracy": float((logits.argmax(1) == labels).float().mean())}

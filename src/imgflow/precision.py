@@ -1,0 +1,58 @@
+"""Decide numeric precision and threads once; the training and inference loops have no branches."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def cpu_supports_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels here (AVX-512 BF16 / AMX): only then is it faster."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> 'bf16' on CPUs with native bf16, else 'fp32'."""
+    if precision == "auto":
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return precision
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager:
+    """A context for forward passes: bf16 autocast, or a no-op for fp32."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def default_threads() -> int:
+    """One thread per physical core: hyper-threads only add contention in conv kernels."""
+    n = os.cpu_count() or 1
+    try:
+        cores = set()
+        with open("/proc/cpuinfo") as f:
+            phys = core = None
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                    cores.add((phys, core))
+        if cores:
+            n = min(n, len(cores))
+    except OSError:
+        pass
+    return max(1, n)
+
+
+def set_threads(threads: int | None) -> int:
+    n = threads or default_threads()
+    torch.set_num_threads(n)
+    return n

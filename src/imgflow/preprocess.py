@@ -1,0 +1,38 @@
+"""The one place uint8 images become model input: used by training, evaluation, predict, export."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model's input was made from uint8 pixels; saved in every run's config.json."""
+
+    mean: tuple[float, ...]  # per channel, in [0, 1] pixel units; zeros for plain /255 scaling
+    std: tuple[float, ...]  # per channel, in [0, 1] pixel units; ones for plain /255 scaling
+    image_size: tuple[int, int]  # (H, W) the model was trained on
+    channels: int  # 1 (grayscale) or 3 (RGB)
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std),
+                "image_size": list(self.image_size), "channels": self.channels,
+                "channel_order": "RGB" if self.channels == 3 else "L",
+                "formula": "x = (pixel / 255 - mean) / std, NCHW float32"}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(tuple(d["mean"]), tuple(d["std"]), tuple(d["image_size"]), int(d["channels"]))
+
+
+def to_model_input(images: torch.Tensor, prep: Preprocessing, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> normalised float32 (B, C, H, W)."""
+    assert images.dtype == torch.uint8, f"expected uint8 images, got {images.dtype}"
+    B, H, W, C = images.shape
+    assert C == prep.channels, f"expected {prep.channels} channels, got {C}"
+    mean = torch.tensor(prep.mean, dtype=torch.float32)
+    std = torch.tensor(prep.std, dtype=torch.float32)
+    x = (images.float() / 255.0 - mean) / std  # broadcasts over the trailing channel axis
+    x = x.permute(0, 3, 1, 2)  # a view: NHWC memory read as NCHW is exactly channels_last
+    return x if channels_last else x.contiguous()

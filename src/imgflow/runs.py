@@ -1,0 +1,90 @@
+"""A run directory on disk: its file names, and loading its config and model back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgflow.errors import UserError
+from imgflow.fileio import read_json
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """File names inside a run directory (DESIGN.md, 'A run directory')."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint" / "state.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "test_predictions.npz"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """config.json of a run; a missing directory or file is a UserError saying what to do."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir} (train one with 'imgflow train')")
+    paths = RunPaths(run_dir)
+    if not paths.config.is_file():
+        raise UserError(f"{run_dir} is not an imgflow run directory: config.json is missing")
+    return read_json(paths.config, "run config")
+
+
+def load_trained_model(run_dir: Path):
+    """(model in eval mode, config dict) from a finished run's config.json and model.safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from imgflow.models import create_model
+
+    config = read_run_config(run_dir)
+    weights = RunPaths(Path(run_dir)).weights
+    if not weights.is_file():
+        raise UserError(f"{run_dir} has no model.safetensors: the run has not finished "
+                        f"(continue it with 'imgflow train ... --out {run_dir} --resume')")
+    m = config["model"]
+    model = create_model(m["name"], num_classes=m["num_classes"], in_channels=m["in_channels"],
+                         image_size=tuple(m["image_size"]))
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"cannot read {weights}: {exc}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"{weights} does not match model {m['name']}: {first}") from None
+    model.eval()
+    return model, config

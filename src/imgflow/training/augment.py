@@ -1,0 +1,84 @@
+"""Seeded, batched data augmentation on uint8 image batches (B, H, W, C).
+
+Everything is tensor indexing on the whole batch at once: no per-image Python loop, and the
+random draws come from a torch.Generator the caller seeds, so a (seed, epoch, step) triple fixes
+the result exactly, which is what makes `--resume` land on the same weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """A generator whose state depends only on (seed, epoch, step)."""
+    state = np.random.SeedSequence([seed, epoch, step]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Map indices in [-size+1, 2*size-2] into [0, size) by mirror reflection (no edge repeat)."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
+def random_flip(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    B = images.shape[0]
+    flip = torch.rand(B, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(2), images)
+
+
+def random_translate(images: torch.Tensor, gen: torch.Generator, max_shift: int) -> torch.Tensor:
+    """Shift each image by up to max_shift pixels in x and y, filling by reflection.
+
+    Equivalent to reflect-padding by max_shift and taking a random crop of the original size.
+    """
+    if max_shift <= 0:
+        return images
+    B, H, W, C = images.shape
+    dy = torch.randint(-max_shift, max_shift + 1, (B, 1), generator=gen)
+    dx = torch.randint(-max_shift, max_shift + 1, (B, 1), generator=gen)
+    rows = _reflect(torch.arange(H)[None, :] + dy, H)  # (B, H)
+    cols = _reflect(torch.arange(W)[None, :] + dx, W)  # (B, W)
+    batch = torch.arange(B)[:, None, None]
+    return images[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def random_cutout(images: torch.Tensor, gen: torch.Generator, size: int, fill: int = 0) -> torch.Tensor:
+    """Set one size x size square per image (centre anywhere, clipped at edges) to `fill`."""
+    if size <= 0:
+        return images
+    B, H, W, C = images.shape
+    cy = torch.randint(0, H, (B, 1, 1), generator=gen)
+    cx = torch.randint(0, W, (B, 1, 1), generator=gen)
+    top, left = cy - size // 2, cx - size // 2
+    ys = torch.arange(H)[None, :, None]
+    xs = torch.arange(W)[None, None, :]
+    inside = (ys >= top) & (ys < top + size) & (xs >= left) & (xs < left + size)
+    return images.masked_fill(inside[..., None], fill)
+
+
+def augment_batch(images: torch.Tensor, policy: str, gen: torch.Generator,
+                  translate: int = 2, cutout: int = 8) -> torch.Tensor:
+    """Apply the named policy ('none', 'flip', 'flip+translate', 'flip+translate+cutout')."""
+    assert images.dtype == torch.uint8, f"expected uint8 images, got {images.dtype}"
+    assert images.ndim == 4, f"expected (B, H, W, C), got {tuple(images.shape)}"
+    parts = set(policy.split("+")) - {"none"}
+    unknown = parts - {"flip", "translate", "cutout"}
+    assert not unknown, f"unknown augmentation {sorted(unknown)}"
+    if "flip" in parts:
+        images = random_flip(images, gen)
+    if "translate" in parts:
+        images = random_translate(images, gen, translate)
+    if "cutout" in parts:
+        images = random_cutout(images, gen, cutout)
+    return images
+
+
+def shift(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Shift every image by (dy, dx) pixels, filling by reflection (used by test-time augmentation)."""
+    B, H, W, C = images.shape
+    rows = _reflect(torch.arange(H) + dy, H)
+    cols = _reflect(torch.arange(W) + dx, W)
+    return images[:, rows][:, :, cols]

@@ -1,0 +1,163 @@
+"""Typed training configuration: defaults, presets, validation, and the `train` CLI options."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+from imgflow.errors import UserError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "onecycle", "cosine")
+AUGMENTS = ("none", "flip", "flip+translate", "flip+translate+cutout")
+NORMALIZATIONS = ("scale", "standardize")
+PRECISIONS = ("auto", "fp32", "bf16")
+VAL_MODES = ("last", "stratified")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run. Defaults are the reference notebook's."""
+
+    data: str  # data set spec: cifar10, fashion-mnist, or a path
+    model: str  # registered model name (`imgflow models`)
+    image_size: tuple[int, int] | None = None  # (H, W) to resize to; None = the data's own size
+    epochs: int = 20  # full passes over the training part
+    batch_size: int = 128  # images per optimiser step
+    optimizer: str = "adam"  # adam | adamw | sgd (sgd uses Nesterov momentum)
+    lr: float = 1e-3  # peak learning rate
+    momentum: float = 0.9  # sgd momentum; adam beta1 stays 0.9
+    adam_eps: float = 1e-7  # Keras' Adam epsilon (PyTorch's default is 1e-8)
+    weight_decay: float = 0.0  # on conv/dense weights only, never on BatchNorm or biases
+    schedule: str = "constant"  # constant | onecycle (linear warmup, linear decay) | cosine
+    warmup_epochs: float = 0.0  # linear warmup length for onecycle/cosine, in epochs
+    label_smoothing: float = 0.0  # cross-entropy label smoothing, 0 = off
+    augment: str = "none"  # none | flip | flip+translate | flip+translate+cutout
+    translate: int = 2  # max random shift in pixels for 'translate' (reflect padding)
+    cutout: int = 8  # side of the zeroed square in pixels for 'cutout'
+    normalize: str = "scale"  # scale: x/255 (the notebook) | standardize: (x/255-mean)/std of train part
+    val_split: float = 0.2  # fraction held out for validation; 0 = train on everything
+    val_mode: str = "last"  # last: Keras validation_split on the seeded shuffle | stratified
+    seed: int = 0  # fixes split, data order, augmentation, initialisation, dropout
+    precision: str = "auto"  # auto (bf16 where the CPU supports it) | fp32 | bf16
+    threads: int | None = None  # torch intra-op threads; None = one per physical core
+    early_stopping: int = 0  # patience in epochs on val_loss, best weights restored; 0 = off
+    ema: float = 0.0  # exponential moving average of weights, decay per step; 0 = off
+    eval_batch_size: int = 500  # images per forward pass at evaluation
+    preset: str | None = None  # name of the preset the defaults came from, if any
+
+    def validate(self) -> "TrainConfig":
+        """Raise UserError on values that cannot work; return self for chaining."""
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}"),
+            (0 <= self.label_smoothing < 1,
+             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
+            (self.early_stopping >= 0, "--early-stopping must be >= 0"),
+            (self.early_stopping == 0 or self.val_split > 0,
+             "--early-stopping needs a validation split (--val-split > 0)"),
+            (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
+            (self.translate >= 0 and self.cutout >= 0, "--translate/--cutout must be >= 0"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}"),
+            (self.augment in AUGMENTS, f"unknown augment {self.augment!r}: use one of {', '.join(AUGMENTS)}"),
+            (self.normalize in NORMALIZATIONS, f"unknown normalize {self.normalize!r}: use one of {', '.join(NORMALIZATIONS)}"),
+            (self.precision in PRECISIONS, f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}"),
+            (self.val_mode in VAL_MODES, f"unknown val mode {self.val_mode!r}: use one of {', '.join(VAL_MODES)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        from imgflow.models import list_models
+
+        if self.model not in list_models():
+            raise UserError(f"unknown model {self.model!r}: use one of {', '.join(list_models())} "
+                            "(see 'imgflow models')")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size) if self.image_size else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if d.get("image_size"):
+            d["image_size"] = tuple(d["image_size"])
+        return cls(**d)
+
+
+# Named configurations. Any option given on the command line still wins over the preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The reference notebook, as it ran: pixels/255, Adam 1e-3, batch 128, 20 epochs.
+    "notebook": dict(model="seed-batchnorm", epochs=20, batch_size=128, optimizer="adam", lr=1e-3,
+                     schedule="constant", normalize="scale", augment="none", precision="fp32"),
+}
+
+
+def resolve_config(data: str, overrides: dict[str, Any], preset: str | None = None) -> TrainConfig:
+    """Defaults, then the preset, then explicit overrides (None values mean 'not given')."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+        values["preset"] = preset
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "model" not in values:
+        raise UserError("no model given: pass --model NAME (see 'imgflow models') or --preset")
+    return TrainConfig(data=data, **values).validate()
+
+
+def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_int, image_size) -> None:
+    """The `imgflow train` options. Defaults are None so that presets can fill them."""
+    p.add_argument("data", help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images")
+    p.add_argument("--model", help="model name (see 'imgflow models')")
+    p.add_argument("--preset", help=f"named configuration: {', '.join(PRESETS)}")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<model>-seed<N>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=SCHEDULES)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--augment", choices=AUGMENTS)
+    p.add_argument("--translate", type=non_negative_int)
+    p.add_argument("--cutout", type=non_negative_int)
+    p.add_argument("--normalize", choices=NORMALIZATIONS)
+    p.add_argument("--val-split", type=float, help="validation fraction in [0, 1) (default 0.2)")
+    p.add_argument("--val-mode", choices=VAL_MODES)
+    p.add_argument("--seed", type=non_negative_int)
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--threads", type=positive_int)
+    p.add_argument("--early-stopping", type=non_negative_int, metavar="PATIENCE",
+                   help="stop when val_loss has not improved for PATIENCE epochs; keep the best")
+    p.add_argument("--ema", type=float, help="weight EMA decay per step, e.g. 0.999 (0 = off)")
+    p.add_argument("--image-size", type=image_size, help="resize images to SIZE or HxW")
+
+
+_OVERRIDE_KEYS = ("model", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
+                  "schedule", "warmup_epochs", "label_smoothing", "augment", "translate", "cutout",
+                  "normalize", "val_split", "val_mode", "seed", "precision", "threads",
+                  "early_stopping", "ema", "image_size")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {k: getattr(args, k) for k in _OVERRIDE_KEYS}
+    config = resolve_config(args.data, overrides, preset=args.preset)
+    if args.out is None:
+        args.out = f"runs/{config.model}-seed{config.seed}"
+    return config

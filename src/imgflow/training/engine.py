@@ -1,0 +1,505 @@
+"""The training loop: split, train epochs, validate, checkpoint, resume exactly, save weights.
+
+Exact resume rests on three rules:
+- the data order of an epoch and the augmentation of a step are drawn from generators seeded by
+  (seed, epoch[, step]) alone, so they need no saved state;
+- everything else that changes (weights, optimiser, EMA, dropout's global RNG, metric sums,
+  history, early-stopping state) is in the checkpoint, saved only at step boundaries;
+- a checkpoint replaces the previous one by an atomic rename, so a kill -9 at any moment leaves
+  the last complete one.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import platform
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from imgflow.data import Dataset, Split, channel_stats, load_dataset
+from imgflow.errors import UserError
+from imgflow.fileio import atomic_write, atomic_write_text, read_json, write_json
+from imgflow.inference import loss_and_accuracy, predict_logits
+from imgflow.models import count_params, create_model
+from imgflow.precision import autocast, resolve_precision, set_threads
+from imgflow.preprocess import Preprocessing, to_model_input
+from imgflow.runs import RunPaths
+from imgflow.training.augment import augment_batch, step_generator
+from imgflow.training.config import TrainConfig
+from imgflow.training.schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+# Fields that may differ between the run that started and the one that resumes it.
+_RESUMABLE_DIFFERENCES = {"threads"}
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# data split and order
+
+
+def split_train_val(train: Split, fraction: float, mode: str, seed: int) -> tuple[Split, Split | None]:
+    """Hold out `fraction` of the training split for validation.
+
+    'last' is Keras' validation_split (the last fraction) applied to a seeded shuffle, since our
+    sources may be ordered by class; 'stratified' takes the last fraction of each class.
+    """
+    if fraction <= 0:
+        return train, None
+    order = np.random.default_rng([seed, 0x5EED]).permutation(len(train))
+    if mode == "last":
+        n_val = int(round(len(train) * fraction))
+        train_idx, val_idx = order[: len(order) - n_val], order[len(order) - n_val:]
+    else:
+        labels = train.labels[order]
+        train_parts, val_parts = [], []
+        for c in np.unique(labels):
+            members = order[labels == c]
+            n_val = int(round(len(members) * fraction))
+            train_parts.append(members[: len(members) - n_val])
+            val_parts.append(members[len(members) - n_val:])
+        train_idx, val_idx = np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(val_parts))
+        train_idx, val_idx = order[np.isin(order, train_idx)], order[np.isin(order, val_idx)]
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        raise UserError(f"--val-split {fraction} leaves an empty training or validation part of "
+                        f"{len(train)} images: choose a fraction that keeps both non-empty")
+    return train.subset(train_idx), train.subset(val_idx)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled sample order of one epoch, a function of (seed, epoch) only."""
+    state = np.random.SeedSequence([seed, epoch, 0x0DE2]).generate_state(2, dtype=np.uint32)
+    gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randperm(n, generator=gen)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    # Keras keeps the last partial batch; we do too, except a batch of one, which BatchNorm
+    # cannot normalise in training mode.
+    steps = math.ceil(n / batch_size)
+    return steps - 1 if steps > 1 and n % batch_size == 1 else steps
+
+
+# ----------------------------------------------------------------------------------------------
+# model pieces
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Weight decay on conv/dense weights only: decaying BatchNorm and biases only hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, eps=config.adam_eps)
+    # Keras' Adam has no weight decay; with --weight-decay it is the classic L2 form.
+    return torch.optim.Adam(groups, lr=config.lr, eps=config.adam_eps)
+
+
+class WeightEMA:
+    """Exponential moving average of the weights; BatchNorm statistics are copied, not averaged."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point and not k.endswith(("running_mean", "running_var")):
+                self.state[k].lerp_(v, 1.0 - self.decay)
+            else:
+                self.state[k].copy_(v)
+
+
+def _clean_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors wants contiguous tensors; channels_last conv weights are not.
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def prepare_model(config: TrainConfig, dataset: Dataset, train_part: Split, prep: Preprocessing,
+                  precision: str) -> torch.nn.Module:
+    """Create the model with the seed's initialisation; fit data-dependent layers if any."""
+    H, W, C = dataset.image_shape
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, num_classes=dataset.num_classes, in_channels=C, image_size=(H, W))
+    if hasattr(model, "init_whitening"):
+        # Fitted on a fixed, seeded sample of the training part (never validation or test).
+        n = min(5000, len(train_part))
+        idx = np.random.default_rng([config.seed, 0x3417]).choice(len(train_part), n, replace=False)
+        model.init_whitening(to_model_input(torch.from_numpy(train_part.images[np.sort(idx)]), prep))
+    if precision == "bf16":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def preprocessing_for(config: TrainConfig, dataset: Dataset, train_part: Split) -> Preprocessing:
+    H, W, C = dataset.image_shape
+    if config.normalize == "standardize":
+        mean, std = channel_stats(train_part.images)  # training part only: no peeking at val/test
+        std = [max(s, 1e-3) for s in std]
+    else:
+        mean, std = [0.0] * C, [1.0] * C
+    return Preprocessing(tuple(mean), tuple(std), (H, W), C)
+
+
+# ----------------------------------------------------------------------------------------------
+# run directory
+
+
+def _versions() -> dict[str, str]:
+    import PIL
+    import safetensors
+    import sklearn
+
+    from imgflow import __version__
+
+    return {"imgflow": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "pillow": PIL.__version__, "scikit-learn": sklearn.__version__,
+            "safetensors": getattr(safetensors, "__version__", "?")}
+
+
+def machine_info() -> dict[str, str | int]:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cpu_count": __import__("os").cpu_count() or 1, "platform": platform.platform(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a run; make sure --resume continues the same configuration."""
+    paths = RunPaths(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file, not a directory: choose another path")
+    if resume:
+        if not run_dir.is_dir():
+            raise UserError(f"cannot resume: {run_dir} does not exist (start it without --resume)")
+        if paths.config.is_file():
+            saved = read_json(paths.config, "run config").get("train", {})
+            mine = config.to_dict()
+            diff = sorted(k for k in mine if k not in _RESUMABLE_DIFFERENCES and saved.get(k) != mine[k])
+            if diff:
+                shown = ", ".join(f"{k}={saved.get(k)!r}" for k in diff)
+                raise UserError(f"{run_dir} was started with {shown}; resume with the same options "
+                                "or use --overwrite to start again")
+        return
+    holds_run = any(p.exists() for p in (paths.config, paths.history, paths.weights, paths.checkpoint))
+    if holds_run and not overwrite:
+        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                        "--overwrite to replace it, or choose another --out")
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    paths = RunPaths(run_dir)
+    for p in (paths.config, paths.history, paths.weights, paths.metrics, paths.predictions, paths.report):
+        p.unlink(missing_ok=True)
+    for d in (paths.checkpoint_dir, paths.plots):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in HISTORY_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_history(path: Path) -> list[dict]:
+    """history.csv as a list of dicts with floats (empty cells -> None)."""
+    if not Path(path).is_file():
+        raise UserError(f"history not found: {path}")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for row in rows:
+        parsed = {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+        parsed["epoch"] = int(parsed["epoch"])
+        out.append(parsed)
+    return out
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    # weights_only: the restricted unpickler, tensors and plain containers only.
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # a corrupt checkpoint is the user's to delete, not a crash
+        raise UserError(f"cannot read checkpoint {path}: {exc}; delete it to restart the run") from None
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(_clean_state(state), str(tmp), metadata=metadata))
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C into a flag checked between steps, so a checkpoint is consistent."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this step; a checkpoint is being saved (Ctrl-C again to abort)")
+
+
+@contextmanager
+def _sigint_as_flag():
+    stop = _StopRequest()
+    try:
+        previous = signal.signal(signal.SIGINT, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _evaluate_part(model: torch.nn.Module, part: Split, prep: Preprocessing, precision: str,
+                   batch_size: int) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    logits = predict_logits(model, part.images, prep, precision, batch_size)
+    model.train(was_training)
+    return loss_and_accuracy(logits, part.labels)
+
+
+def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: bool = False,
+          progress: bool | None = None, checkpoint_seconds: float = 60.0) -> TrainResult:
+    """Train config.model on config.data into run_dir; return the history and where it went.
+
+    checkpoint_seconds: also checkpoint mid-epoch when this long has passed since the last one.
+    """
+    config.validate()
+    run_dir = Path(run_dir)
+    paths = RunPaths(run_dir)
+    _check_run_dir(run_dir, config, resume, overwrite)
+    if progress is None:
+        progress = sys.stderr.isatty()
+
+    dataset = load_dataset(config.data, image_size=config.image_size, progress=progress)
+    train_part, val_part = split_train_val(dataset.train, config.val_split, config.val_mode, config.seed)
+    precision = resolve_precision(config.precision)
+    threads = set_threads(config.threads)
+    prep = preprocessing_for(config, dataset, train_part)
+    model = prepare_model(config, dataset, train_part, prep, precision)
+    optimizer = build_optimizer(model, config)
+    ema = WeightEMA(model, config.ema) if config.ema > 0 else None
+
+    n_train = len(train_part)
+    batches = steps_per_epoch(n_train, config.batch_size)
+    total_steps = config.epochs * batches
+    warmup_steps = int(round(config.warmup_epochs * batches))
+
+    # Everything is validated and loaded: only now touch the run directory.
+    checkpoint = None
+    if resume and paths.checkpoint.is_file():
+        checkpoint = load_checkpoint(paths.checkpoint)
+    elif resume and paths.weights.is_file() and paths.history.is_file():
+        log.info("%s has already finished; nothing to resume", run_dir)
+        return TrainResult(run_dir, read_history(paths.history))
+    elif overwrite:
+        _clear_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    counts = count_params(model)
+    H, W, C = dataset.image_shape
+    run_config = {
+        "train": config.to_dict(),
+        "data": {"name": dataset.name, "source": dataset.source, "sha256": dataset.sha256,
+                 "classes": dataset.classes, "image_shape": [H, W, C],
+                 "num_train": n_train, "num_val": len(val_part) if val_part else 0,
+                 "num_test": len(dataset.test) if dataset.test is not None else 0,
+                 "skipped": len(dataset.skipped)},
+        "preprocessing": prep.to_dict(),
+        "model": {"name": config.model, "num_classes": dataset.num_classes, "in_channels": C,
+                  "image_size": [H, W], **counts},
+        "precision": precision, "threads": threads, "steps_per_epoch": batches,
+        "versions": _versions(), "machine": machine_info(),
+    }
+    if not paths.config.is_file():
+        write_json(paths.config, run_config)
+
+    # State that the checkpoint carries.
+    history: list[dict] = []
+    start_epoch, start_step, global_step = 0, 0, 0
+    sums = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    best = {"val_loss": math.inf, "epoch": None, "state": None, "bad_epochs": 0}
+    elapsed_before = 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if ema is not None:
+            ema.state = checkpoint["ema"]
+        torch.set_rng_state(checkpoint["rng"])
+        history = checkpoint["history"]
+        start_epoch, start_step, global_step = checkpoint["epoch"], checkpoint["step"], checkpoint["global_step"]
+        sums = checkpoint["sums"]
+        best = checkpoint["best"]
+        elapsed_before = checkpoint["elapsed"]
+        log.info("resuming %s at epoch %d, step %d/%d", run_dir, start_epoch + 1, start_step, batches)
+
+    def checkpoint_now(epoch: int, step: int) -> None:
+        save_checkpoint(paths.checkpoint, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "ema": ema.state if ema is not None else None, "rng": torch.get_rng_state(),
+            "history": history, "epoch": epoch, "step": step, "global_step": global_step,
+            "sums": sums, "best": best, "elapsed": elapsed_before + (time.perf_counter() - t_start),
+        })
+
+    images = torch.from_numpy(train_part.images)
+    labels = torch.from_numpy(train_part.labels)
+    log.info("training %s (%s params) on %s: %d train / %d val images, %d epochs of %d steps, %s, %d threads",
+             config.model, f"{counts['params']:,}", dataset.name, n_train, len(val_part) if val_part else 0,
+             config.epochs, batches, precision, threads)
+    t_start = time.perf_counter()
+    last_checkpoint = time.perf_counter()
+    stopped_early = False
+    model.train()
+    with _sigint_as_flag() as stop:
+        for epoch in range(start_epoch, config.epochs):
+            order = epoch_order(n_train, config.seed, epoch)
+            t_epoch = time.perf_counter() - sums["seconds"]
+            bar = tqdm(total=batches, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
+                       unit="step", disable=not progress, leave=False, dynamic_ncols=True)
+            for step in range(start_step, batches):
+                idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+                xb, yb = images[idx], labels[idx]
+                if config.augment != "none":
+                    xb = augment_batch(xb, config.augment, step_generator(config.seed, epoch, step),
+                                       translate=config.translate, cutout=config.cutout)
+                lr = lr_at(global_step, total_steps, config.lr, config.schedule, warmup_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with autocast(precision):
+                    logits = model(to_model_input(xb, prep, channels_last=precision == "bf16"))
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower --lr "
+                        f"(now {config.lr}); the last good checkpoint is kept in {paths.checkpoint_dir}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if ema is not None:
+                    ema.update(model)
+                global_step += 1
+                sums["loss"] += loss.item() * len(yb)
+                sums["correct"] += int((logits.argmax(1) == yb).sum())
+                sums["seen"] += len(yb)
+                sums["seconds"] = time.perf_counter() - t_epoch
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}",
+                                acc=f"{sums['correct'] / sums['seen']:.3f}",
+                                img_s=f"{sums['seen'] / max(sums['seconds'], 1e-9):.0f}", refresh=False)
+                if stop.requested or time.perf_counter() - last_checkpoint > checkpoint_seconds:
+                    checkpoint_now(epoch, step + 1)
+                    last_checkpoint = time.perf_counter()
+                    if stop.requested:
+                        bar.close()
+                        raise KeyboardInterrupt(f"checkpoint saved; continue with --resume --out {run_dir}")
+            bar.close()
+
+            if ema is not None:
+                live = _clean_state(model.state_dict())
+                model.load_state_dict(ema.state)
+            row = {"epoch": epoch + 1, "train_loss": sums["loss"] / sums["seen"],
+                   "train_acc": sums["correct"] / sums["seen"], "val_loss": None, "val_acc": None,
+                   "lr": lr}
+            if val_part is not None:
+                val = _evaluate_part(model, val_part, prep, precision, config.eval_batch_size)
+                row["val_loss"], row["val_acc"] = val["loss"], val["accuracy"]
+                if config.early_stopping:
+                    if val["loss"] < best["val_loss"]:
+                        best = {"val_loss": val["loss"], "epoch": epoch + 1,
+                                "state": _clean_state(model.state_dict()), "bad_epochs": 0}
+                    else:
+                        best["bad_epochs"] += 1
+            if ema is not None:
+                model.load_state_dict(live)
+            row["seconds"] = round(time.perf_counter() - t_epoch, 3)
+            history.append(row)
+            log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %s  val_acc %s  lr %.3g  %.1fs",
+                     epoch + 1, config.epochs, row["train_loss"], row["train_acc"],
+                     "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}",
+                     "-" if row["val_acc"] is None else f"{row['val_acc']:.4f}", lr, row["seconds"])
+            write_history(paths.history, history)
+            start_step = 0
+            sums = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+            if config.early_stopping and best["bad_epochs"] >= config.early_stopping:
+                stopped_early = epoch + 1 < config.epochs
+                checkpoint_now(config.epochs, 0)  # nothing left to do on resume
+                log.info("early stopping: val_loss has not improved for %d epochs", config.early_stopping)
+                break
+            checkpoint_now(epoch + 1, 0)
+            last_checkpoint = time.perf_counter()
+            if stop.requested:
+                raise KeyboardInterrupt(f"checkpoint saved; continue with --resume --out {run_dir}")
+
+    if config.early_stopping and best["state"] is not None:
+        final_state = best["state"]
+        log.info("restoring the best weights, from epoch %d (val_loss %.4f)", best["epoch"], best["val_loss"])
+    elif ema is not None:
+        final_state = ema.state
+    else:
+        final_state = model.state_dict()
+    seconds = elapsed_before + time.perf_counter() - t_start
+    save_weights(paths.weights, final_state, {"model": config.model, "format": "imgflow"})
+    run_config["result"] = {
+        "epochs_run": len(history), "best_epoch": best["epoch"], "stopped_early": stopped_early,
+        "train_seconds": round(seconds, 2),
+        "train_images_per_second": round(len(history) * n_train / max(seconds, 1e-9), 1),
+        "final_val_accuracy": history[-1]["val_acc"] if history else None,
+    }
+    saved = read_json(paths.config, "run config")
+    saved["result"] = run_config["result"]
+    write_json(paths.config, saved)
+    log.info("saved %s (%.1f s)", paths.weights, seconds)
+    return TrainResult(run_dir, history, best["epoch"], stopped_early, seconds)
