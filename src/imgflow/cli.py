@@ -93,6 +93,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from imgflow.predict import format_predictions, predict_files
+
+    inputs, onnx, run_dir = list(args.inputs), args.onnx, None
+    if onnx is None and inputs[0].lower().endswith(".onnx"):
+        onnx = inputs.pop(0)  # `imgflow predict MODEL.onnx IMAGE...`
+    elif onnx is None:
+        run_dir = inputs.pop(0)
+    elif (Path(inputs[0]) / "config.json").is_file():
+        raise UserError(f"give a run directory or --onnx, not both ({inputs[0]} is a run directory)")
+    if not inputs:
+        raise UserError("no images given: imgflow predict RUN_DIR IMAGE_OR_DIR...")
+    results = predict_files(run_dir, inputs, top_k=args.top_k, tta=args.tta, onnx=onnx)
+    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from imgflow.export import FORMATS, ParityError, export_run, format_parity
+
+    formats = FORMATS if args.format == "all" else (args.format,)
+    try:
+        report = export_run(Path(args.run_dir), Path(args.out) if args.out else None, formats,
+                            progress=sys.stderr.isatty())
+    except ParityError as exc:
+        print(format_parity(exc.report))
+        print(f"imgflow: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_parity(report))
+    return 0
+
+
 def cmd_reproduce_seed(args: argparse.Namespace) -> int:
     from imgflow.reproduce import reproduce_seed
 
@@ -143,6 +175,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print metrics.json's content")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser(
+        "predict", help="classify image files with a run's model or an exported ONNX model",
+        usage="imgflow predict RUN_DIR IMAGE_OR_DIR... [--top-k K] [--json] [--tta]\n"
+              "       imgflow predict MODEL.onnx IMAGE_OR_DIR... [--top-k K] [--json]\n"
+              "       imgflow predict --onnx MODEL.onnx IMAGE_OR_DIR... [--top-k K] [--json]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Classify image files (any format, size and mode Pillow reads) and directories\n"
+                    "of them (recursive; hidden files skipped; image extensions only), with exactly\n"
+                    "the preprocessing the model was trained with.\n\n"
+                    "With a run directory the model runs in PyTorch, as 'imgflow evaluate' runs it.\n"
+                    "With an exported MODEL.onnx (first argument or --onnx) it runs with onnxruntime,\n"
+                    "NumPy and Pillow only, reading model.json beside the .onnx file (or the copy\n"
+                    "embedded in it); PyTorch is not needed: pip install onnxruntime numpy pillow.",
+        epilog="--json prints [{\"image\", \"top\": [{\"class\", \"probability\"}]}]; files that cannot\n"
+               "be read get \"top\": [] and an \"error\" and never stop the others.\n"
+               "Exit status: 0 when at least one file was classified; 2 when none could be read or\n"
+               "the run directory / ONNX model is unusable.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="RUN_DIR or MODEL.onnx (unless --onnx is given), then images/directories")
+    p.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
+                   help="classes shown per image (default 5, at most the number of classes)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation (flip + shifts), as 'evaluate --tta'; run dirs only")
+    p.add_argument("--onnx", metavar="MODEL.onnx", help="run an exported ONNX model (no PyTorch)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "export", help="export a run's model to ONNX and TorchScript, parity-checked",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write model.onnx (dynamic batch) and/or model.torchscript.pt with model.json\n"
+                    "(classes, input size, channel order, mean/std, NCHW float32 input, logits\n"
+                    "output) into the out directory. Each export is loaded back and compared with\n"
+                    "the PyTorch model on up to 256 images of the run's test split: max |probability\n"
+                    "difference| <= 1e-4 and identical top-1, saved in parity.json.",
+        epilog="Exit status: 0 exported and parity passed; 1 parity check failed (nothing\n"
+               "installed, numbers in parity.json); 2 unusable run directory or bad usage.")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=["onnx", "torchscript", "all"], default="all",
+                   help="what to export (default all)")
+    p.add_argument("--out", help="output directory (default RUN_DIR/export)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("reproduce-seed", help="the reference notebook's two experiments")
     p.add_argument("data", nargs="?", default="cifar10")
     p.add_argument("--out", default="runs/reproduce-seed")
@@ -172,9 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"imgflow: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("imgflow: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        detail = f": {exc}" if str(exc) else ""
+        print(f"imgflow: interrupted{detail}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -76,7 +76,6 @@ def evaluate_run(run_dir: Path, tta: bool = False, progress: bool | None = None)
     prep = Preprocessing.from_dict(config["preprocessing"])
     precision = resolve_precision(train_cfg.get("precision", "fp32"))
     set_threads(train_cfg.get("threads"))
-    model = model.to(memory_format=torch.channels_last) if precision == "bf16" else model
     logits = predict_logits(model, dataset.test.images, prep, precision,
                             train_cfg.get("eval_batch_size", 500), tta=tta, progress=progress,
                             desc="evaluate")

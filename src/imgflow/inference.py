@@ -29,7 +29,7 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, pr
     images = torch.as_tensor(images)
     assert images.dtype == torch.uint8, f"expected uint8 images, got {images.dtype}"
     assert not model.training, "predict_logits needs model.eval()"
-    channels_last = precision == "bf16"
+    model = model.to(memory_format=torch.channels_last)  # as in training: faster convolutions
     out = []
     with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, len(images), batch_size):
@@ -38,7 +38,7 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, pr
             probs = None
             for view in views:
                 with autocast(precision):
-                    logits = model(to_model_input(view, prep, channels_last)).float()
+                    logits = model(to_model_input(view, prep, channels_last=True)).float()
                 if not tta:
                     out.append(logits)
                     break

@@ -1,0 +1,96 @@
+"""`imgflow inspect`: the data set card (a dict, JSON-ready) and its text form.
+
+Card keys (DESIGN.md, stable): name, source, sha256, classes, image_shape [H, W, C],
+splits {"train": {"count", "per_class"}, "test": {...} or null}, skipped [{"path", "reason"}],
+channel_mean, channel_std (of the training split, in [0, 1] units). Added keys: num_classes,
+has_test_split (false when the source has no test split; then splits["test"] is null),
+notes (remarks made while loading), examples (path of examples.png).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from imgflow.data.dataset import Dataset, Split
+from imgflow.data.examples import save_example_grid
+from imgflow.data.load import load_dataset
+from imgflow.data.stats import channel_stats
+
+_SKIPPED_LISTED = 20  # skipped files named in the text card
+
+
+def _split_card(split: Split, classes: list[str]) -> dict:
+    counts = np.bincount(split.labels, minlength=len(classes))
+    return {"count": len(split), "per_class": {c: int(n) for c, n in zip(classes, counts)}}
+
+
+def make_card(dataset: Dataset) -> dict:
+    """The card of an already loaded data set (no files written)."""
+    mean, std = channel_stats(dataset.train.images)
+    return {
+        "name": dataset.name,
+        "source": dataset.source,
+        "sha256": dataset.sha256,
+        "classes": list(dataset.classes),
+        "num_classes": dataset.num_classes,
+        "image_shape": list(dataset.image_shape),
+        "splits": {
+            "train": _split_card(dataset.train, dataset.classes),
+            "test": None if dataset.test is None else _split_card(dataset.test, dataset.classes),
+        },
+        "has_test_split": dataset.test is not None,
+        "skipped": list(dataset.skipped),
+        "channel_mean": [round(m, 6) for m in mean],
+        "channel_std": [round(s, 6) for s in std],
+        "notes": list(dataset.notes),
+    }
+
+
+def inspect(spec: str, out_dir: Path, image_size: tuple[int, int] | None = None) -> dict:
+    """Load `spec`, write `out_dir/examples.png`, and return the data set card."""
+    dataset = load_dataset(spec, image_size=image_size)
+    card = make_card(dataset)
+    card["examples"] = str(save_example_grid(dataset, Path(out_dir) / "examples.png"))
+    return card
+
+
+def format_card(card: dict) -> str:
+    """The card as readable text: provenance, a table of classes with counts, skipped files."""
+    H, W, C = card["image_shape"]
+    train, test = card["splits"]["train"], card["splits"].get("test")
+    lines = [
+        f"{card['name']}: {len(card['classes'])} classes, images {H}x{W}x{C}",
+        f"  source   {card['source']}",
+        f"  sha256   {card['sha256']}",
+        f"  train    {train['count']:,} images",
+        f"  test     {test['count']:,} images" if test else "  test     no test split",
+        "  channel mean " + " ".join(f"{m:.4f}" for m in card["channel_mean"])
+        + "   std " + " ".join(f"{s:.4f}" for s in card["channel_std"])
+        + "   (training split, pixels in [0, 1])",
+        "",
+    ]
+    width = max(len("class"), *(len(c) for c in card["classes"]))
+    header = f"  {'#':>3}  {'class':<{width}}  {'train':>8}"
+    lines.append(header + (f"  {'test':>8}" if test else ""))
+    for i, c in enumerate(card["classes"]):
+        row = f"  {i:>3}  {c:<{width}}  {train['per_class'][c]:>8,}"
+        lines.append(row + (f"  {test['per_class'][c]:>8,}" if test else ""))
+    total = f"  {'':>3}  {'total':<{width}}  {train['count']:>8,}"
+    lines.append(total + (f"  {test['count']:>8,}" if test else ""))
+
+    notes = card.get("notes") or []
+    if notes:
+        lines += ["", "notes:"] + [f"  - {n}" for n in notes]
+    skipped = card["skipped"]
+    lines.append("")
+    if skipped:
+        lines.append(f"skipped {len(skipped)} file(s):")
+        lines += [f"  {s['path']}: {s['reason']}" for s in skipped[:_SKIPPED_LISTED]]
+        if len(skipped) > _SKIPPED_LISTED:
+            lines.append(f"  ... and {len(skipped) - _SKIPPED_LISTED} more (see --json)")
+    else:
+        lines.append("skipped: none")
+    if card.get("examples"):
+        lines.append(f"examples: {card['examples']}")
+    return "\n".join(lines)

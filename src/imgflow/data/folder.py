@@ -1,0 +1,212 @@
+"""Labelled image folders: a directory, .zip, .tar or .tar.gz of class folders.
+
+Layouts (after an optional single wrapping directory, as in `cifar10/train/...`):
+- `train/<class>/...` with optional `test/<class>/...`;
+- `<class>/...` at the top level: no test split.
+Files may sit at any depth inside a class folder. Class names are sorted, so label i is the i-th
+name in sorted order (for CIFAR-10 folders that is the official label order) and test classes
+map to the same indices as train's; a test class with no training images is an error.
+A class folder without usable images is left out and reported. Files that cannot be used are
+skipped and listed as {"path", "reason"} with `path` relative to the source, never a crash.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from imgflow.data.dataset import Dataset, Split
+from imgflow.data.decode import decode_image, resize_array
+from imgflow.data.readers import Listing, open_reader
+from imgflow.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class _Plan:
+    """Which files belong to which split and class folder."""
+
+    wrapper: str  # stripped wrapping directory + "/", or ""
+    split_layout: bool  # train/<class>/ (and test/<class>/) rather than <class>/ at the top
+    has_test: bool
+    # (split, class folder) -> file indices into the listing
+    folders: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # top-level entries outside the layout
+
+
+def _plan(listing: Listing, source: str) -> _Plan:
+    paths = [rel.split("/") for rel, _ in listing.files]
+    dirs = [d.split("/") for d in listing.dirs]
+    tops = {p[0] for p in paths} | {d[0] for d in dirs}
+    wrapper = ""
+    # One wrapping directory (a zip of `cifar10/train/...` or of `photos/<class>/...`) is peeled
+    # off when everything sits inside it and it holds folders, not only files.
+    if (len(tops) == 1 and next(iter(tops)) not in SPLITS and paths
+            and all(len(p) >= 3 for p in paths)):
+        wrapper = next(iter(tops)) + "/"
+        paths = [p[1:] for p in paths]
+        dirs = [d[1:] for d in dirs if len(d) > 1]
+        tops = {p[0] for p in paths} | {d[0] for d in dirs}
+
+    has_split_layout = "train" in tops
+    if not has_split_layout and "test" in tops:
+        raise UserError(f"{source} has a test/ folder but no train/ folder: expected "
+                        "train/<class>/* (and optionally test/<class>/*)")
+    plan = _Plan(wrapper=wrapper, split_layout=has_split_layout,
+                 has_test=has_split_layout and "test" in tops)
+    depth = 1 if has_split_layout else 0  # index of the class folder in a path
+    for d in dirs:  # register class folders even when empty, to report them
+        if len(d) > depth and (depth == 0 or d[0] in SPLITS):
+            split = d[0] if depth else "train"
+            plan.folders.setdefault((split, d[depth]), [])
+    for index, p in enumerate(paths):
+        rel = wrapper + "/".join(p)
+        if depth and p[0] not in SPLITS:
+            if p[0] not in plan.ignored:
+                plan.ignored.append(p[0])
+        elif len(p) <= depth + 1:
+            plan.skipped.append({"path": rel, "reason": "not inside a class folder"})
+        else:
+            split = p[0] if depth else "train"
+            plan.folders.setdefault((split, p[depth]), []).append(index)
+    if depth:
+        plan.ignored += sorted({d[0] for d in dirs if d[0] not in SPLITS} - set(plan.ignored))
+    return plan
+
+
+def _skip_reason(exc: BaseException) -> str:
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"refused as a possible decompression bomb: {exc}"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image Pillow can read"
+    if isinstance(exc, OSError) and "truncated" in str(exc):
+        return f"truncated image: {exc}"
+    return f"cannot decode: {type(exc).__name__}: {exc}"
+
+
+def _decode_all(reader, listing: Listing, indices: list[int], image_size, progress: bool,
+                desc: str) -> tuple[list[np.ndarray | None], list[dict]]:
+    """Decode the listed files at `indices`; failed ones are None and listed as skipped."""
+    arrays: list[np.ndarray | None] = [None] * len(indices)
+    skipped = []
+    handles = [listing.files[i][1] for i in indices]
+    with warnings.catch_warnings(), tqdm(total=len(indices), desc=desc, unit="img",
+                                         disable=None if progress else True, leave=False) as bar:
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse those files too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for k, data in reader.read(handles):
+            try:
+                if isinstance(data, Exception):
+                    raise data
+                arrays[k] = decode_image(data, image_size)
+            # Pillow's many format plugins raise many exception types on hostile or broken
+            # files (OSError, SyntaxError, ValueError, struct.error, ...): any one of them means
+            # this file is unusable, never that the whole load should stop.
+            except Exception as exc:  # noqa: BLE001
+                rel = listing.files[indices[k]][0]
+                skipped.append({"path": rel, "reason": _skip_reason(exc)})
+                log.debug("skipped %s: %s", rel, exc)
+            bar.update(1)
+    return arrays, skipped
+
+
+def _stack(arrays: list[np.ndarray | None], members: list[tuple[int, int]],
+           size: tuple[int, int], channels: int) -> Split:
+    """One split from decoded arrays: `members` are (label, index into arrays) pairs."""
+    H, W = size
+    images = np.empty((len(members), H, W, channels), dtype=np.uint8)
+    labels = np.fromiter((label for label, _ in members), dtype=np.int64, count=len(members))
+    for row, (_, k) in enumerate(members):
+        a = arrays[k]
+        if a.shape[:2] != size:
+            a = resize_array(a, size)
+        images[row] = a[..., None] if a.ndim == 2 else a  # gray broadcasts to 3 channels
+        arrays[k] = None  # free as we go: peak memory stays near one copy
+    return Split(images, labels)
+
+
+def read_image_folder(path: Path, image_size: tuple[int, int] | None = None,
+                      progress: bool = True) -> Dataset:
+    """Decode a folder or archive of labelled images into uint8 arrays (see the module doc)."""
+    source = str(path)
+    with open_reader(path) as reader:
+        listing = reader.list()
+        listing.files.sort(key=lambda f: f[0])  # the same order from a directory or an archive
+        plan = _plan(listing, source)
+        keys = sorted(plan.folders)  # (split, class) in sorted order: a deterministic layout
+        indices = [i for key in keys for i in plan.folders[key]]
+        arrays, decode_skipped = _decode_all(reader, listing, indices, image_size, progress,
+                                             desc=f"decoding {Path(path).name}")
+
+    skipped = listing.refused + plan.skipped + decode_skipped
+    notes: list[str] = []
+    if plan.ignored:
+        notes.append(f"ignored top-level entries outside train/ and test/: {', '.join(plan.ignored)}")
+
+    # Usable images per (split, class folder).
+    position = {i: k for k, i in enumerate(indices)}
+    usable = {key: [position[i] for i in plan.folders[key] if arrays[position[i]] is not None]
+              for key in keys}
+    classes = sorted(c for (split, c), ks in usable.items() if split == "train" and ks)
+    for (split, c), ks in usable.items():
+        if ks:
+            continue
+        total = len(plan.folders[(split, c)])
+        folder = plan.wrapper + (f"{split}/" if plan.split_layout else "") + c
+        what = "is empty" if total == 0 else f"has no usable images ({total} skipped)"
+        consequence = ": class left out" if split == "train" else ""
+        notes.append(f"class folder {folder} {what}{consequence}")
+    stray = sorted(c for (split, c), ks in usable.items() if split == "test" and ks and c not in classes)
+    if stray:
+        raise UserError(f"{source}: test class(es) {', '.join(stray)} have no training images; "
+                        "add images under train/<class>/ or remove the test folder(s)")
+    if not classes:
+        detail = ""
+        if skipped:
+            first = skipped[0]
+            detail = f" ({len(skipped)} files skipped, e.g. {first['path']}: {first['reason']})"
+        raise UserError(f"no images found in {source}{detail}: expected image files in "
+                        "train/<class>/ (optionally test/<class>/) or <class>/ folders")
+
+    found = [a for a in arrays if a is not None]
+    channels = 1 if all(a.ndim == 2 for a in found) else 3
+    if image_size is not None:
+        size = tuple(image_size)
+    else:
+        size = Counter(a.shape[:2] for a in found).most_common(1)[0][0]
+        resized = sum(a.shape[:2] != size for a in found)
+        if resized:
+            notes.append(f"resized {resized} of {len(found)} images to {size[0]}x{size[1]}, "
+                         "the most common size (choose another with --image-size)")
+
+    has_test = plan.has_test and any(ks for (s, _), ks in usable.items() if s == "test")
+    if plan.has_test and not has_test:
+        notes.append("the test folder holds no usable images: no test split")
+    label_of = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split in SPLITS if has_test else ("train",):
+        members = [(label_of[c], k) for (s, c), ks in usable.items() if s == split and c in label_of
+                   for k in ks]
+        splits[split] = _stack(arrays, members, size, channels)
+    return Dataset(name=dataset_name(path), source=source, sha256="", classes=classes,
+                   train=splits["train"], test=splits.get("test"), skipped=skipped, notes=notes)
+
+
+def dataset_name(path: Path) -> str:
+    """A folder's or archive's name without archive suffixes: 'cifar10-jpeg.zip' -> 'cifar10-jpeg'."""
+    path = Path(path)
+    name = path.resolve().name if path.name in ("", ".", "..") else path.name
+    for suffix in (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".zip", ".tar"):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name

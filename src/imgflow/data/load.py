@@ -1,0 +1,147 @@
+"""`load_dataset`: resolve a data spec to a source, decode it once, then read it from the cache."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tarfile
+import time
+from pathlib import Path
+
+from imgflow.data import cache, cifar10, fashion_mnist
+from imgflow.data.dataset import Dataset, Split
+from imgflow.data.decode import resize_images
+from imgflow.data.folder import dataset_name, read_image_folder
+from imgflow.data.readers import DirReader
+from imgflow.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_ALIASES = {"cifar10": "cifar10", "cifar-10": "cifar10", "fashion-mnist": "fashion-mnist",
+            "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
+_SKIPPED_SHOWN = 5  # skipped files named in the warning; the card lists more
+
+
+def load_dataset(spec: str, image_size: tuple[int, int] | None = None,
+                 cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Dataset:
+    """Load a data set as uint8 (N, H, W, C) splits with int64 labels and its provenance.
+
+    spec: `cifar10` (env IMGFLOW_CIFAR10 if set, else the official download), `fashion-mnist`,
+        or a path to an image folder, .zip, .tar or .tar.gz (see `imgflow.data.folder`), or to
+        an official `cifar-10-python.tar.gz` / extracted `cifar-10-batches-py` folder.
+    image_size: (H, W) to resize every image to; None keeps the data's own size (for folders of
+        mixed sizes: the most common one). How modes, alpha and sizes are handled:
+        `imgflow.data.decode`; folder layouts, skipped files, empty classes: `imgflow.data.folder`.
+    cache_dir: where decoded arrays are cached; default env IMGFLOW_CACHE or ~/.cache/imgflow.
+    progress: show progress bars (on a terminal) while downloading or decoding.
+    """
+    root = cache.cache_root(cache_dir)
+    if image_size is not None:
+        image_size = (int(image_size[0]), int(image_size[1]))
+    name = _ALIASES.get(spec.strip().lower())
+    if name == "cifar10":
+        env = os.environ.get("IMGFLOW_CIFAR10")
+        if env:
+            path = Path(env).expanduser()
+            if not path.exists():
+                raise UserError(f"IMGFLOW_CIFAR10={env} does not exist: point it at "
+                                "cifar-10-python.tar.gz or a CIFAR-10 image folder/.zip, or unset it")
+        else:
+            path = cifar10.download_cifar10(root / "downloads", progress=progress)
+        dataset = _load_path(path, root, image_size, progress)
+        if dataset.classes != cifar10.CLASSES:
+            log.warning("%s stands in for CIFAR-10 but its classes are %s", path,
+                        ", ".join(dataset.classes))
+        dataset = dataclasses.replace(dataset, name="cifar10")
+    elif name == "fashion-mnist":
+        files = fashion_mnist.find_files(root / "downloads", progress=progress)
+        digest = cache.tree_sha256(files["train_images"].parent, root,
+                                   [(p.name, p) for p in files.values()], [])
+        dataset = _cached(root, digest, image_size,
+                          lambda: fashion_mnist.read_fashion_mnist(files), progress)
+        dataset = dataclasses.replace(dataset, name="fashion-mnist",
+                                      source=str(files["train_images"].parent), sha256=digest)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise UserError(f"no data set '{spec}': give cifar10, fashion-mnist, or a path to "
+                            "an image folder/.zip/.tar(.gz)")
+        dataset = _load_path(path, root, image_size, progress)
+    _log_remarks(dataset)
+    return dataset
+
+
+def _load_path(path: Path, root: Path, image_size, progress: bool) -> Dataset:
+    """A directory or archive: official CIFAR-10 batches or an image folder."""
+    if path.is_dir():
+        official = cifar10.is_official_dir(path)
+        files, dirs = _tree_entries(path)
+        digest = cache.tree_sha256(path, root, files, dirs)
+        if official is not None:
+            build = lambda: cifar10.read_official_dir(official)  # noqa: E731
+        else:
+            build = lambda: read_image_folder(path, image_size, progress)  # noqa: E731
+    elif path.is_file():
+        digest = cache.file_sha256(path, root)
+        build = lambda: _read_archive(path, image_size, progress)  # noqa: E731
+    else:
+        raise UserError(f"{path} is neither a file nor a directory")
+    dataset = _cached(root, digest, image_size, build, progress)
+    return dataclasses.replace(dataset, name=dataset_name(path), source=str(path), sha256=digest)
+
+
+def _read_archive(path: Path, image_size, progress: bool) -> Dataset:
+    if tarfile.is_tarfile(path):
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                official = cifar10.is_official_archive(tar)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise UserError(f"cannot read tar archive {path}: {exc}") from None
+        if official:
+            return cifar10.read_official_archive(path)
+    return read_image_folder(path, image_size, progress)
+
+
+def _tree_entries(path: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    listing = DirReader(path).list()
+    return listing.files, sorted(listing.dirs)
+
+
+def _cached(root: Path, digest: str, image_size, build, progress: bool) -> Dataset:
+    """Read the decoded arrays from the cache, or build, resize if asked, and store them."""
+
+    def build_and_resize() -> Dataset:
+        start = time.perf_counter()
+        dataset = build()
+        if image_size is not None and dataset.image_shape[:2] != image_size:
+            # Sources of one fixed size (CIFAR batches, IDX) are resized here; folders resize
+            # while decoding.
+            dataset = dataclasses.replace(
+                dataset, train=_resized(dataset.train, image_size),
+                test=None if dataset.test is None else _resized(dataset.test, image_size))
+        log.info("decoded %d images in %.1f s", len(dataset.train)
+                 + (len(dataset.test) if dataset.test is not None else 0),
+                 time.perf_counter() - start)
+        return dataset
+
+    dataset, hit = cache.cached(root, cache.arrays_key(digest, image_size=image_size),
+                                build_and_resize)
+    if hit:
+        log.debug("loaded decoded arrays from the cache in %s", root)
+    return dataset
+
+
+def _resized(split: Split, size: tuple[int, int]) -> Split:
+    return Split(resize_images(split.images, size), split.labels)
+
+
+def _log_remarks(dataset: Dataset) -> None:
+    """Warn about what the load had to do, every time (not only when it decoded)."""
+    for note in dataset.notes:
+        log.warning("%s: %s", dataset.name, note)
+    if dataset.skipped:
+        shown = "; ".join(f"{s['path']} ({s['reason']})" for s in dataset.skipped[:_SKIPPED_SHOWN])
+        more = len(dataset.skipped) - _SKIPPED_SHOWN
+        log.warning("%s: skipped %d file(s) that could not be used: %s%s", dataset.name,
+                    len(dataset.skipped), shown, f"; and {more} more" if more > 0 else "")
+

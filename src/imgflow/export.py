@@ -1,0 +1,349 @@
+"""`imgflow export`: a run's model as ONNX and TorchScript, described by a JSON, parity-checked.
+
+The out directory (default RUN_DIR/export) receives
+    model.onnx            ONNX, dynamic batch dimension; the JSON is also in its metadata
+    model.torchscript.pt  TorchScript (torch.jit.load, no imgflow); the JSON also as an extra file
+    model.json            classes, input size, channel order, mean/std, layout, output meaning
+    parity.json           how closely each format reproduces the PyTorch model on real images
+Both formats take normalised float32 NCHW input and return logits (softmax gives probabilities),
+so model.json is all a consumer needs. Before anything is installed in the out directory, each
+exported file is loaded back and compared with the PyTorch model on up to 256 images of the run's
+test split (training split if it has none): max |probability difference| <= 1e-4 and identical
+top-1 on every image, else ParityError and the previous export (if any) stays in place.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from imgflow.errors import UserError
+from imgflow.fileio import read_json, write_json
+from imgflow.inference import predict_logits
+from imgflow.preprocess import Preprocessing, to_model_input
+from imgflow.runs import RunPaths, load_trained_model
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+CARD_FILE = "model.json"
+PARITY_FILE = "parity.json"
+# Opset 20 runs on onnxruntime >= 1.17 (pyproject asks >= 1.18) and covers every op the
+# registered models use; a newer one would only lock out older runtimes.
+ONNX_OPSET = 20
+PARITY_TOLERANCE = 1e-4  # max |p_export - p_pytorch| over softmax probabilities
+PARITY_IMAGES = 256  # real images compared per format; evenly spread over the split
+PARITY_BATCH = 64  # images per forward pass during the check
+CARD_METADATA_KEY = "imgflow.model.json"  # ONNX metadata_props key holding model.json
+
+
+class ParityError(Exception):
+    """An exported model disagrees with the PyTorch model: a bug, not bad input (exit 1)."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report  # what parity.json holds
+
+
+# ----------------------------------------------------------------------------------------------
+# model.json
+
+
+def model_card(config: dict, run_dir: Path) -> dict:
+    """Everything a consumer needs to feed an exported model and read its output."""
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    classes = list(config["data"]["classes"])
+    C, (H, W) = prep.channels, prep.image_size
+    metrics_path = RunPaths(run_dir).metrics
+    metrics = read_json(metrics_path, "metrics") if metrics_path.is_file() else {}
+    from imgflow import __version__
+
+    return {
+        "format": "imgflow-export",
+        "format_version": 1,
+        "model": config["model"]["name"],
+        "classes": classes,
+        "input": {
+            "name": "input",
+            "layout": "NCHW",
+            "dtype": "float32",
+            "shape": ["batch", C, H, W],
+            "image_size": [H, W],
+            "channels": C,
+            "channel_order": "RGB" if C == 3 else "L",
+            "mean": list(prep.mean),
+            "std": list(prep.std),
+            "formula": "x = (pixel / 255 - mean) / std, per channel; pixel in 0..255",
+            "resize": "stretch to image_size (no crop), Pillow bilinear (antialiased when shrinking)",
+            "color": ("alpha composited on white; grayscale replicated to 3 channels" if C == 3 else
+                      "alpha composited on white; colour converted with Pillow's convert('L')"),
+            # imgflow predict decodes JPEGs at reduced scale before resizing when training did.
+            "jpeg_draft": bool(config["train"].get("image_size")),
+        },
+        "output": {
+            "name": "logits",
+            "shape": ["batch", len(classes)],
+            "meaning": "logits (unnormalised scores); softmax over axis 1 gives the probability "
+                       "of each class, in the order of 'classes'",
+        },
+        "source": {
+            "run": Path(run_dir).resolve().name,  # a name, not a path: the file may be shared
+            "data": config["data"].get("name"),
+            "trained_precision": config.get("precision"),
+            "test_accuracy": metrics.get("accuracy"),
+            "imgflow": __version__,
+            "torch": torch.__version__,
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# exporters
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' deprecation notes and INFO chatter ('torchvision is not installed',
+    the ONNX optimiser's pass-by-pass notes): real failures still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, card: dict) -> dict:
+    """Write `model` as ONNX to `path` (batch dimension dynamic); return {"exporter", "opset"}.
+
+    The torch.export-based exporter (PyTorch's default since 2.9) is tried first; if it cannot
+    capture the model, the older TorchScript-based exporter is used. The parity check judges
+    the result either way.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("ONNX export needs onnx, onnxscript and onnxruntime: "
+                        "pip install 'imgflow[export]'") from None
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, opset_version=ONNX_OPSET, input_names=["input"],
+                output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                external_data=False, verbose=False)
+        proto = program.model_proto
+        exporter = "torch.onnx (dynamo)"
+    except Exception as exc:  # noqa: BLE001 - any capture failure: try the other exporter
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("the torch.export-based ONNX exporter failed (%s); using the TorchScript-based one",
+                    first)
+        buffer = io.BytesIO()
+        with _quiet():
+            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        proto = onnx.load_from_string(buffer.getvalue())
+        exporter = "torch.onnx (torchscript)"
+    proto.doc_string = f"imgflow {card['model']}: {card['output']['meaning']}"
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = CARD_METADATA_KEY, json.dumps(card)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+    opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return {"exporter": exporter, "opset": int(opset)}
+
+
+def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, card: dict) -> dict:
+    """Write `model` traced to TorchScript at `path`, model.json inside as an extra file."""
+    # torch.jit is deprecated in favour of torch.export, but its archives are what
+    # `torch.jit.load` (and LibTorch in C++) open without the model's Python code.
+    with _quiet():
+        traced = torch.jit.trace(model, example)
+        torch.jit.save(traced, str(path), _extra_files={CARD_FILE: json.dumps(card)})
+    return {"exporter": "torch.jit.trace", "torch": torch.__version__}
+
+
+# ----------------------------------------------------------------------------------------------
+# parity
+
+
+def parity_images(config: dict, limit: int = PARITY_IMAGES, progress: bool = False) -> tuple[np.ndarray, str]:
+    """Up to `limit` uint8 images of the run's data (test split, else training split), spread
+    evenly over the split so that every class shows up; and a description of where they came from.
+
+    When the data set cannot be loaded any more (moved, changed), seeded random images stand in,
+    with a warning: the check still compares the exported graph with the PyTorch one.
+    """
+    from imgflow.data import load_dataset
+
+    train = config["train"]
+    size = tuple(train["image_size"]) if train.get("image_size") else None
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    expected = (*prep.image_size, prep.channels)
+    try:
+        dataset = load_dataset(train["data"], image_size=size, progress=progress)
+        split, name = (dataset.test, "test") if dataset.test is not None else (dataset.train, "train")
+        if split.images.shape[1:] != expected:
+            raise UserError(f"its images are now {split.images.shape[1:]}, the model takes {expected}")
+    except UserError as exc:
+        log.warning("cannot use the data set %s for the parity check (%s): checking on random "
+                    "images instead", train["data"], exc)
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, size=(min(limit, 64), *expected), dtype=np.uint8)
+        return images, f"random uint8 images ({len(images)}; data set {train['data']} unavailable)"
+    n = min(limit, len(split))
+    index = np.unique(np.linspace(0, len(split) - 1, n).round().astype(np.int64))
+    return split.images[index], f"{name} split of {dataset.name} ({len(index)} of {len(split)} images)"
+
+
+def compare(reference: torch.Tensor, logits: torch.Tensor) -> dict:
+    """Max |difference| of logits and of softmax probabilities, and top-1 disagreements."""
+    p_ref, p = reference.softmax(1), logits.softmax(1)
+    mismatches = int((reference.argmax(1) != logits.argmax(1)).sum())
+    return {"images": len(reference),
+            "max_abs_prob_diff": float((p_ref - p).abs().max()) if len(p) else 0.0,
+            "max_abs_logit_diff": float((reference - logits).abs().max()) if len(p) else 0.0,
+            "top1_mismatches": mismatches,
+            "top1_agreement": 1.0 - mismatches / max(len(reference), 1)}
+
+
+def _onnx_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
+def _torchscript_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    with _quiet():
+        loaded = torch.jit.load(str(path))
+    return lambda x: loaded(x)
+
+
+_RUNNERS = {"onnx": _onnx_runner, "torchscript": _torchscript_runner}
+
+
+@torch.no_grad()
+def check_parity(model: torch.nn.Module, prep: Preprocessing, images: np.ndarray,
+                 run: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """Compare an exported model (`run`: NCHW float32 -> logits) with `model` in fp32."""
+    reference = predict_logits(model, images, prep, "fp32", PARITY_BATCH)
+    out = []
+    for start in range(0, len(images), PARITY_BATCH):
+        batch = torch.from_numpy(images[start:start + PARITY_BATCH])
+        out.append(run(to_model_input(batch, prep)).float())
+    result = compare(reference, torch.cat(out))
+    result["tolerance"] = PARITY_TOLERANCE
+    result["passed"] = (result["max_abs_prob_diff"] <= PARITY_TOLERANCE
+                        and result["top1_mismatches"] == 0)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+_EXPORTERS = {"onnx": (ONNX_FILE, export_onnx), "torchscript": (TORCHSCRIPT_FILE, export_torchscript)}
+
+
+def _install(staged: Path, dest: Path) -> None:
+    """Move a finished file into place atomically (same directory tree, so same file system)."""
+    with open(staged, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(staged, dest)
+
+
+def export_run(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str] = FORMATS,
+               max_images: int = PARITY_IMAGES, progress: bool = False) -> dict:
+    """Export a finished run to ONNX and/or TorchScript, parity-check, install; return parity.json.
+
+    Raises UserError for an unusable run directory, ParityError when an export disagrees with
+    the PyTorch model (nothing is installed then; parity.json records the numbers).
+    """
+    from imgflow.precision import set_threads
+
+    run_dir = Path(run_dir)
+    unknown = set(formats) - set(FORMATS)
+    if unknown or not formats:
+        raise UserError(f"unknown export format(s) {sorted(unknown)}: use {', '.join(FORMATS)}")
+    model, config = load_trained_model(run_dir)
+    set_threads(config["train"].get("threads"))
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    card = model_card(config, run_dir)
+    images, source = parity_images(config, max_images, progress)
+    example = to_model_input(torch.from_numpy(images[:2]), prep)  # batch 2: 1 would be specialised
+    if len(example) < 2:
+        example = example.expand(2, *example.shape[1:]).contiguous()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"formats": {}}
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmp:
+        staged = {}
+        for fmt in formats:
+            name, exporter = _EXPORTERS[fmt]
+            path = Path(tmp) / name
+            info = exporter(model, example, path, card)
+            result = check_parity(model, prep, images, _RUNNERS[fmt](path))
+            report["formats"][fmt] = {"file": name, **info, "image_source": source, **result}
+            log.debug("%s: max |prob diff| %.2e, top-1 agreement %d/%d on %s", fmt,
+                     result["max_abs_prob_diff"], result["images"] - result["top1_mismatches"],
+                     result["images"], source)
+            staged[name] = path
+        report["passed"] = all(r["passed"] for r in report["formats"].values())
+        if not report["passed"]:
+            write_json(out_dir / PARITY_FILE, report)
+            failed = [f"{fmt} (max |prob diff| {r['max_abs_prob_diff']:.2e}, "
+                      f"{r['top1_mismatches']} top-1 mismatches)"
+                      for fmt, r in report["formats"].items() if not r["passed"]]
+            raise ParityError(f"parity check failed for {', '.join(failed)}: nothing installed "
+                              f"in {out_dir}; see {out_dir / PARITY_FILE}", report)
+        for name, path in staged.items():
+            _install(path, out_dir / name)
+    write_json(out_dir / CARD_FILE, card)
+    # Entries of formats not exported this time describe files still in place: keep them.
+    previous = out_dir / PARITY_FILE
+    if previous.is_file():
+        try:
+            old = json.loads(previous.read_text(encoding="utf-8")).get("formats", {})
+        except (OSError, ValueError, AttributeError):
+            old = {}
+        report["formats"] = {**{k: v for k, v in old.items() if k not in report["formats"]
+                                and (out_dir / v.get("file", "")).is_file()},
+                             **report["formats"]}
+        report["passed"] = all(r.get("passed") for r in report["formats"].values())
+    report["out_dir"] = str(out_dir)
+    write_json(previous, report)
+    return report
+
+
+def format_parity(report: dict) -> str:
+    """The parity numbers as a table, one row per format."""
+    lines = [f"{'format':<12} {'images':>6}  {'max|dp|':>9}  {'max|dlogit|':>11}  {'top-1':>9}  result"]
+    for fmt, r in report["formats"].items():
+        agree = f"{r['images'] - r['top1_mismatches']}/{r['images']}"
+        lines.append(f"{fmt:<12} {r['images']:>6}  {r['max_abs_prob_diff']:9.2e}  "
+                     f"{r['max_abs_logit_diff']:11.2e}  {agree:>9}  "
+                     f"{'ok' if r['passed'] else 'FAILED'}")
+    sources = {r["image_source"] for r in report["formats"].values()}
+    lines.append(f"images: {'; '.join(sorted(sources))}; tolerance {PARITY_TOLERANCE:g} on probabilities")
+    if "out_dir" in report:
+        lines.append(f"exported to {report['out_dir']}: "
+                     + ", ".join([r["file"] for r in report["formats"].values()] + [CARD_FILE, PARITY_FILE]))
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""`imgflow reproduce-seed`: the reference notebook's two experiments, side by side with its numbers."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from imgflow.evaluation import evaluate_run
+from imgflow.fileio import atomic_write_text, read_json, write_json
+from imgflow.runs import RunPaths
+from imgflow.training.config import resolve_config
+from imgflow.training.engine import train
+
+log = logging.getLogger(__name__)
+
+# What the reference notebook printed (TensorFlow/Keras, CIFAR-10 official files, 20 epochs).
+NOTEBOOK_TEST_ACCURACY = {"seed-baseline": 0.68, "seed-batchnorm": 0.8318}
+NOTEBOOK_PARAMS = {"seed-baseline": 156_074, "seed-batchnorm": 1_517_450}
+
+
+def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 20,
+                   models: list[str] | tuple[str, ...] = ("seed-baseline", "seed-batchnorm"),
+                   seed: int = 0, resume: bool = False, progress: bool | None = None) -> str:
+    """Train and test each notebook model with the notebook's settings; return a Markdown table.
+
+    A model whose run directory already holds a finished run is not retrained; an interrupted
+    one continues with `resume`.
+    """
+    out = Path(out)
+    rows = []
+    for name in models:
+        config = resolve_config(data, {"model": name, "epochs": epochs, "precision": precision,
+                                       "seed": seed}, preset="notebook")
+        run_dir = out / name
+        paths = RunPaths(run_dir)
+        finished = _finished(paths)
+        if not finished:
+            train(config, run_dir, resume=resume and run_dir.is_dir(), progress=progress)
+        if finished and paths.metrics.is_file():
+            metrics = read_json(paths.metrics, "metrics")
+        else:
+            metrics = evaluate_run(run_dir, progress=progress)
+        run = read_json(paths.config, "run config")
+        history = _last_history_row(paths)
+        rows.append({
+            "model": name, "params": run["model"]["params"], "epochs": run["result"]["epochs_run"],
+            "precision": run["precision"], "seed": seed,
+            "notebook_test_accuracy": NOTEBOOK_TEST_ACCURACY.get(name),
+            "val_accuracy": history.get("val_acc"), "test_accuracy": metrics["accuracy"],
+            "seconds_per_epoch": run["result"]["train_seconds"] / max(run["result"]["epochs_run"], 1),
+            "run_dir": str(run_dir),
+        })
+    table = format_table(rows, machine=read_json(RunPaths(out / models[0]).config)["machine"]["cpu"])
+    write_json(out / "reproduce.json", rows)
+    atomic_write_text(out / "reproduce.md", table + "\n")
+    return table
+
+
+def _finished(paths: RunPaths) -> bool:
+    """A run is finished once its weights are saved and config.json holds its result."""
+    return paths.weights.is_file() and paths.config.is_file() and \
+        "result" in read_json(paths.config, "run config")
+
+
+def _last_history_row(paths: RunPaths) -> dict:
+    from imgflow.training.engine import read_history
+
+    rows = read_history(paths.history)
+    return rows[-1] if rows else {}
+
+
+def format_table(rows: list[dict], machine: str = "") -> str:
+    lines = ["| model | params | epochs | precision | seed | notebook test acc | imgflow val acc "
+             "| imgflow test acc | s/epoch |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        nb = "-" if r["notebook_test_accuracy"] is None else f"{r['notebook_test_accuracy']:.4f}"
+        val = "-" if r["val_accuracy"] is None else f"{r['val_accuracy']:.4f}"
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['epochs']} | {r['precision']} | {r['seed']} "
+                     f"| {nb} | {val} | {r['test_accuracy']:.4f} | {r['seconds_per_epoch']:.1f} |")
+    if machine:
+        lines.append(f"\nMeasured on: {machine}.")
+    return "\n".join(lines)

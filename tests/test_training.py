@@ -1,0 +1,339 @@
+"""The training engine: learning, determinism, exact resume, guards, and the files it writes."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import train_tiny
+from imgflow.cli import main
+from imgflow.data import Split
+from imgflow.training.engine import TrainingDiverged, epoch_order, read_history, split_train_val
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _history_without_time(run_dir: Path) -> list[dict]:
+    rows = read_history(run_dir / "history.csv")
+    for row in rows:
+        row.pop("seconds")
+    return rows
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ---------------------------------------------------------------------------------------------
+# learning and the files written
+
+
+def test_loss_falls_and_accuracy_beats_chance(tiny_run):
+    history = read_history(tiny_run / "history.csv")
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert metrics["accuracy"] > 0.8 > 1 / 3  # 3 classes: chance is 1/3
+
+
+def test_run_directory_files(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {"config.json", "history.csv", "model.safetensors", "checkpoint", "metrics.json"} <= names
+    with open(tiny_run / "history.csv") as f:
+        assert next(csv.reader(f)) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["train"]["model"] == "seed-baseline" and config["train"]["seed"] == 0
+    assert config["data"]["classes"] == ["a", "b", "c"]
+    assert config["model"]["params"] > 0 and config["versions"]["torch"] == torch.__version__
+    assert config["result"]["epochs_run"] == 3
+    assert config["preprocessing"]["image_size"] == [16, 16]
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    for key in ("accuracy", "loss", "per_class", "confusion_matrix", "majority_baseline_accuracy"):
+        assert key in metrics
+    assert set(metrics["per_class"]["a"]) == {"precision", "recall", "f1", "support"}
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["num_images"] == 39
+
+
+def test_same_seed_gives_identical_history_and_weights(tiny_data, tmp_path):
+    for name in ("one", "two"):
+        train_tiny(tiny_data, tmp_path / name, model="seed-batchnorm", epochs=2, threads=1,
+                   augment="flip+translate+cutout")
+    assert _history_without_time(tmp_path / "one") == _history_without_time(tmp_path / "two")
+    assert _same_weights(tmp_path / "one", tmp_path / "two")
+    train_tiny(tiny_data, tmp_path / "other-seed", model="seed-batchnorm", epochs=2, threads=1,
+               augment="flip+translate+cutout", seed=1)
+    assert not _same_weights(tmp_path / "one", tmp_path / "other-seed")
+
+
+# ---------------------------------------------------------------------------------------------
+# exact resume
+
+
+def _train_command(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "imgflow", "-q", "train", str(data), "--model", "seed-batchnorm",
+            "--epochs", "3", "--batch-size", "8", "--threads", "1", "--precision", "fp32",
+            "--augment", "flip+translate", "--out", str(run_dir), *extra]
+
+
+def _wait_for_mid_epoch_checkpoint(proc: subprocess.Popen, checkpoint: Path, timeout: float = 120) -> dict:
+    """Poll until the checkpoint is mid-epoch, past the first epoch; return what it held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "training finished before it could be interrupted"
+        if checkpoint.is_file():
+            try:
+                state = torch.load(checkpoint, weights_only=True)
+            except Exception:
+                state = None
+            if state and state["epoch"] >= 1 and 0 < state["step"]:
+                return state
+        time.sleep(0.05)
+    raise AssertionError("no mid-epoch checkpoint appeared")
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_mid_epoch_matches_uninterrupted_run(tiny_data, tmp_path):
+    env = {**os.environ, "IMGFLOW_CHECKPOINT_SECONDS": "0"}  # checkpoint after every step
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    subprocess.run(_train_command(tiny_data, reference), env=env, check=True)
+
+    proc = subprocess.Popen(_train_command(tiny_data, interrupted), env=env)
+    state = _wait_for_mid_epoch_checkpoint(proc, interrupted / "checkpoint" / "state.pt")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (interrupted / "model.safetensors").exists()
+    print("killed at epoch", state["epoch"] + 1, "step", state["step"])
+
+    subprocess.run(_train_command(tiny_data, interrupted, "--resume"), env=env, check=True)
+    assert _history_without_time(interrupted) == _history_without_time(reference)
+    assert _same_weights(interrupted, reference)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_data, tmp_path):
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    subprocess.run(_train_command(tiny_data, reference), check=True)
+    env = {**os.environ, "IMGFLOW_CHECKPOINT_SECONDS": "0"}
+    proc = subprocess.Popen(_train_command(tiny_data, interrupted), env=env, stderr=subprocess.PIPE, text=True)
+    _wait_for_mid_epoch_checkpoint(proc, interrupted / "checkpoint" / "state.pt")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    subprocess.run(_train_command(tiny_data, interrupted, "--resume"), check=True)
+    assert _history_without_time(interrupted) == _history_without_time(reference)
+    assert _same_weights(interrupted, reference)
+
+
+def test_resume_without_checkpoint_starts_from_the_beginning(tiny_data, tmp_path):
+    run_dir = tmp_path / "empty-run"
+    run_dir.mkdir()
+    train_tiny(tiny_data, run_dir, epochs=1)  # resume=False on an empty dir is fine too
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    from imgflow.training.config import resolve_config
+    from imgflow.training.engine import train
+
+    config = resolve_config(str(tiny_data), dict(model="seed-baseline", epochs=1, batch_size=16, precision="fp32"))
+    train(config, fresh, resume=True, progress=False)
+    assert _same_weights(run_dir, fresh)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import imgflow.training.engine as engine
+
+    real = engine.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 10 else loss  # step 11 is in epoch 2 (8 steps/epoch)
+
+    monkeypatch.setattr(engine.F, "cross_entropy", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2"):
+        train_tiny(tiny_data, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 0
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_early_stopping_restores_the_best_weights(tiny_data, tmp_path):
+    from imgflow.evaluation import classification_metrics  # noqa: F401  (import check)
+    from imgflow.inference import loss_and_accuracy, predict_logits
+    from imgflow.runs import load_trained_model
+    from imgflow.preprocess import Preprocessing
+    from imgflow.data import load_dataset
+
+    result = train_tiny(tiny_data, tmp_path / "run", epochs=8, lr=3e-2, early_stopping=1)
+    history = read_history(tmp_path / "run" / "history.csv")
+    best = min(history, key=lambda r: r["val_loss"])
+    assert result.best_epoch == best["epoch"]
+    model, config = load_trained_model(tmp_path / "run")
+    train_part, val_part = split_train_val(load_dataset(str(tiny_data), progress=False).train, 0.2, "last", 0)
+    logits = predict_logits(model, val_part.images, Preprocessing.from_dict(config["preprocessing"]))
+    assert loss_and_accuracy(logits, val_part.labels)["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+
+
+def test_ema_training_runs_and_learns(tiny_data, tmp_path):
+    result = train_tiny(tiny_data, tmp_path / "run", ema=0.9, epochs=4)
+    assert result.history[-1]["val_acc"] > 0.6
+
+
+# ---------------------------------------------------------------------------------------------
+# data split and order
+
+
+def _labelled_split(n_per_class=(50, 30, 20)) -> Split:
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(n_per_class)]).astype(np.int64)
+    images = np.arange(len(labels), dtype=np.uint8).repeat(4).reshape(-1, 2, 2, 1)
+    return Split(images, labels)
+
+
+def test_last_split_is_keras_validation_split_of_the_seeded_shuffle():
+    split = _labelled_split()
+    train, val = split_train_val(split, 0.2, "last", seed=3)
+    assert len(train) == 80 and len(val) == 20
+    order = np.random.default_rng([3, 0x5EED]).permutation(100)
+    assert np.array_equal(val.labels, split.labels[order[80:]])
+    again = split_train_val(split, 0.2, "last", seed=3)[1]
+    assert np.array_equal(again.images, val.images)
+
+
+def test_stratified_split_keeps_class_proportions():
+    _, val = split_train_val(_labelled_split(), 0.2, "stratified", seed=0)
+    assert np.bincount(val.labels).tolist() == [10, 6, 4]
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    assert torch.equal(epoch_order(50, 0, 3), epoch_order(50, 0, 3))
+    assert not torch.equal(epoch_order(50, 0, 3), epoch_order(50, 0, 4))
+    assert sorted(epoch_order(50, 1, 0).tolist()) == list(range(50))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI guards: one line, exit 2, nothing written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "-1"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--val-split", "1.5"], "--val-split"),
+    (["--val-split", "-0.1"], "--val-split"),
+    (["--model", "no-such-model"], "unknown model"),
+    (["--precision", "fp64"], "--precision"),
+    (["--optimizer", "rmsprop"], "--optimizer"),
+    (["--preset", "nope"], "unknown preset"),
+])
+def test_invalid_train_options_exit_2_and_write_nothing(tiny_data, tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    argv = ["train", str(tiny_data), "--out", str(out)]
+    if "--model" not in args:
+        argv += ["--model", "seed-baseline"]
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(main(argv + args))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def _run_cli(capsys, *argv) -> tuple[int, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err.strip()
+
+
+def test_existing_run_is_never_overwritten_without_a_flag(tiny_run, tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    before = (run_dir / "model.safetensors").read_bytes()
+    code, err = _run_cli(capsys, "train", str(tiny_data), "--model", "seed-baseline", "--out", str(run_dir))
+    assert code == 2 and "--resume" in err and "--overwrite" in err
+    assert (run_dir / "model.safetensors").read_bytes() == before
+
+
+def test_overwrite_replaces_a_run(tiny_run, tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    code, _ = _run_cli(capsys, "-q", "train", str(tiny_data), "--model", "seed-baseline", "--epochs", "1",
+                       "--out", str(run_dir), "--overwrite")
+    assert code == 0
+    assert len(read_history(run_dir / "history.csv")) == 1
+    assert not (run_dir / "metrics.json").exists()  # the old run's test metrics went with it
+
+
+def test_resume_on_a_missing_directory_is_an_error(tiny_data, tmp_path, capsys):
+    code, err = _run_cli(capsys, "train", str(tiny_data), "--model", "seed-baseline",
+                         "--out", str(tmp_path / "nope"), "--resume")
+    assert code == 2 and "does not exist" in err
+
+
+def test_resume_with_different_options_is_an_error(tiny_run, tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    code, err = _run_cli(capsys, "train", str(tiny_data), "--model", "seed-baseline", "--batch-size", "16",
+                         "--epochs", "3", "--lr", "0.5", "--precision", "fp32", "--out", str(run_dir), "--resume")
+    assert code == 2 and "lr=0.001" in err
+
+
+def test_output_path_that_is_a_file_is_an_error(tiny_data, tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    code, err = _run_cli(capsys, "train", str(tiny_data), "--model", "seed-baseline", "--out", str(target))
+    assert code == 2 and "is a file" in err
+    assert target.read_text() == "x"
+
+
+def test_evaluate_errors(tiny_run, tmp_path, capsys):
+    code, err = _run_cli(capsys, "evaluate", str(tmp_path / "missing"))
+    assert code == 2 and "not found" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    code, err = _run_cli(capsys, "evaluate", str(broken))
+    assert code == 2 and "cannot read" in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_without_test_split_is_a_clear_error(tmp_path, capsys):
+    from datagen import make_image_folder
+
+    data = make_image_folder(tmp_path / "flat", per_class=10, size=(8, 8), flat=True, test=False)
+    run_dir = tmp_path / "run"
+    train_tiny(data, run_dir, epochs=1)
+    code, err = _run_cli(capsys, "evaluate", str(run_dir))
+    assert code == 2 and "no test split" in err
+
+
+def test_evaluate_cli_prints_table_and_writes_metrics(tiny_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    (run_dir / "metrics.json").unlink()
+    assert main(["evaluate", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "majority baseline" in out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert f"{metrics['accuracy']:.4f}" in out
+
+
+def test_evaluate_with_tta(tiny_run, tmp_path):
+    from imgflow.evaluation import evaluate_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    metrics = evaluate_run(run_dir, tta=True, progress=False)
+    assert metrics["tta"] is True and 0.8 < metrics["accuracy"] <= 1.0
