@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from conftest import train_tiny
 from imgflow.cli import main
 from imgflow.data import Split
-from imgflow.training.engine import TrainingDiverged, epoch_order, read_history, split_train_val
+from imgflow.data.splits import holdout_test, kfold_split, split_train_val, stratified_subset
+from imgflow.training.engine import TrainingDiverged, epoch_order, read_history
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -215,6 +216,47 @@ def test_last_split_is_keras_validation_split_of_the_seeded_shuffle():
 def test_stratified_split_keeps_class_proportions():
     _, val = split_train_val(_labelled_split(), 0.2, "stratified", seed=0)
     assert np.bincount(val.labels).tolist() == [10, 6, 4]
+
+
+def test_kfold_folds_partition_the_data_and_are_stratified():
+    split = _labelled_split()
+    seen = []
+    for fold in range(5):
+        train, val = kfold_split(split, 5, fold, seed=0)
+        assert len(train) + len(val) == 100
+        assert np.bincount(val.labels).tolist() == [10, 6, 4]
+        seen.extend(val.images[:, 0, 0, 0].tolist())
+    assert sorted(seen) == list(range(100))  # every image validates exactly once
+
+
+def test_holdout_test_makes_a_stratified_test_split_only_when_missing():
+    from imgflow.data import Dataset
+
+    split = _labelled_split()
+    ds = Dataset("x", "x", "0", ["a", "b", "c"], split)
+    held = holdout_test(ds, 0.2, seed=0)
+    assert np.bincount(held.test.labels).tolist() == [10, 6, 4]
+    assert len(held.train) == 80 and "held out" in held.notes[-1]
+    assert not set(held.test.images[:, 0, 0, 0]) & set(held.train.images[:, 0, 0, 0])
+    assert holdout_test(held, 0.5) is held
+
+
+def test_stratified_subset_keeps_proportions():
+    sub = stratified_subset(_labelled_split(), 50, seed=0)
+    assert np.bincount(sub.labels).tolist() == [25, 15, 10]
+
+
+def test_train_with_test_split_and_folds(tmp_path):
+    from datagen import make_image_folder
+    from imgflow.evaluation import evaluate_run
+
+    data = make_image_folder(tmp_path / "flat", per_class=15, size=(8, 8), flat=True, test=False)
+    result = train_tiny(data, tmp_path / "run", epochs=2, test_split=0.2, folds=3, fold=1)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"]["num_train"] == 24 and config["data"]["num_val"] == 12
+    metrics = evaluate_run(tmp_path / "run", progress=False)
+    assert metrics["num_images"] == 9
+    assert result.history[-1]["val_acc"] is not None
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch():

@@ -13,7 +13,7 @@ from imgflow.fileio import atomic_write, write_json
 from imgflow.inference import loss_and_accuracy, predict_logits
 from imgflow.precision import resolve_precision, set_threads
 from imgflow.preprocess import Preprocessing
-from imgflow.runs import RunPaths, load_trained_model
+from imgflow.runs import RunPaths, load_run_data, load_trained_model
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +59,15 @@ def save_predictions(path: Path, probs: np.ndarray, labels: np.ndarray) -> None:
 
 def evaluate_run(run_dir: Path, tta: bool = False, progress: bool | None = None) -> dict:
     """Evaluate a run's saved model on its data set's test split; write metrics.json."""
-    from imgflow.data import load_dataset
-
     run_dir = Path(run_dir)
     model, config = load_trained_model(run_dir)
     if progress is None:
         progress = sys.stderr.isatty()
     train_cfg = config["train"]
-    image_size = tuple(train_cfg["image_size"]) if train_cfg.get("image_size") else None
-    dataset = load_dataset(train_cfg["data"], image_size=image_size, progress=progress)
+    dataset = load_run_data(train_cfg, progress=progress)
     if dataset.test is None:
         raise UserError(f"data set {dataset.name} has no test split: add a test/<class>/ folder, "
-                        "or hold out data with 'imgflow workflow' which makes one")
+                        "or train with --test-split 0.2 to hold one out")
     if dataset.classes != config["data"]["classes"]:
         raise UserError(f"the classes of {train_cfg['data']} changed since {run_dir} was trained")
     prep = Preprocessing.from_dict(config["preprocessing"])

@@ -62,6 +62,16 @@ def read_run_config(run_dir: Path) -> dict:
     return read_json(paths.config, "run config")
 
 
+def load_run_data(train_config: dict, progress: bool = False):
+    """The data set a run was trained on, with the same test hold-out (from config.json's 'train')."""
+    from imgflow.data import load_dataset
+    from imgflow.data.splits import holdout_test
+
+    image_size = tuple(train_config["image_size"]) if train_config.get("image_size") else None
+    dataset = load_dataset(train_config["data"], image_size=image_size, progress=progress)
+    return holdout_test(dataset, train_config.get("test_split", 0.0))
+
+
 def load_trained_model(run_dir: Path):
     """(model in eval mode, config dict) from a finished run's config.json and model.safetensors."""
     from safetensors import SafetensorError

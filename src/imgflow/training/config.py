@@ -39,6 +39,10 @@ class TrainConfig:
     normalize: str = "scale"  # scale: x/255 (the notebook) | standardize: (x/255-mean)/std of train part
     val_split: float = 0.2  # fraction held out for validation; 0 = train on everything
     val_mode: str = "last"  # last: Keras validation_split on the seeded shuffle | stratified
+    folds: int = 0  # k-fold protocol: validate on fold `fold` of `folds` (stratified) instead of val_split
+    fold: int = 0  # which fold validates, in [0, folds)
+    test_split: float = 0.0  # data without a test split: hold out this fraction (stratified) as one
+    train_subset: int = 0  # train on at most this many images of the training part (stratified); 0 = all
     seed: int = 0  # fixes split, data order, augmentation, initialisation, dropout
     precision: str = "auto"  # auto (bf16 where the CPU supports it) | fp32 | bf16
     threads: int | None = None  # torch intra-op threads; None = one per physical core
@@ -60,7 +64,11 @@ class TrainConfig:
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
             (self.early_stopping >= 0, "--early-stopping must be >= 0"),
-            (self.early_stopping == 0 or self.val_split > 0,
+            (self.folds == 0 or (self.folds >= 2 and 0 <= self.fold < self.folds),
+             f"--folds must be >= 2 and --fold in [0, folds), got {self.folds} and {self.fold}"),
+            (0 <= self.test_split < 1, f"--test-split must be in [0, 1), got {self.test_split}"),
+            (self.train_subset >= 0, "--train-subset must be >= 0"),
+            (self.early_stopping == 0 or self.val_split > 0 or self.folds,
              "--early-stopping needs a validation split (--val-split > 0)"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.translate >= 0 and self.cutout >= 0, "--translate/--cutout must be >= 0"),
@@ -140,6 +148,12 @@ def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_i
     p.add_argument("--normalize", choices=NORMALIZATIONS)
     p.add_argument("--val-split", type=float, help="validation fraction in [0, 1) (default 0.2)")
     p.add_argument("--val-mode", choices=VAL_MODES)
+    p.add_argument("--folds", type=non_negative_int, help="k-fold validation with K folds")
+    p.add_argument("--fold", type=non_negative_int, help="which fold validates (0..K-1)")
+    p.add_argument("--test-split", type=float,
+                   help="data without a test split: hold out this fraction as one")
+    p.add_argument("--train-subset", type=non_negative_int, metavar="N",
+                   help="train on at most N images (stratified), e.g. for quick experiments")
     p.add_argument("--seed", type=non_negative_int)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--threads", type=positive_int)
@@ -151,7 +165,7 @@ def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_i
 
 _OVERRIDE_KEYS = ("model", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
                   "schedule", "warmup_epochs", "label_smoothing", "augment", "translate", "cutout",
-                  "normalize", "val_split", "val_mode", "seed", "precision", "threads",
+                  "normalize", "val_split", "val_mode", "folds", "fold", "test_split", "train_subset", "seed", "precision", "threads",
                   "early_stopping", "ema", "image_size")
 
 

@@ -29,14 +29,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from imgflow.data import Dataset, Split, channel_stats, load_dataset
+from imgflow.data import Dataset, Split, channel_stats
+from imgflow.data.splits import kfold_split, split_train_val, stratified_subset
 from imgflow.errors import UserError
 from imgflow.fileio import atomic_write, atomic_write_text, read_json, write_json
 from imgflow.inference import loss_and_accuracy, predict_logits
 from imgflow.models import count_params, create_model
 from imgflow.precision import autocast, resolve_precision, set_threads
 from imgflow.preprocess import Preprocessing, to_model_input
-from imgflow.runs import RunPaths
+from imgflow.runs import RunPaths, load_run_data
 from imgflow.training.augment import augment_batch, step_generator
 from imgflow.training.config import TrainConfig
 from imgflow.training.schedule import lr_at
@@ -65,32 +66,13 @@ class TrainResult:
 # data split and order
 
 
-def split_train_val(train: Split, fraction: float, mode: str, seed: int) -> tuple[Split, Split | None]:
-    """Hold out `fraction` of the training split for validation.
-
-    'last' is Keras' validation_split (the last fraction) applied to a seeded shuffle, since our
-    sources may be ordered by class; 'stratified' takes the last fraction of each class.
-    """
-    if fraction <= 0:
-        return train, None
-    order = np.random.default_rng([seed, 0x5EED]).permutation(len(train))
-    if mode == "last":
-        n_val = int(round(len(train) * fraction))
-        train_idx, val_idx = order[: len(order) - n_val], order[len(order) - n_val:]
+def split_for_training(train: Split, config: TrainConfig) -> tuple[Split, Split | None]:
+    """The training and validation parts this config trains and validates on."""
+    if config.folds:
+        train_part, val_part = kfold_split(train, config.folds, config.fold, config.seed)
     else:
-        labels = train.labels[order]
-        train_parts, val_parts = [], []
-        for c in np.unique(labels):
-            members = order[labels == c]
-            n_val = int(round(len(members) * fraction))
-            train_parts.append(members[: len(members) - n_val])
-            val_parts.append(members[len(members) - n_val:])
-        train_idx, val_idx = np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(val_parts))
-        train_idx, val_idx = order[np.isin(order, train_idx)], order[np.isin(order, val_idx)]
-    if len(val_idx) == 0 or len(train_idx) == 0:
-        raise UserError(f"--val-split {fraction} leaves an empty training or validation part of "
-                        f"{len(train)} images: choose a fraction that keeps both non-empty")
-    return train.subset(train_idx), train.subset(val_idx)
+        train_part, val_part = split_train_val(train, config.val_split, config.val_mode, config.seed)
+    return stratified_subset(train_part, config.train_subset, config.seed), val_part
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -328,8 +310,8 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     if progress is None:
         progress = sys.stderr.isatty()
 
-    dataset = load_dataset(config.data, image_size=config.image_size, progress=progress)
-    train_part, val_part = split_train_val(dataset.train, config.val_split, config.val_mode, config.seed)
+    dataset = load_run_data(config.to_dict(), progress=progress)
+    train_part, val_part = split_for_training(dataset.train, config)
     precision = resolve_precision(config.precision)
     threads = set_threads(config.threads)
     prep = preprocessing_for(config, dataset, train_part)
