@@ -93,6 +93,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from imgflow.reports import compare_runs, report_run
+
+    runs = [Path(r) for r in args.run_dirs]
+    if len(runs) == 1:
+        path = report_run(runs[0], Path(args.out) if args.out else None)
+    else:
+        path = compare_runs(runs, Path(args.out or "runs/compare"))
+    print(path)
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgflow.predict import format_predictions, predict_files
 
@@ -135,6 +147,14 @@ def cmd_reproduce_seed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_workflow(args: argparse.Namespace) -> int:
+    from imgflow.workflow import format_summary, run_workflow
+
+    record = run_workflow(args.data, Path(args.out), budget_minutes=args.budget_minutes, seed=args.seed)
+    print(format_summary(record))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # parser
 
@@ -174,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="test-time augmentation (flip + shifts)")
     p.add_argument("--json", action="store_true", help="print metrics.json's content")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="HTML report of one run, or several runs side by side")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="output directory (default: the run directory for one run, "
+                                 "runs/compare for several)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "predict", help="classify image files with a run's model or an exported ONNX model",
@@ -227,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=["seed-baseline", "seed-batchnorm"])
     p.add_argument("--resume", action="store_true", help="continue interrupted runs")
     p.set_defaults(func=cmd_reproduce_seed)
+
+    p = sub.add_parser("workflow", help="the universal workflow of ML, step by step, in a time budget")
+    p.add_argument("data", help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images")
+    p.add_argument("--budget-minutes", type=float, default=15.0, help="total wall time (default 15)")
+    p.add_argument("--out", default="runs/workflow", help="output directory (default runs/workflow)")
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.set_defaults(func=cmd_workflow)
 
     return parser
 

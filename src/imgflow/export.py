@@ -30,7 +30,7 @@ from imgflow.errors import UserError
 from imgflow.fileio import read_json, write_json
 from imgflow.inference import predict_logits
 from imgflow.preprocess import Preprocessing, to_model_input
-from imgflow.runs import RunPaths, load_trained_model
+from imgflow.runs import RunPaths, load_run_data, load_trained_model
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +190,11 @@ def parity_images(config: dict, limit: int = PARITY_IMAGES, progress: bool = Fal
     When the data set cannot be loaded any more (moved, changed), seeded random images stand in,
     with a warning: the check still compares the exported graph with the PyTorch one.
     """
-    from imgflow.data import load_dataset
-
     train = config["train"]
-    size = tuple(train["image_size"]) if train.get("image_size") else None
     prep = Preprocessing.from_dict(config["preprocessing"])
     expected = (*prep.image_size, prep.channels)
     try:
-        dataset = load_dataset(train["data"], image_size=size, progress=progress)
+        dataset = load_run_data(train, progress=progress)  # with the run's test hold-out, if any
         split, name = (dataset.test, "test") if dataset.test is not None else (dataset.train, "train")
         if split.images.shape[1:] != expected:
             raise UserError(f"its images are now {split.images.shape[1:]}, the model takes {expected}")
@@ -240,10 +237,10 @@ _RUNNERS = {"onnx": _onnx_runner, "torchscript": _torchscript_runner}
 
 
 @torch.no_grad()
-def check_parity(model: torch.nn.Module, prep: Preprocessing, images: np.ndarray,
+def check_parity(reference: torch.Tensor, prep: Preprocessing, images: np.ndarray,
                  run: Callable[[torch.Tensor], torch.Tensor]) -> dict:
-    """Compare an exported model (`run`: NCHW float32 -> logits) with `model` in fp32."""
-    reference = predict_logits(model, images, prep, "fp32", PARITY_BATCH)
+    """Compare an exported model (`run`: NCHW float32 -> logits) with the PyTorch `reference`
+    logits of the same uint8 images."""
     out = []
     for start in range(0, len(images), PARITY_BATCH):
         batch = torch.from_numpy(images[start:start + PARITY_BATCH])
@@ -292,6 +289,10 @@ def export_run(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str
     if len(example) < 2:
         example = example.expand(2, *example.shape[1:]).contiguous()
 
+    # The PyTorch model as evaluate runs it (predict_logits), in fp32 whatever the training
+    # precision, because the exports compute in fp32.
+    reference = predict_logits(model, images, prep, "fp32", PARITY_BATCH)
+
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"formats": {}}
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmp:
@@ -300,7 +301,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str
             name, exporter = _EXPORTERS[fmt]
             path = Path(tmp) / name
             info = exporter(model, example, path, card)
-            result = check_parity(model, prep, images, _RUNNERS[fmt](path))
+            result = check_parity(reference, prep, images, _RUNNERS[fmt](path))
             report["formats"][fmt] = {"file": name, **info, "image_source": source, **result}
             log.debug("%s: max |prob diff| %.2e, top-1 agreement %d/%d on %s", fmt,
                      result["max_abs_prob_diff"], result["images"] - result["top1_mismatches"],

@@ -121,8 +121,6 @@ class RunModel:
     """A trained run directory's model (PyTorch), run as `evaluate` runs it."""
 
     def __init__(self, run_dir: Path, tta: bool = False):
-        import torch
-
         from imgflow.precision import resolve_precision, set_threads
         from imgflow.preprocess import Preprocessing
         from imgflow.runs import load_trained_model
@@ -130,11 +128,9 @@ class RunModel:
         model, config = load_trained_model(Path(run_dir))
         train = config["train"]
         self.prep = Preprocessing.from_dict(config["preprocessing"])
-        # The same precision, threads and memory format as evaluate_run, so results are equal.
+        # The same precision and threads as evaluate_run, so that the results are equal.
         self.precision = resolve_precision(train.get("precision", "fp32"))
         set_threads(train.get("threads"))
-        if self.precision == "bf16":
-            model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.tta = tta
         self.batch_size = int(train.get("eval_batch_size", 500))
