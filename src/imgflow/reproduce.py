@@ -52,6 +52,11 @@ def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 
     table = format_table(rows, machine=read_json(RunPaths(out / models[0]).config)["machine"]["cpu"])
     write_json(out / "reproduce.json", rows)
     atomic_write_text(out / "reproduce.md", table + "\n")
+    if len(models) > 1:
+        from imgflow.reports import compare_runs
+
+        report = compare_runs([out / name for name in models], out / "compare")
+        table += f"\n\nside-by-side report: {report}"
     return table
 
 

@@ -1,0 +1,514 @@
+"""`imgflow workflow DATA`: the universal workflow of machine learning, step by step, in a time budget.
+
+Each step records what was done, what was decided and why, with its numbers, in
+OUT/workflow.json; a step that finished is not redone when the same command runs again.
+The test split is touched exactly once, in the last step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from imgflow.errors import UserError
+from imgflow.fileio import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+STEP_NAMES = [
+    "define the problem and assemble the data",
+    "choose a measure of success",
+    "decide an evaluation protocol",
+    "prepare the data",
+    "beat a common-sense baseline",
+    "scale up until it overfits",
+    "regularise and tune",
+    "test once and deploy",
+]
+BALANCE_LIMIT = 1.5  # max/min class count up to which plain accuracy is a fair measure
+HOLDOUT_MIN_PER_CLASS = 50  # fewer training images in a class -> k-fold (a 20% hold-out would leave < 10)
+K_FOLDS = 5
+TEST_HOLDOUT = 0.2  # share of the data held out as the test split when the source has none
+# Share of the budget each training step may spend; the rest goes to data, evaluation, reports.
+BUDGET_SHARE = {"baseline": 0.08, "overfit": 0.22, "tune": 0.35, "final": 0.25}
+SMALL_MODEL = "seed-baseline"
+SCALED_MODELS = ("fast-large", "fast-medium", "fast-small")  # largest first: take what the budget allows
+MAX_EPOCHS = {"baseline": 8, "overfit": 30}
+MIN_EPOCHS_TO_SEE_OVERFITTING = 6
+RUN_OVERHEAD_SECONDS = 3.0  # per training run: loading the cached data, building, saving
+
+
+@dataclasses.dataclass
+class Context:
+    """What the steps share while the workflow runs (rebuilt on resume from workflow.json)."""
+
+    data: str
+    out: Path
+    seed: int
+    budget_seconds: float
+    started: float  # time.perf_counter() at this invocation's start
+    elapsed_before: float  # seconds spent by earlier, interrupted invocations
+    progress: bool
+    state: dict[str, Any]  # decisions later steps need; saved in workflow.json
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def remaining(self) -> float:
+        return max(self.budget_seconds - self.elapsed(), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _dataset(ctx: Context):
+    from imgflow.runs import load_run_data
+
+    return load_run_data({"data": ctx.data, "test_split": ctx.state.get("test_split", 0.0)},
+                         progress=ctx.progress)
+
+
+def _train_part(ctx: Context):
+    """The data the exploration steps may see: the training split minus nothing held for test."""
+    return _dataset(ctx).train
+
+
+def _base_settings(ctx: Context) -> dict[str, Any]:
+    protocol = ctx.state["protocol"]
+    settings = dict(seed=ctx.seed, normalize="standardize", test_split=ctx.state.get("test_split", 0.0),
+                    precision="auto")
+    if protocol["kind"] == "k-fold":
+        settings.update(folds=protocol["folds"], fold=0)
+    else:
+        settings.update(val_split=protocol["val_split"], val_mode="stratified")
+    return settings
+
+
+def _measure_throughput(ctx: Context, model: str, batch_size: int) -> float:
+    """Training images per second of `model` on this machine: a few timed steps on real images."""
+    import torch
+    import torch.nn.functional as F
+
+    from imgflow.models import create_model
+    from imgflow.precision import autocast, resolve_precision, set_threads
+
+    train = _train_part(ctx)
+    H, W, C = train.images.shape[1:]
+    set_threads(None)
+    precision = resolve_precision("auto")
+    torch.manual_seed(0)
+    net = create_model(model, num_classes=int(train.labels.max()) + 1, in_channels=C,
+                       image_size=(H, W)).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    batch = min(batch_size, len(train))
+    x = torch.from_numpy(train.images[:batch]).float().permute(0, 3, 1, 2)
+    y = torch.from_numpy(train.labels[:batch])
+    times = []
+    for _ in range(4):
+        t = time.perf_counter()
+        with autocast(precision):
+            loss = F.cross_entropy(net(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return batch / float(np.median(times[1:]))
+
+
+def _plan_epochs(seconds: float, images_per_second: float, n_train: int, n_val: int,
+                 max_epochs: int, min_epochs: int = 1) -> tuple[int, int]:
+    """(epochs, train_subset) that fit `seconds`; train on a subset when not even min_epochs fit.
+
+    An epoch costs n_train training images plus n_val validation images at ~3x the speed.
+    """
+    seconds = max(seconds - RUN_OVERHEAD_SECONDS, 0.0)
+    per_epoch = n_train / images_per_second + n_val / (3 * images_per_second)
+    epochs = int(seconds // max(per_epoch, 1e-9))
+    if epochs >= min_epochs:
+        return min(epochs, max_epochs), 0
+    affordable = seconds / min_epochs * images_per_second - n_val / 3
+    subset = int(max(affordable, 0))
+    return min_epochs, max(subset, min(n_train, 64))
+
+
+def _train(ctx: Context, name: str, settings: dict[str, Any]):
+    """Train one run under OUT/runs/NAME (continuing it if an earlier invocation was interrupted)."""
+    from imgflow.training.config import resolve_config
+    from imgflow.training.engine import read_history, train
+
+    run_dir = ctx.out / "runs" / name
+    config = resolve_config(ctx.data, settings)
+    train(config, run_dir, resume=run_dir.is_dir(), progress=ctx.progress)
+    history = read_history(run_dir / "history.csv")
+    return run_dir, history
+
+
+def _val_score(history: list[dict]) -> float:
+    return history[-1]["val_acc"] if history and history[-1]["val_acc"] is not None else float("nan")
+
+
+def _step(name: str, decision: str, why: str, metrics: dict | None = None, **extra) -> dict:
+    return {"name": name, "decision": decision, "why": why, "metrics": metrics or {}, **extra}
+
+
+# ----------------------------------------------------------------------------------------------
+# the eight steps
+
+
+def step_data(ctx: Context) -> dict:
+    from imgflow.data.card import inspect
+
+    card = inspect(ctx.data, out_dir=ctx.out)
+    counts = card["splits"]["train"]["per_class"]
+    n_min, n_max = min(counts.values()), max(counts.values())
+    ctx.state["test_split"] = 0.0 if card["splits"].get("test") else TEST_HOLDOUT
+    ctx.state["balance_ratio"] = n_max / max(n_min, 1)
+    ctx.state["classes"] = card["classes"]
+    held = (f"; the source has no test split, so {TEST_HOLDOUT:.0%} of each class is held out as one "
+            "and not looked at until the last step") if ctx.state["test_split"] else ""
+    test_count = card["splits"]["test"]["count"] if card["splits"].get("test") else None
+    return _step(
+        STEP_NAMES[0],
+        f"{len(card['classes'])} classes, {card['splits']['train']['count']} training images of shape "
+        f"{card['image_shape']}{held}",
+        "Single-label image classification: each image gets one of the folder/class names. "
+        f"Class counts range from {n_min} to {n_max}; {len(card['skipped'])} unreadable files were skipped.",
+        {"classes": len(card["classes"]), "train_images": card["splits"]["train"]["count"],
+         "test_images": test_count, "min_per_class": n_min, "max_per_class": n_max,
+         "skipped_files": len(card["skipped"])},
+        card=card, figures={"examples": "examples.png"})
+
+
+def step_metric(ctx: Context) -> dict:
+    ratio = ctx.state["balance_ratio"]
+    metric = "accuracy" if ratio <= BALANCE_LIMIT else "balanced_accuracy"
+    ctx.state["metric"] = metric
+    return _step(
+        STEP_NAMES[1], f"measure success by {metric.replace('_', ' ')}",
+        f"The largest class is {ratio:.2f}x the smallest; up to {BALANCE_LIMIT}x accuracy is fair, "
+        "beyond it a model could score well by favouring big classes, so balanced accuracy (mean "
+        "per-class recall) is used. Per-class precision/recall/F1 and the confusion matrix are always reported.",
+        {"balance_ratio": round(ratio, 3), "rule_max_over_min": BALANCE_LIMIT})
+
+
+def step_protocol(ctx: Context) -> dict:
+    train = _train_part(ctx)
+    n_min = int(np.bincount(train.labels).min())
+    if n_min >= HOLDOUT_MIN_PER_CLASS:
+        protocol = {"kind": "hold-out", "val_split": 0.2}
+        decision = "hold-out validation: a stratified 20% of the training images"
+        why = (f"Every class has at least {HOLDOUT_MIN_PER_CLASS} training images ({n_min} in the "
+               "smallest), so a 20% hold-out gives a usable validation estimate at the cost of one training run.")
+    else:
+        folds = max(2, min(K_FOLDS, n_min))
+        protocol = {"kind": "k-fold", "folds": folds}
+        decision = f"{folds}-fold cross-validation (stratified)"
+        why = (f"The smallest class has only {n_min} training images (< {HOLDOUT_MIN_PER_CLASS}): a "
+               f"single hold-out would be too noisy, so each candidate is scored on {folds} folds.")
+    ctx.state["protocol"] = protocol
+    return _step(STEP_NAMES[2], decision + "; the test split is used once, at the end", why,
+                 {"smallest_class_train_images": n_min, **protocol})
+
+
+def step_prepare(ctx: Context) -> dict:
+    from imgflow.data import channel_stats
+    from imgflow.data.splits import kfold_split, split_train_val
+
+    train = _train_part(ctx)
+    protocol = ctx.state["protocol"]
+    if protocol["kind"] == "k-fold":
+        part, _ = kfold_split(train, protocol["folds"], 0, ctx.seed)
+    else:
+        part, _ = split_train_val(train, protocol["val_split"], "stratified", ctx.seed)
+    mean, std = channel_stats(part.images)
+    return _step(
+        STEP_NAMES[3], "pixels scaled to [0, 1], then standardised per channel with the training part's mean and std",
+        "Statistics come from the training part only, never validation or test, so no information "
+        "leaks into the evaluation. Images stay uint8 in memory and are converted per batch.",
+        {"channel_mean": [round(m, 4) for m in mean], "channel_std": [round(s, 4) for s in std],
+         "images_used_for_statistics": len(part)})
+
+
+def step_baseline(ctx: Context) -> dict:
+    from imgflow.data.splits import kfold_split, split_train_val
+
+    train = _train_part(ctx)
+    protocol = ctx.state["protocol"]
+    if protocol["kind"] == "k-fold":
+        part, val = kfold_split(train, protocol["folds"], 0, ctx.seed)
+    else:
+        part, val = split_train_val(train, protocol["val_split"], "stratified", ctx.seed)
+    majority = int(np.bincount(part.labels).argmax())
+    majority_acc = float((val.labels == majority).mean())
+    random_acc = 1.0 / len(ctx.state["classes"])
+    batch_size = 64 if len(part) < 5000 else 128
+    ips = _measure_throughput(ctx, SMALL_MODEL, batch_size)
+    epochs, subset = _plan_epochs(BUDGET_SHARE["baseline"] * ctx.budget_seconds, ips, len(part), len(val),
+                                  MAX_EPOCHS["baseline"], min_epochs=2)
+    settings = {**_base_settings(ctx), "model": SMALL_MODEL, "epochs": epochs, "train_subset": subset,
+                "optimizer": "adam", "lr": 1e-3, "batch_size": batch_size}
+    run_dir, history = _train(ctx, "5-baseline", settings)
+    score = _val_score(history)
+    beats = score > max(majority_acc, random_acc)
+    ctx.state["baseline_val_acc"] = score
+    verdict = ("beats both" if beats else
+               "DOES NOT BEAT the common-sense baseline: check the labels and the data before going further")
+    return _step(
+        STEP_NAMES[4],
+        f"{SMALL_MODEL} reaches {score:.3f} validation accuracy in {epochs} epochs: {verdict}",
+        f"Always predicting the most common class ('{ctx.state['classes'][majority]}') scores "
+        f"{majority_acc:.3f}, guessing at random {random_acc:.3f}. A model must clear these before it means anything.",
+        {"majority_baseline_val_acc": majority_acc, "random_baseline_val_acc": random_acc,
+         "small_model_val_acc": score, "epochs": epochs, "train_subset": subset,
+         "train_images_per_second": round(ips, 1), "beats_baseline": beats},
+        runs=[str(run_dir.relative_to(ctx.out))])
+
+
+def detect_overfitting(history: list[dict], patience: int = 2) -> int | None:
+    """The epoch after which validation loss rose for `patience` epochs while training loss fell.
+
+    Returns that best epoch (1-based), or None when the curves show no overfitting.
+    """
+    val = [r["val_loss"] for r in history]
+    if len(val) < patience + 1 or any(v is None for v in val):
+        return None
+    best = int(np.argmin(val))
+    after = history[best + 1:]
+    if len(after) < patience:
+        return None
+    train_falls = after[-1]["train_loss"] < history[best]["train_loss"]
+    return best + 1 if train_falls and all(r["val_loss"] > val[best] for r in after[:patience]) else None
+
+
+def _scaled_model_and_plan(ctx: Context, n_train: int, n_val: int) -> tuple[str, int, int, float]:
+    seconds = BUDGET_SHARE["overfit"] * ctx.budget_seconds
+    batch_size = _fast_recipe(n_train)["batch_size"]
+    for model in SCALED_MODELS:
+        ips = _measure_throughput(ctx, model, batch_size)
+        epochs, subset = _plan_epochs(seconds, ips, n_train, n_val, MAX_EPOCHS["overfit"],
+                                      min_epochs=MIN_EPOCHS_TO_SEE_OVERFITTING)
+        if subset == 0 or model == SCALED_MODELS[-1]:
+            return model, epochs, subset, ips
+    raise AssertionError("unreachable")
+
+
+def _fast_recipe(n_train: int) -> dict[str, Any]:
+    """SGD-Nesterov with a one-cycle schedule, as the fast family is tuned for (no regularisation)."""
+    batch = 256 if n_train >= 4096 else 32
+    return {"optimizer": "sgd", "momentum": 0.9, "lr": 0.2 * batch / 256, "batch_size": batch,
+            "schedule": "onecycle", "warmup_epochs": 0.0}
+
+
+def step_overfit(ctx: Context) -> dict:
+    from imgflow.data.splits import kfold_split, split_train_val
+
+    train = _train_part(ctx)
+    protocol = ctx.state["protocol"]
+    part, val = (kfold_split(train, protocol["folds"], 0, ctx.seed) if protocol["kind"] == "k-fold"
+                 else split_train_val(train, protocol["val_split"], "stratified", ctx.seed))
+    model, epochs, subset, ips = _scaled_model_and_plan(ctx, len(part), len(val))
+    recipe = _fast_recipe(subset or len(part))
+    settings = {**_base_settings(ctx), **recipe, "model": model, "epochs": epochs, "train_subset": subset,
+                "warmup_epochs": round(0.2 * epochs, 2), "augment": "none", "weight_decay": 0.0,
+                "label_smoothing": 0.0}
+    run_dir, history = _train(ctx, "6-overfit", settings)
+    best_epoch = detect_overfitting(history)
+    score = max(r["val_acc"] for r in history)
+    ctx.state["scaled"] = {"model": model, "epochs": epochs, "train_subset": subset, "recipe": recipe,
+                           "best_epoch": best_epoch,
+                           "seconds_per_epoch": float(np.median([r["seconds"] for r in history]))}
+    if best_epoch:
+        decision = (f"{model} overfits: validation loss is lowest at epoch {best_epoch} and rises after "
+                    "it while training loss keeps falling")
+        why = "Capacity is now enough to memorise the training data, which is what regularisation needs to work on."
+    else:
+        decision = f"{model} did not overfit within {epochs} epochs"
+        why = ("Within the budget the curves still improve together; more epochs or a larger model "
+               "(more budget) would be the next move. Regularisation is tuned on this model anyway.")
+    return _step(STEP_NAMES[5], decision, why,
+                 {"model": model, "epochs": epochs, "train_subset": subset, "best_val_acc": score,
+                  "overfit_epoch": best_epoch, "train_images_per_second": round(ips, 1),
+                  "final_train_acc": history[-1]["train_acc"], "final_val_acc": history[-1]["val_acc"]},
+                 runs=[str(run_dir.relative_to(ctx.out))])
+
+
+CANDIDATES = [
+    ("augment", "flip + 2-pixel translations",
+     {"augment": "flip+translate"}),
+    ("augment+smooth+decay", "augmentation, label smoothing 0.1, weight decay 5e-4",
+     {"augment": "flip+translate", "label_smoothing": 0.1, "weight_decay": 5e-4}),
+    ("augment+smooth+decay+lr/2", "the same at half the learning rate",
+     {"augment": "flip+translate", "label_smoothing": 0.1, "weight_decay": 5e-4, "lr_scale": 0.5}),
+]
+
+
+def step_tune(ctx: Context) -> dict:
+    scaled = ctx.state["scaled"]
+    folds = ctx.state["protocol"].get("folds", 1)
+    # Seconds one epoch of the overfit run took: candidates train the same model on the same data.
+    per_epoch = ctx.state["scaled"]["seconds_per_epoch"]
+    n_candidates = len(CANDIDATES)
+    # Fewer candidates when each could not get at least 2 epochs; at most the overfit run's epochs.
+    while True:
+        seconds_each = BUDGET_SHARE["tune"] * ctx.budget_seconds / n_candidates / folds
+        epochs = int((seconds_each - RUN_OVERHEAD_SECONDS) // max(per_epoch, 1e-9))
+        if epochs >= 2 or n_candidates == 1:
+            break
+        n_candidates -= 1
+    epochs = max(1, min(scaled["epochs"], epochs))
+    results = []
+    for name, label, changes in CANDIDATES[:n_candidates]:
+        changes = dict(changes)
+        lr_scale = changes.pop("lr_scale", 1.0)
+        recipe = dict(scaled["recipe"])
+        recipe["lr"] *= lr_scale
+        settings = {**_base_settings(ctx), **recipe, "model": scaled["model"], "epochs": epochs,
+                    "train_subset": scaled["train_subset"], "warmup_epochs": round(0.2 * epochs, 2),
+                    **changes}
+        scores, losses, runs = [], [], []
+        for fold in range(settings.get("folds") or 1):  # k-fold: every fold validates once
+            fold_settings = {**settings, "fold": fold} if settings.get("folds") else settings
+            suffix = f"-fold{fold}" if settings.get("folds") else ""
+            run_dir, history = _train(ctx, f"7-{name}{suffix}", fold_settings)
+            scores.append(_val_score(history))
+            losses.append(history[-1]["val_loss"])
+            runs.append(str(run_dir.relative_to(ctx.out)))
+        results.append({"name": name, "description": label, "settings": settings,
+                        "val_acc": float(np.mean(scores)), "val_acc_std": float(np.std(scores)),
+                        "val_loss": float(np.mean(losses)), "runs": runs, "run": runs[0]})
+    best = max(results, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    ctx.state["chosen"] = best
+    table = {r["name"]: round(r["val_acc"], 4) for r in results}
+    skipped = len(CANDIDATES) - n_candidates
+    return _step(
+        STEP_NAMES[6], f"chose '{best['name']}' ({best['description']}): validation accuracy {best['val_acc']:.4f}",
+        f"{n_candidates} candidates trained for {epochs} epochs each and compared on validation only"
+        + (f"; {skipped} more did not fit the budget" if skipped else "") + ".",
+        {"candidates": table, "epochs": epochs},
+        runs=[run for r in results for run in r["runs"]], candidates=results)
+
+
+def step_final(ctx: Context) -> dict:
+    from imgflow.evaluation import evaluate_run
+
+    chosen = ctx.state["chosen"]
+    settings = {k: v for k, v in chosen["settings"].items() if k not in ("folds", "fold")}
+    train = _train_part(ctx)
+    # Retrain on training + validation data (no hold-out left) for the epochs that were
+    # validated; only if the rest of the budget cannot pay for that, on a subset.
+    epochs = settings["epochs"]
+    seconds = max(ctx.remaining() - 0.1 * ctx.budget_seconds, 0.25 * BUDGET_SHARE["final"] * ctx.budget_seconds)
+    ips = _measure_throughput(ctx, settings["model"], settings["batch_size"])
+    subset = 0
+    if RUN_OVERHEAD_SECONDS + epochs * len(train) / ips > seconds:
+        subset = max(int((seconds - RUN_OVERHEAD_SECONDS) * ips / epochs), min(len(train), 256))
+    settings.update(val_split=0.0, train_subset=subset, early_stopping=0)
+    run_dir, history = _train(ctx, "8-final", settings)
+    metrics = evaluate_run(run_dir, progress=ctx.progress)
+    metric = ctx.state["metric"]
+    ctx.state["final_run"] = str(run_dir)
+    ctx.state["test_accuracy"] = metrics["accuracy"]
+    try:
+        from imgflow.reports import report_run
+
+        report_run(run_dir)
+    except ImportError:  # reports are optional for the workflow's numbers
+        log.warning("reports module unavailable: no report for the final run")
+    usage = (f"imgflow predict {run_dir} IMAGE.jpg [IMAGE ...]   # top classes per image\n"
+             f"imgflow export {run_dir} --format onnx            # deploy without imgflow")
+    return _step(
+        STEP_NAMES[7],
+        f"retrained '{chosen['name']}' on all {subset or len(train)} training images for {epochs} epochs; "
+        f"test {metric.replace('_', ' ')} {metrics[metric]:.4f} (majority baseline {metrics['majority_baseline_accuracy']:.4f})",
+        "The chosen configuration is retrained with the validation images added back, then evaluated "
+        "once on the untouched test split: this number was not used for any decision.",
+        {"test_accuracy": metrics["accuracy"], "test_balanced_accuracy": metrics["balanced_accuracy"],
+         "test_macro_f1": metrics["macro_f1"], "test_loss": metrics["loss"],
+         "majority_baseline_accuracy": metrics["majority_baseline_accuracy"], "epochs": epochs},
+        runs=[str(run_dir.relative_to(ctx.out))], usage=usage)
+
+
+STEPS: list[Callable[[Context], dict]] = [step_data, step_metric, step_protocol, step_prepare,
+                                          step_baseline, step_overfit, step_tune, step_final]
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+
+
+def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int = 0,
+                 progress: bool | None = None) -> dict:
+    """Run (or continue) the eight steps into `out`; return the workflow.json content."""
+    if not budget_minutes > 0:
+        raise UserError(f"--budget-minutes must be > 0, got {budget_minutes}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory: choose another path")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    record_path = out / "workflow.json"
+    record = {"data": data, "seed": seed, "budget_minutes": budget_minutes, "steps": [], "state": {},
+              "elapsed_minutes": 0.0}
+    if record_path.is_file():
+        saved = read_json(record_path, "workflow record")
+        if (saved.get("data"), saved.get("seed")) != (data, seed):
+            raise UserError(f"{out} holds a workflow for data {saved.get('data')!r} seed {saved.get('seed')}: "
+                            "use the same DATA and --seed to continue it, or another --out")
+        record.update(steps=saved["steps"], state=saved["state"], elapsed_minutes=saved["elapsed_minutes"])
+        if len(record["steps"]) < len(STEPS):
+            log.info("continuing the workflow in %s after step %d", out, len(record["steps"]))
+    else:
+        from imgflow.data import load_dataset
+
+        load_dataset(data, progress=progress)  # a bad DATA fails here, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+
+    ctx = Context(data=data, out=out, seed=seed, budget_seconds=budget_minutes * 60,
+                  started=time.perf_counter(), elapsed_before=record["elapsed_minutes"] * 60,
+                  progress=progress, state=record["state"])
+    for index, step in enumerate(STEPS):
+        if index < len(record["steps"]):
+            continue
+        log.info("step %d/%d: %s", index + 1, len(STEPS), STEP_NAMES[index])
+        t0 = time.perf_counter()
+        result = step(ctx)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        record["steps"].append(result)
+        record["state"] = ctx.state
+        record["elapsed_minutes"] = round(ctx.elapsed() / 60, 3)
+        write_json(record_path, record)
+        log.info("  -> %s", result["decision"])
+
+    record.update(final_run=ctx.state.get("final_run"), test_accuracy=ctx.state.get("test_accuracy"),
+                  elapsed_minutes=round(ctx.elapsed() / 60, 3), budget_minutes=budget_minutes)
+    write_json(record_path, record)
+    try:
+        from imgflow.reports.workflow_report import write_workflow_report
+
+        record["report"] = str(write_workflow_report(out))
+        write_json(record_path, record)
+    except ImportError:
+        log.warning("reports module unavailable: no workflow report")
+    return record
+
+
+def format_summary(record: dict) -> str:
+    lines = []
+    for i, step in enumerate(record["steps"], 1):
+        lines.append(f"{i}. {step['name']}: {step['decision']}")
+    lines.append("")
+    if record.get("test_accuracy") is not None:
+        lines.append(f"test accuracy {record['test_accuracy']:.4f} in {record['elapsed_minutes']:.1f} min "
+                     f"(budget {record['budget_minutes']:.0f} min)")
+    if record["steps"] and "usage" in record["steps"][-1]:
+        lines.append(record["steps"][-1]["usage"])
+    if record.get("report"):
+        lines.append(f"report: {record['report']}")
+    return "\n".join(lines)

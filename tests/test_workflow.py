@@ -1,0 +1,142 @@
+"""`imgflow workflow`: the eight steps, the budget logic, resume, and bad input."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import imgflow.workflow as wf
+from datagen import make_image_folder
+from imgflow.cli import main
+
+
+@pytest.fixture(scope="module")
+def workflow_data(tmp_path_factory) -> Path:
+    """60 8x8 images per class (enough for a hold-out), plus one broken file."""
+    root = make_image_folder(tmp_path_factory.mktemp("wf") / "data", per_class=60, size=(8, 8))
+    (root / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished_workflow(workflow_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wf-out") / "out"
+    t0 = time.perf_counter()
+    record = wf.run_workflow(str(workflow_data), out, budget_minutes=0.5, seed=0, progress=False)
+    return out, record, time.perf_counter() - t0
+
+
+def test_workflow_walks_through_the_eight_steps_in_order(finished_workflow):
+    out, record, seconds = finished_workflow
+    print(f"tiny workflow took {seconds:.1f} s")
+    saved = json.loads((out / "workflow.json").read_text())
+    assert [s["name"] for s in saved["steps"]] == wf.STEP_NAMES
+    for step in saved["steps"]:
+        assert step["decision"] and step["why"] and isinstance(step["metrics"], dict)
+    assert saved["budget_minutes"] == 0.5 and saved["elapsed_minutes"] > 0
+    assert 0.0 <= saved["test_accuracy"] <= 1.0
+    final = Path(saved["final_run"])
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["accuracy"] == saved["test_accuracy"]
+    assert saved["test_accuracy"] > metrics["majority_baseline_accuracy"]  # the data is learnable
+
+
+def test_workflow_decisions_and_broken_files(finished_workflow):
+    out, record, _ = finished_workflow
+    steps = {s["name"]: s for s in record["steps"]}
+    assert steps["define the problem and assemble the data"]["metrics"]["skipped_files"] == 1
+    assert steps["choose a measure of success"]["metrics"]["balance_ratio"] <= 1.5
+    assert "accuracy" in steps["choose a measure of success"]["decision"]
+    assert steps["decide an evaluation protocol"]["metrics"]["kind"] == "hold-out"
+    baseline = steps["beat a common-sense baseline"]["metrics"]
+    assert baseline["majority_baseline_val_acc"] == pytest.approx(1 / 3, abs=0.05)
+    assert baseline["beats_baseline"] is True
+    tune = steps["regularise and tune"]
+    assert len(tune["candidates"]) >= 1 and tune["decision"].startswith("chose")
+    assert all((out / run).is_dir() for step in record["steps"] for run in step.get("runs", []))
+    assert (out / "examples.png").is_file()
+
+
+def test_rerunning_a_finished_workflow_redoes_nothing(finished_workflow, workflow_data, monkeypatch):
+    out, record, _ = finished_workflow
+    calls = []
+    monkeypatch.setattr(wf, "STEPS", [lambda ctx, i=i: calls.append(i) for i in range(8)])
+    again = wf.run_workflow(str(workflow_data), out, budget_minutes=0.5, seed=0, progress=False)
+    assert calls == [] and again["test_accuracy"] == record["test_accuracy"]
+
+
+def test_interrupted_workflow_resumes_after_the_last_finished_step(workflow_data, tmp_path, monkeypatch):
+    calls = []
+
+    def fake(i):
+        def step(ctx):
+            calls.append(i)
+            if i == 4 and calls.count(4) == 1:
+                raise KeyboardInterrupt
+            return {"name": wf.STEP_NAMES[i], "decision": f"d{i}", "why": "w", "metrics": {}}
+        return step
+
+    monkeypatch.setattr(wf, "STEPS", [fake(i) for i in range(8)])
+    with pytest.raises(KeyboardInterrupt):
+        wf.run_workflow(str(workflow_data), tmp_path / "out", budget_minutes=1, progress=False)
+    assert calls == [0, 1, 2, 3, 4]
+    assert len(json.loads((tmp_path / "out" / "workflow.json").read_text())["steps"]) == 4
+    wf.run_workflow(str(workflow_data), tmp_path / "out", budget_minutes=1, progress=False)
+    assert calls == [0, 1, 2, 3, 4, 4, 5, 6, 7]
+
+
+# ---------------------------------------------------------------------------------------------
+# decisions and budget logic on their own
+
+
+def test_plan_epochs_fits_the_budget_or_takes_a_subset():
+    overhead = wf.RUN_OVERHEAD_SECONDS
+    # 1000 img/s, 10k train, no val: 10 s per epoch.
+    assert wf._plan_epochs(overhead + 55, 1000, 10_000, 0, max_epochs=30) == (5, 0)
+    assert wf._plan_epochs(overhead + 1000, 1000, 10_000, 0, max_epochs=30) == (30, 0)
+    epochs, subset = wf._plan_epochs(overhead + 30, 1000, 10_000, 0, max_epochs=30, min_epochs=6)
+    assert epochs == 6 and subset == 5000  # 30 s buys 30k images: 6 epochs of 5k
+
+
+@pytest.mark.parametrize("val_losses, expected", [
+    ([1.0, 0.8, 0.7, 0.75, 0.8], 3),  # rises twice after epoch 3
+    ([1.0, 0.8, 0.7, 0.6, 0.5], None),  # still improving
+    ([1.0, 0.8, 0.7, 0.75], None),  # one rise is not yet a trend
+])
+def test_detect_overfitting(val_losses, expected):
+    history = [{"val_loss": v, "train_loss": 1.0 - 0.1 * i} for i, v in enumerate(val_losses)]
+    assert wf.detect_overfitting(history) == expected
+
+
+def _context(tmp_path, data, **state):
+    return wf.Context(data=str(data), out=tmp_path, seed=0, budget_seconds=60, started=time.perf_counter(),
+                      elapsed_before=0.0, progress=False, state=dict(state))
+
+
+def test_small_data_gets_k_fold_and_imbalanced_data_balanced_accuracy(tmp_path):
+    data = make_image_folder(tmp_path / "small", per_class=12, size=(8, 8))
+    ctx = _context(tmp_path, data, test_split=0.0, balance_ratio=3.0, classes=["a", "b", "c"])
+    assert wf.step_protocol(ctx)["metrics"]["kind"] == "k-fold"
+    assert ctx.state["protocol"] == {"kind": "k-fold", "folds": 5}
+    assert wf.step_metric(ctx)["decision"] == "measure success by balanced accuracy"
+
+
+def test_data_without_test_split_gets_one_held_out(tmp_path):
+    data = make_image_folder(tmp_path / "flat", per_class=20, size=(8, 8), flat=True, test=False)
+    ctx = _context(tmp_path, data)
+    step = wf.step_data(ctx)
+    assert ctx.state["test_split"] == wf.TEST_HOLDOUT and "held out" in step["decision"]
+    assert len(wf._train_part(ctx)) == 48  # 80% of 60
+
+
+def test_workflow_cli_bad_input(tmp_path, capsys):
+    assert main(["workflow", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    data = make_image_folder(tmp_path / "d", per_class=4, size=(8, 8))
+    assert main(["workflow", str(data), "--budget-minutes", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--budget-minutes" in capsys.readouterr().err
