@@ -20,8 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# The main job: the whole universal workflow on CIFAR-10 in a 15-minute budget.
 run: setup
-	$(BIN)/imgflow inspect cifar10 --out runs/inspect
+	$(BIN)/imgflow workflow cifar10 --budget-minutes 15 --out runs/workflow
 
 test: setup
 	$(BIN)/python -m pytest -q

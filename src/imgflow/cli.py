@@ -162,7 +162,8 @@ def cmd_workflow(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from imgflow import __version__
 
-    parser = _Parser(prog="imgflow", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="imgflow", description="imgflow: the universal workflow of machine learning "
+                     "for image classification, from a data set to a tested, exported model.")
     parser.add_argument("--version", action="version", version=f"imgflow {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")

@@ -80,6 +80,17 @@ def _train_part(ctx: Context):
     return _dataset(ctx).train
 
 
+def _protocol_split(ctx: Context):
+    """(training part, validation part) of the chosen protocol; fold 0 under k-fold."""
+    from imgflow.data.splits import kfold_split, split_train_val
+
+    train = _train_part(ctx)
+    protocol = ctx.state["protocol"]
+    if protocol["kind"] == "k-fold":
+        return kfold_split(train, protocol["folds"], 0, ctx.seed)
+    return split_train_val(train, protocol["val_split"], "stratified", ctx.seed)
+
+
 def _base_settings(ctx: Context) -> dict[str, Any]:
     protocol = ctx.state["protocol"]
     settings = dict(seed=ctx.seed, normalize="standardize", test_split=ctx.state.get("test_split", 0.0),
@@ -219,14 +230,8 @@ def step_protocol(ctx: Context) -> dict:
 
 def step_prepare(ctx: Context) -> dict:
     from imgflow.data import channel_stats
-    from imgflow.data.splits import kfold_split, split_train_val
 
-    train = _train_part(ctx)
-    protocol = ctx.state["protocol"]
-    if protocol["kind"] == "k-fold":
-        part, _ = kfold_split(train, protocol["folds"], 0, ctx.seed)
-    else:
-        part, _ = split_train_val(train, protocol["val_split"], "stratified", ctx.seed)
+    part, _ = _protocol_split(ctx)
     mean, std = channel_stats(part.images)
     return _step(
         STEP_NAMES[3], "pixels scaled to [0, 1], then standardised per channel with the training part's mean and std",
@@ -237,14 +242,7 @@ def step_prepare(ctx: Context) -> dict:
 
 
 def step_baseline(ctx: Context) -> dict:
-    from imgflow.data.splits import kfold_split, split_train_val
-
-    train = _train_part(ctx)
-    protocol = ctx.state["protocol"]
-    if protocol["kind"] == "k-fold":
-        part, val = kfold_split(train, protocol["folds"], 0, ctx.seed)
-    else:
-        part, val = split_train_val(train, protocol["val_split"], "stratified", ctx.seed)
+    part, val = _protocol_split(ctx)
     majority = int(np.bincount(part.labels).argmax())
     majority_acc = float((val.labels == majority).mean())
     random_acc = 1.0 / len(ctx.state["classes"])
@@ -307,12 +305,7 @@ def _fast_recipe(n_train: int) -> dict[str, Any]:
 
 
 def step_overfit(ctx: Context) -> dict:
-    from imgflow.data.splits import kfold_split, split_train_val
-
-    train = _train_part(ctx)
-    protocol = ctx.state["protocol"]
-    part, val = (kfold_split(train, protocol["folds"], 0, ctx.seed) if protocol["kind"] == "k-fold"
-                 else split_train_val(train, protocol["val_split"], "stratified", ctx.seed))
+    part, val = _protocol_split(ctx)
     model, epochs, subset, ips = _scaled_model_and_plan(ctx, len(part), len(val))
     recipe = _fast_recipe(subset or len(part))
     settings = {**_base_settings(ctx), **recipe, "model": model, "epochs": epochs, "train_subset": subset,
