@@ -1,0 +1,139 @@
+"""Markdown tables from benchmarks/results/*.json, for the README.
+
+    python benchmarks/make_tables.py            # prints, and writes benchmarks/results/TABLES.md
+
+One performance table per throughput-*.json (each names its machine: numbers from different
+machines are never mixed in one table), and one time-to-accuracy table per
+time_to_accuracy*.json, beside the reference notebook's numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The reference notebook (Keras, 20 epochs, last 20% of the training set held out), as measured
+# in issue 5 on a 2-core Zen 4: ~89 min in Keras/TF-CPU, ~52 min in imgflow with bf16.
+NOTEBOOK_ROWS = [
+    ("notebook: seed-baseline (Keras)", "20", "-", "0.68", "reference notebook"),
+    ("notebook: seed-batchnorm (Keras)", "20", "~89 min (TF-CPU, 2-core Zen 4)", "0.8318", "reference notebook"),
+]
+
+
+def describe_machine(m: dict) -> str:
+    flags = m.get("flags", {})
+    simd = "AVX-512" if flags.get("avx512f") else "AVX2" if flags.get("avx2") else "no AVX2"
+    bf16 = "native bf16" if m.get("native_bf16") else "no native bf16"
+    family = f" (family {m['cpu_family']} model {m['cpu_model']})" if m.get("cpu_family") else ""
+    vm = ", virtualised" if m.get("hypervisor") else ""
+    threads = "/".join(map(str, m.get("threads_measured") or [m.get("threads", "?")]))
+    load = m.get("load_average_1_5_15")
+    load_text = f", load average {load[0]:.1f} at start" if load else ""
+    return (f"{m.get('cpu', '?')}{family}{vm}, {m.get('logical_cpus', '?')} logical CPUs, {simd}, {bf16}; "
+            f"torch {m.get('torch', '?')}, {threads} thread(s){load_text}")
+
+
+def performance_table(result: dict) -> str:
+    peaks = result.get("matmul_peaks") or [{"threads": result["machine"].get("threads"),
+                                            **result.get("matmul_peak_gflops", {})}]
+    peak_text = "; ".join(f"{p['threads']} thread(s): "
+                          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in p.items() if k != "threads")
+                          for p in peaks)
+    env = {k: v for k, v in (result["machine"].get("env") or {}).items() if v}
+    lines = [f"Machine: {describe_machine(result['machine'])}. "
+             f"Measured {result.get('date', '?')[:10]}"
+             + (" with `--quick` (few steps: indicative)" if result.get("quick") else "")
+             + (f", environment {', '.join(f'{k}={v}' for k, v in env.items())}" if env else "") + ".",
+             f"Matmul peak measured in the same run: {peak_text}.", "",
+             "| model | precision | threads | MFLOP/img | train img/s | train GFLOP/s (of peak) "
+             "| inference img/s | inference GFLOP/s (of peak) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["pytorch"]:
+        def util(key: str) -> str:
+            u = r.get(key)
+            return f" ({100 * u:.0f}%)" if u is not None else ""
+        lines.append(f"| {r['model']} | {r['precision']} | {r.get('threads', '')} | {r['mflop_per_image']:.1f} "
+                     f"| {r['train_images_per_second']:,.0f} | {r['train_gflops']:.1f}{util('train_utilisation')} "
+                     f"| {r['inference_images_per_second']:,.0f} "
+                     f"| {r['inference_gflops']:.1f}{util('inference_utilisation')} |")
+    for k in result.get("keras") or []:
+        lines.append(f"| {k['model']} (Keras, TF {k['tensorflow']}) | fp32 | | | "
+                     f"{k['train_images_per_second']:,.0f} | | {k['inference_images_per_second']:,.0f} | |")
+    lines.append("")
+    if result.get("tensorflow") is None:
+        lines.append("TensorFlow was not installed: no Keras column.")
+    for note in result.get("notes", []):
+        lines.append(f"Note: {note}.")
+    lines.append("Training FLOPs are counted as 3x the forward pass; utilisation is against the "
+                 "matmul peak of the same precision and thread count.")
+    if any((r.get("train_utilisation") or 0) > 1 or (r.get("inference_utilisation") or 0) > 1
+           for r in result["pytorch"]):
+        lines.append("Utilisation above 100%: the matmul probe is only a lower bound of the peak when "
+                     "other processes share the cores (and oneDNN's convolutions can beat a "
+                     "1024x1024 `torch.mm`); read those rows as 'at the peak'.")
+    return "\n".join(lines)
+
+
+def _minutes(mean: float, std: float, n: int) -> str:
+    return f"{mean / 60:.1f} ± {std / 60:.1f} min" if n > 1 else f"{mean / 60:.1f} min"
+
+
+def time_to_accuracy_table(result: dict) -> str:
+    lines = [f"Machine: {describe_machine(result['machine'])}.", "",
+             "| preset | model | epochs | wall time (train + evaluate) | test accuracy | n seeds | notes |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for name, epochs, minutes, acc, notes in NOTEBOOK_ROWS:
+        lines.append(f"| {name} | | {epochs} | {minutes} | {acc} | 1 | {notes} |")
+    for s in result.get("summary", []):
+        acc = (f"{s['test_accuracy_mean']:.4f} ± {s['test_accuracy_std']:.4f}" if s["n"] > 1
+               else f"{s['test_accuracy_mean']:.4f}")
+        notes = [s.get("precision", "")]
+        if s.get("tta"):
+            notes.append("TTA")
+        if s.get("extra"):
+            notes.append("`" + " ".join(s["extra"]) + "`")
+        if s.get("data") not in (None, "cifar10"):
+            notes.append(f"data {s['data']}")
+        if s.get("target"):
+            notes.append(f"target {s['target']}")
+        lines.append(f"| `{s['preset']}` | {s['model']} | {s['epochs']} "
+                     f"| {_minutes(s['total_seconds_mean'], s['total_seconds_std'], s['n'])} "
+                     f"| {acc} | {s['n']} | {', '.join(n for n in notes if n)} |")
+    return "\n".join(lines)
+
+
+def build(results: Path) -> str:
+    parts = ["# Benchmark tables", "",
+             f"Generated by `benchmarks/make_tables.py` from `{results.name}/*.json`; do not edit by hand.", ""]
+    # Shortest name first: the plain run of a machine before its variants (e.g. -omp-passive).
+    throughput = sorted(results.glob("throughput-*.json"), key=lambda p: (len(p.name), p.name))
+    tta = sorted(results.glob("time_to_accuracy*.json"), key=lambda p: (len(p.name), p.name))
+    for path in throughput:
+        parts += [f"## Throughput ({path.name})", "", performance_table(json.loads(path.read_text())), ""]
+    for path in tta:
+        parts += [f"## Time to accuracy ({path.name})", "", time_to_accuracy_table(json.loads(path.read_text())), ""]
+    if not throughput and not tta:
+        parts.append("No results yet: run `benchmarks/throughput.py` or `benchmarks/time_to_accuracy.py`.")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=RESULTS, help="directory of result JSON files")
+    p.add_argument("--out", type=Path, help="Markdown file (default RESULTS/TABLES.md); '-' = print only")
+    args = p.parse_args(argv)
+    text = build(args.results)
+    print(text, end="")
+    if str(args.out) != "-":
+        out = args.out or args.results / "TABLES.md"
+        tmp = out.with_suffix(".md.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""The fast recipe's parts: augmentation, the lr schedule, test-time augmentation, the presets."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imgflow.cli import build_parser, main
+from imgflow.errors import UserError
+from imgflow.inference import predict_logits, tta_views
+from imgflow.preprocess import Preprocessing
+from imgflow.training.augment import (augment_batch, random_cutout, random_flip, random_translate, shift,
+                                      step_generator)
+from imgflow.training.config import PRESET_INFO, PRESETS, config_from_args, describe_presets, resolve_config
+from imgflow.training.schedule import lr_at
+
+POLICIES = ("none", "flip", "flip+translate", "flip+translate+cutout")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _batch(B: int = 32, H: int = 12, W: int = 10, C: int = 3, seed: int = 0) -> torch.Tensor:
+    # Values 1..255 (never 0) so a zeroed cutout pixel is unambiguous.
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 256, (B, H, W, C), dtype=torch.uint8, generator=gen)
+
+
+def _reflect_shift_np(image: np.ndarray, dy: int, dx: int, pad: int) -> np.ndarray:
+    """Independent reference: reflect-pad by `pad`, crop the original size at offset (dy, dx)."""
+    H, W, _ = image.shape
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    return padded[pad + dy:pad + dy + H, pad + dx:pad + dx + W]
+
+
+# ---------------------------------------------------------------------------------------------
+# augmentation
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_augment_keeps_shape_and_dtype_and_leaves_input_alone(policy):
+    x = _batch()
+    before = x.clone()
+    y = augment_batch(x, policy, step_generator(0, 0, 0), translate=2, cutout=4)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    assert torch.equal(x, before), "augmentation must not modify the caller's batch"
+
+
+@pytest.mark.parametrize("policy", POLICIES[1:])
+def test_augment_is_a_function_of_seed_epoch_and_step(policy):
+    x = _batch()
+    a = augment_batch(x, policy, step_generator(3, 1, 7))
+    assert torch.equal(a, augment_batch(x, policy, step_generator(3, 1, 7)))
+    for other in [(3, 1, 8), (3, 2, 7), (4, 1, 7)]:  # next step, next epoch, other seed
+        assert not torch.equal(a, augment_batch(x, policy, step_generator(*other))), other
+
+
+def test_augment_rejects_float_images():
+    with pytest.raises(AssertionError, match="uint8"):
+        augment_batch(_batch().float(), "flip", step_generator(0, 0, 0))
+
+
+def test_flip_is_an_exact_mirror_of_about_half_the_images():
+    x = _batch(B=64)
+    y = random_flip(x, step_generator(0, 0, 0))
+    mirrored = [torch.equal(y[i], x[i].flip(1)) for i in range(len(x))]  # (H, W, C): W is dim 1
+    kept = [torch.equal(y[i], x[i]) for i in range(len(x))]
+    assert all(m or k for m, k in zip(mirrored, kept))
+    assert 16 < sum(mirrored) < 48  # p = 1/2 over 64 images
+
+
+def test_translate_by_zero_is_the_identity():
+    x = _batch()
+    assert torch.equal(random_translate(x, step_generator(0, 0, 0), 0), x)
+    assert torch.equal(shift(x, 0, 0), x)
+
+
+@pytest.mark.parametrize("dy,dx", [(1, 0), (0, -2), (2, 1), (-1, -1)])
+def test_shift_is_a_reflect_padded_crop(dy, dx):
+    x = _batch(B=4)
+    expected = np.stack([_reflect_shift_np(img, dy, dx, pad=2) for img in x.numpy()])
+    assert np.array_equal(shift(x, dy, dx).numpy(), expected)
+
+
+def test_random_translate_moves_each_image_by_some_reflect_shift_within_range():
+    s = 2
+    x = _batch(B=24)
+    y = random_translate(x, step_generator(0, 0, 0), s).numpy()
+    offsets = [(dy, dx) for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
+    seen = set()
+    for img, out in zip(x.numpy(), y):
+        matches = [o for o in offsets if np.array_equal(_reflect_shift_np(img, *o, pad=s), out)]
+        assert matches, "output is not a reflect-shift of its own input within max_shift"
+        seen.add(matches[0])
+    assert len(seen) > 3  # the offsets really vary between images
+
+
+def test_cutout_zeroes_one_square_of_the_given_size_across_all_channels():
+    size = 4
+    x = _batch(B=64, H=16, W=16)
+    y = random_cutout(x, step_generator(0, 0, 0), size)
+    inside_squares = 0
+    for img, out in zip(x, y):
+        zero = (out == 0)
+        assert torch.equal(zero.all(-1), zero.any(-1)), "cutout must zero all channels of a pixel"
+        mask = zero.all(-1)
+        assert torch.equal(out[~mask], img[~mask]), "pixels outside the square are untouched"
+        rows, cols = torch.nonzero(mask, as_tuple=True)
+        assert len(rows) > 0, "every image gets a (possibly clipped) square"
+        top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
+        height, width = int(bottom - top + 1), int(right - left + 1)
+        assert int(mask.sum()) == height * width, "the zeroed region is one filled rectangle"
+        assert height <= size and width <= size
+        touches_edge = top == 0 or left == 0 or bottom == 15 or right == 15
+        if not touches_edge:  # fully inside: exactly size x size
+            assert (height, width) == (size, size)
+            inside_squares += 1
+    assert inside_squares > 10
+
+
+def test_augmentation_keeps_each_image_in_its_slot_so_labels_stay_aligned():
+    # Image i is filled with the value i + 1: after augmentation it may only hold i + 1 (or the
+    # cutout's 0), so the engine's untouched label tensor still describes the same image.
+    B = 40
+    x = (torch.arange(B, dtype=torch.uint8) + 1).view(B, 1, 1, 1).expand(B, 8, 8, 3).contiguous()
+    labels = torch.arange(B) % 3
+    y = augment_batch(x, "flip+translate+cutout", step_generator(0, 0, 0), translate=2, cutout=4)
+    for i in range(B):
+        assert set(y[i].unique().tolist()) <= {0, i + 1}
+    assert torch.equal(labels, torch.arange(B) % 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# the learning-rate schedule
+
+
+def test_warmup_ramps_linearly_to_the_peak():
+    lrs = [lr_at(s, 100, 1.0, "onecycle", warmup_steps=10) for s in range(10)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(1.0)
+    assert np.allclose(np.diff(lrs), 0.1)
+
+
+def test_onecycle_decays_linearly_to_about_zero():
+    total, warm = 100, 10
+    lrs = [lr_at(s, total, 2.0, "onecycle", warmup_steps=warm) for s in range(total)]
+    assert lrs[warm] == pytest.approx(2.0)
+    assert all(a > b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+    assert lrs[-1] == pytest.approx(2.0 / (total - warm)) and lrs[-1] < 0.025 * 2.0
+    floored = lr_at(total - 1, total, 2.0, "onecycle", warmup_steps=warm, final_fraction=0.1)
+    assert 0.2 < floored < 0.2 + 2.0 / (total - warm)
+
+
+def test_cosine_is_halfway_at_the_midpoint_of_the_decay():
+    total, warm, peak = 110, 10, 1.0
+    assert lr_at(warm + 50, total, peak, "cosine", warmup_steps=warm) == pytest.approx(0.5)
+    assert lr_at(warm + 50, total, peak, "cosine", warmup_steps=warm, final_fraction=0.2) == pytest.approx(0.6)
+    assert lr_at(warm, total, peak, "cosine", warmup_steps=warm) == pytest.approx(1.0)
+
+
+def test_constant_schedule_is_flat_after_warmup():
+    assert {lr_at(s, 50, 0.3, "constant") for s in range(50)} == {0.3}
+    assert lr_at(0, 50, 0.3, "constant", warmup_steps=3) == pytest.approx(0.1)
+
+
+def test_schedule_rejects_steps_outside_the_run():
+    with pytest.raises(AssertionError):
+        lr_at(100, 100, 1.0, "onecycle")
+
+
+# ---------------------------------------------------------------------------------------------
+# test-time augmentation
+
+
+class _FlipInvariant(torch.nn.Module):
+    """f(x) + f(mirror x) for a random conv net: exactly invariant to left-right flips."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                       torch.nn.Flatten(), torch.nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.net(x) + self.net(x.flip(3))
+
+
+def _prep(C=3, H=12, W=10):
+    return Preprocessing((0.5,) * C, (0.25,) * C, (H, W), C)
+
+
+def test_tta_views_are_the_image_its_mirror_and_one_pixel_shifts():
+    x = _batch(B=5)
+    views = tta_views(x)
+    assert len(views) == 4
+    assert all(v.shape == x.shape and v.dtype == torch.uint8 for v in views)
+    assert torch.equal(views[0], x) and torch.equal(views[1], x.flip(2))
+    assert torch.equal(views[2], shift(x, 1, 1)) and torch.equal(views[3], shift(x.flip(2), -1, -1))
+
+
+def test_tta_of_a_flip_invariant_model_equals_plain_prediction(monkeypatch):
+    import imgflow.inference as inference
+
+    monkeypatch.setattr(inference, "tta_views", lambda images: [images, images.flip(2)])
+    model = _FlipInvariant().eval()
+    x = _batch(B=7)
+    plain = predict_logits(model, x, _prep(), batch_size=3).softmax(1)
+    tta = predict_logits(model, x, _prep(), batch_size=3, tta=True).softmax(1)
+    assert torch.allclose(tta, plain, atol=1e-5)
+
+
+def test_tta_averages_the_probabilities_of_all_views():
+    model = _FlipInvariant().eval()
+    x = _batch(B=6)
+    tta = predict_logits(model, x, _prep(), batch_size=4, tta=True).softmax(1)
+    expected = torch.stack([predict_logits(model, v, _prep()).softmax(1) for v in tta_views(x)]).mean(0)
+    assert torch.allclose(tta, expected, atol=1e-5)
+
+
+def test_evaluate_run_with_tta_on_the_tiny_run(tiny_run, tmp_path):
+    from imgflow.evaluation import evaluate_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    plain = json.loads((tiny_run / "metrics.json").read_text())
+    metrics = evaluate_run(run_dir, tta=True, progress=False)
+    assert metrics["tta"] is True and metrics["num_images"] == plain["num_images"] == 39
+    assert metrics["accuracy"] > 0.8
+    assert json.loads((run_dir / "metrics.json").read_text())["tta"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+
+
+def test_presets_fill_the_config_and_validate():
+    for name, values in PRESETS.items():
+        config = resolve_config("cifar10", {}, preset=name)
+        assert config.preset == name
+        for key, value in values.items():
+            assert getattr(config, key) == value, (name, key)
+
+
+def test_fast_and_best_follow_the_documented_recipe():
+    for name in ("fast", "best"):
+        p = PRESETS[name]
+        assert p["optimizer"] == "sgd" and p["schedule"] in ("onecycle", "cosine")
+        assert p["warmup_epochs"] > 0 and p["weight_decay"] > 0 and p["label_smoothing"] > 0
+        assert p["augment"].startswith("flip+translate") and p["normalize"] == "standardize"
+        assert p["precision"] == "auto" and PRESET_INFO[name]["tta"] is True
+    # One learning rate per example: lr scales linearly with the batch size.
+    assert PRESETS["fast"]["lr"] / PRESETS["fast"]["batch_size"] == pytest.approx(
+        PRESETS["best"]["lr"] / PRESETS["best"]["batch_size"])
+    rows = {r["name"]: r for r in describe_presets()}
+    assert set(rows) == set(PRESETS) and rows["best"]["target"] == 0.94
+
+
+def test_explicit_options_win_over_the_preset():
+    config = resolve_config("cifar10", {"epochs": 1, "lr": 0.1, "model": "fast-medium", "seed": None},
+                            preset="best")
+    assert (config.epochs, config.lr, config.model) == (1, 0.1, "fast-medium")
+    assert config.batch_size == PRESETS["best"]["batch_size"] and config.seed == 0
+
+
+def test_cli_preset_without_model_resolves_and_cli_options_override():
+    args = build_parser().parse_args(["train", "cifar10", "--preset", "fast", "--epochs", "2", "--seed", "3"])
+    config = config_from_args(args)
+    assert config.model == "fast-small" and config.epochs == 2 and config.seed == 3
+    assert config.batch_size == PRESETS["fast"]["batch_size"]
+    assert args.out == "runs/fast-small-seed3"
+
+
+def test_unknown_preset_is_a_user_error(tiny_data, tmp_path, capsys):
+    with pytest.raises(UserError, match="unknown preset 'fastest'.*fast"):
+        resolve_config("cifar10", {}, preset="fastest")
+    assert main(["train", str(tiny_data), "--preset", "fastest", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_with_the_fast_preset_end_to_end(tiny_data, tmp_path):
+    run_dir = tmp_path / "fast"
+    assert main(["-q", "train", str(tiny_data), "--preset", "fast", "--epochs", "1",
+                 "--out", str(run_dir)]) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train"]["preset"] == "fast" and config["train"]["model"] == "fast-small"
+    assert config["train"]["epochs"] == 1 and config["train"]["optimizer"] == "sgd"
+    assert config["result"]["epochs_run"] == 1 and (run_dir / "model.safetensors").is_file()
+    history = (run_dir / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and all(math.isfinite(float(v)) for v in history[1].split(",")[1:5])
+    assert main(["-q", "evaluate", str(run_dir), "--tta"]) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["tta"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark scripts' bookkeeping (no timing here: speed is measured by the benchmarks)
+
+
+@pytest.fixture
+def benchmark_modules(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import make_tables
+    import time_to_accuracy
+
+    return make_tables, time_to_accuracy
+
+
+def _record(preset, seed, acc, seconds, extra=()):
+    return {"preset": preset, "seed": seed, "extra": list(extra), "data": "cifar10", "model": "fast-small",
+            "epochs": 5, "precision": "fp32", "tta": True, "test_accuracy": acc, "total_seconds": seconds}
+
+
+def test_time_to_accuracy_merges_per_preset_and_seed_and_summarises(benchmark_modules):
+    _, tta = benchmark_modules
+    runs = tta.merge([_record("fast", 0, 0.80, 100), _record("fast", 1, 0.84, 120)],
+                     [_record("fast", 0, 0.82, 110), _record("fast", 0, 0.5, 10, extra=["--epochs", "1"])])
+    assert len(runs) == 3
+    summary = {tuple(r["extra"]): r for r in tta.summarise(runs)}
+    full = summary[()]
+    assert full["n"] == 2 and full["test_accuracy_mean"] == pytest.approx(0.83)
+    assert full["test_accuracy_std"] == pytest.approx(np.std([0.82, 0.84], ddof=1), abs=1e-4)
+    assert summary[("--epochs", "1")]["n"] == 1
+
+
+def test_make_tables_writes_markdown_from_result_files(benchmark_modules, tmp_path):
+    make_tables, _ = benchmark_modules
+    machine = {"cpu": "Test CPU", "logical_cpus": 2, "flags": {"avx2": True}, "native_bf16": False,
+               "torch": "2.x", "threads": 2}
+    (tmp_path / "throughput-test.json").write_text(json.dumps({
+        "machine": machine, "date": "2025-01-01T00:00:00", "quick": True,
+        "matmul_peaks": [{"threads": 2, "fp32": 50.0}], "tensorflow": None, "keras": None, "notes": [],
+        "pytorch": [{"model": "fast-small", "precision": "fp32", "threads": 2, "mflop_per_image": 39.8,
+                     "train_images_per_second": 250.0, "train_gflops": 29.9, "train_utilisation": 0.6,
+                     "inference_images_per_second": 700.0, "inference_gflops": 27.9,
+                     "inference_utilisation": 0.56}]}))
+    (tmp_path / "time_to_accuracy-test.json").write_text(json.dumps({
+        "machine": machine, "summary": [{"preset": "fast", "extra": [], "data": "cifar10", "model": "fast-small",
+                                         "epochs": 5, "n": 3, "tta": True, "precision": "fp32",
+                                         "test_accuracy_mean": 0.85, "test_accuracy_std": 0.004,
+                                         "total_seconds_mean": 600, "total_seconds_std": 30, "target": 0.832}]}))
+    assert make_tables.main(["--results", str(tmp_path)]) == 0
+    text = (tmp_path / "TABLES.md").read_text()
+    assert "Test CPU" in text and "| fast-small | fp32 | 2 | 39.8 | 250 | 29.9 (60%) | 700 |" in text
+    assert "| `fast` | fast-small | 5 | 10.0 ± 0.5 min | 0.8500 ± 0.0040 | 3 |" in text
+    assert "0.8318" in text  # the notebook's number stands beside ours
