@@ -322,7 +322,8 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     n_train = len(train_part)
     batches = steps_per_epoch(n_train, config.batch_size)
     total_steps = config.epochs * batches
-    warmup_steps = int(round(config.warmup_epochs * batches))
+    # At most half the run warms up, so a preset shortened with --epochs still decays.
+    warmup_steps = min(int(round(config.warmup_epochs * batches)), total_steps // 2)
 
     # Everything is validated and loaded: only now touch the run directory.
     checkpoint = None
