@@ -499,7 +499,7 @@ def format_summary(record: dict) -> str:
     lines.append("")
     if record.get("test_accuracy") is not None:
         lines.append(f"test accuracy {record['test_accuracy']:.4f} in {record['elapsed_minutes']:.1f} min "
-                     f"(budget {record['budget_minutes']:.0f} min)")
+                     f"(budget {record['budget_minutes']:g} min)")
     if record["steps"] and "usage" in record["steps"][-1]:
         lines.append(record["steps"][-1]["usage"])
     if record.get("report"):

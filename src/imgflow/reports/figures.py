@@ -96,11 +96,13 @@ def _wants_log_scale(values: Sequence[float]) -> bool:
 
 
 def training_curves(history: Sequence[dict], path: Path, title: str,
-                    best_epoch: int | None = None) -> Path:
+                    best_epoch: int | None = None, best_label: str | None = None,
+                    references: dict[str, float] | None = None) -> Path:
     """The notebook's two plots side by side: accuracy and loss per epoch, training vs validation.
 
     The legend gives each curve's last value; `best_epoch` (weights restored by early stopping)
-    is marked with a dotted line.
+    is marked with a dotted line, labelled `best_label` when given. `references` (name ->
+    accuracy, e.g. the majority-class baseline) are drawn as dashed levels on the accuracy plot.
     """
     marker = "o" if len(history) <= 30 else None
     with _figure(path, 10, 4.2) as fig:
@@ -117,9 +119,15 @@ def training_curves(history: Sequence[dict], path: Path, title: str,
                 drawn += values
             if best_epoch:
                 ax.axvline(best_epoch, color=MUTED, linestyle=":", linewidth=1.2,
-                           label=f"best epoch ({best_epoch}), weights kept")
+                           label=best_label or f"best epoch ({best_epoch}), weights kept")
             _epoch_axis(ax)
             if metric == "acc":
+                for name, level in (references or {}).items():
+                    # Labelled on the line, at the right where curves have usually risen above
+                    # it; in the legend, 'best' placement still lays it across the line.
+                    ax.axhline(level, color=MUTED, linestyle="--", linewidth=1.1)
+                    ax.text(0.99, level, f"{name} ({level:.1%})", color=MUTED, fontsize=8.5,
+                            ha="right", va="bottom", transform=ax.get_yaxis_transform())
                 _percent_axis(ax.yaxis)
                 ax.set_ylabel("accuracy")
                 ax.set_title("Accuracy")
@@ -134,14 +142,15 @@ def training_curves(history: Sequence[dict], path: Path, title: str,
     return Path(path)
 
 
-def compare_curves(histories: dict[str, Sequence[dict]], path: Path) -> Path:
+def compare_curves(histories: dict[str, Sequence[dict]], path: Path,
+                   title: str = "Runs side by side") -> Path:
     """Validation accuracy and loss of several runs, overlaid; training curves dashed and faint."""
     from matplotlib.lines import Line2D
 
     many = max((len(h) for h in histories.values()), default=0) > 30
     loss_values: list[float] = []
     with _figure(path, 10, 4.6 + 0.25 * ((len(histories) + 2) // 3)) as fig:
-        fig.suptitle("Runs side by side", fontsize=12, fontweight="bold")
+        fig.suptitle(title, fontsize=12, fontweight="bold")
         axes = fig.subplots(1, 2)
         handles = []
         for i, (name, history) in enumerate(histories.items()):

@@ -1,0 +1,436 @@
+"""The workflow report: OUT/report.html, one story through the eight steps of `imgflow workflow`.
+
+Built from OUT/workflow.json and the run directories it names (config.json, history.csv, and the
+final run's metrics.json and plots), never from live training objects. The workflow's own figures
+(baseline, overfitting and candidate curves) are written to OUT/plots/; the final run's figures
+are the ones its own report drew into RUN/plots/.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from imgflow.errors import UserError
+from imgflow.fileio import atomic_write_text, read_json
+from imgflow.reports import figures
+from imgflow.reports.html import (Markup, figures as side_by_side, image, key_values, note, number,
+                                  page, paragraph, table, tag)
+from imgflow.reports.run_report import _data_section, duration
+from imgflow.runs import RunPaths, read_run_config
+
+log = logging.getLogger(__name__)
+
+NUM_STEPS = 8  # the workflow's steps; a shorter record is an interrupted workflow
+FIGURES = ("baseline_curves.png", "overfit_curves.png", "candidates_curves.png")
+# The final run's figures shown in step 8, in page order; each is shown when its report drew it
+# (a many-class data set gets confusion_top + the overview instead of the labelled matrices).
+FINAL_FIGURES = [
+    ("confusion_counts.png", "confusion matrix, counts",
+     "Rows: true class; columns: predicted class; numbers: test images."),
+    ("confusion_normalized.png", "confusion matrix, row-normalised",
+     "Each row divided by its class's test images: the diagonal is each class's recall."),
+    ("confusion_top.png", "most frequent confusions",
+     "The most frequent (true → predicted) mistakes."),
+    ("per_class_accuracy.png", "per-class accuracy",
+     "Share of each class's test images classified correctly (its recall)."),
+    ("predictions.png", "test images with true and predicted class",
+     "True class, predicted class and the model's confidence; wrong predictions in red."),
+    ("top_losses.png", "most confidently wrong test images",
+     "Highest loss first: the predicted class and the probability given to the true class."),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+def _run(out: Path, relative: str) -> dict | None:
+    """A run named in workflow.json: its config and history, or None when it is gone."""
+    from imgflow.training.engine import read_history
+
+    run_dir = out / relative
+    try:
+        return {"config": read_run_config(run_dir), "history": read_history(RunPaths(run_dir).history)}
+    except UserError as exc:
+        log.warning("run %s cannot be read (%s): left out of the report", run_dir, exc)
+        return None
+
+
+def _mean_history(histories: list[list[dict]]) -> list[dict]:
+    """Epoch-wise mean of several runs' histories (the folds of one k-fold candidate)."""
+    if len(histories) == 1:
+        return histories[0]
+    rows = []
+    for epoch_rows in zip(*histories):  # folds of one candidate run the same epochs
+        row = {"epoch": epoch_rows[0]["epoch"]}
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            values = [r.get(key) for r in epoch_rows]
+            row[key] = None if None in values else float(np.mean(values))
+        rows.append(row)
+    return rows
+
+
+def _exploration_split(steps: list[dict], runs: dict, card: dict, state: dict) -> tuple[int, int]:
+    """(training, validation) images of the split steps 4-7 used, as far as the workflow got.
+
+    The training part is what step 4 measured; the validation part is the baseline run's
+    (validation is never subsetted).
+    """
+    n_train = round(card["splits"]["train"]["count"] * (1 - state.get("test_split", 0.0)))
+    n_part = _metric(steps, 3, "images_used_for_statistics")
+    if n_part is None:  # interrupted before step 4: no validation split made yet
+        return n_train, 0
+    baseline = _first_run(runs, steps, 4)
+    if baseline is None:  # interrupted before step 5: the rest of the training part
+        return n_part, n_train - n_part
+    return n_part, baseline["config"]["data"]["num_val"]
+
+
+def _metric(steps: list[dict], index: int, key: str):
+    return steps[index]["metrics"].get(key) if index < len(steps) else None
+
+
+def _first_run(runs: dict, steps: list[dict], index: int) -> dict | None:
+    if index >= len(steps) or not steps[index].get("runs"):
+        return None
+    return runs[steps[index]["runs"][0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# formatting
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "—"
+    if isinstance(value, float):  # 4 significant digits, but 1.0 stays visibly a float
+        text = f"{value:.4g}"
+        return text if any(c in text for c in ".en") else text + ".0"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def _recorded(step: dict) -> Markup:
+    """The step's numbers exactly as workflow.json has them (keys unchanged, to look them up)."""
+    items = {tag("code", k): _fmt(v) for k, v in step.get("metrics", {}).items()}
+    items["seconds"] = duration(step.get("seconds"))
+    return Markup(tag("h3", "Recorded numbers") + key_values(items))
+
+
+def _missing(what: str) -> Markup:
+    return paragraph(f"{what} is missing from the output directory, so it is not shown.",
+                     class_="muted")
+
+
+# ----------------------------------------------------------------------------------------------
+# the steps
+
+
+def _step_data(step: dict, out: Path, split: tuple[int, int] | None, state: dict) -> Markup:
+    card = step.get("card")
+    if card is None or split is None:
+        return Markup("")
+    examples = out / step.get("figures", {}).get("examples", "examples.png")
+    # The run-report section reads "used for training" from a run config: give it the split the
+    # exploration steps used.
+    used = {"data": {"num_train": split[0], "num_val": split[1], "sha256": card["sha256"]}}
+    parts = [_data_section(card, used, examples if examples.is_file() else None, None)]
+    if state.get("test_split"):
+        parts.insert(0, note(f"The source has no test split: {state['test_split']:.0%} of each class "
+                             "was held out as one before any other step, and used only in step 8."))
+    return Markup("".join(parts))
+
+
+def _step_baseline(step: dict, runs: dict, plots: Path) -> Markup:
+    m = step["metrics"]
+    if "small_model_val_acc" not in m:  # a record without the numbers: decision and why only
+        return Markup("")
+    run = _first_run(runs, [step], 0)
+    model = run["config"]["model"]["name"] if run else "the small model"
+    subset = f", on a subset of {m['train_subset']:,} training images" if m.get("train_subset") else ""
+    rows = [["always predict the majority class", f"{m['majority_baseline_val_acc']:.2%}"],
+            ["guess at random", f"{m['random_baseline_val_acc']:.2%}"],
+            [f"{model}, {m['epochs']} epochs{subset}", f"{m['small_model_val_acc']:.2%}"]]
+    scores = [m["majority_baseline_val_acc"], m["random_baseline_val_acc"], m["small_model_val_acc"]]
+    best = max(scores)
+    parts = [table(["predictor", "validation accuracy"], rows, numeric=[1], id="baseline-table",
+                   row_classes=["best" if s == best else None for s in scores])]
+    if not m.get("beats_baseline"):
+        parts.append(note("The small model DOES NOT BEAT the common-sense baseline: check the "
+                          "labels and the data before trusting anything that follows."))
+    if run:
+        majority, chance = m["majority_baseline_val_acc"], m["random_baseline_val_acc"]
+        references = ({"majority class = random guess": majority} if abs(majority - chance) < 1e-9
+                      else {"majority class": majority, "random guess": chance})
+        curves = figures.training_curves(run["history"], plots / "baseline_curves.png",
+                                         f"Step 5: {model}, the small model", references=references)
+        parts.append(image(curves, "baseline accuracy and loss per epoch",
+                           "The small model's training (blue) and validation (orange) curves; "
+                           "the grey dashed levels are the common-sense baselines it must clear."))
+    elif step.get("runs"):
+        parts.append(_missing(f"The baseline run ({', '.join(step['runs'])})"))
+    return Markup("".join(parts))
+
+
+def _step_overfit(step: dict, runs: dict, plots: Path) -> Markup:
+    m = step["metrics"]
+    run = _first_run(runs, [step], 0)
+    if run is None:
+        if not step.get("runs"):
+            return Markup("")
+        return _missing(f"The scaled-up run ({', '.join(step['runs'])})")
+    history = run["history"]
+    epoch = m.get("overfit_epoch")
+    curves = figures.training_curves(
+        history, plots / "overfit_curves.png", f"Step 6: {m.get('model', '')} without regularisation",
+        best_epoch=epoch, best_label=f"overfits after epoch {epoch}" if epoch else None)
+    parts = [image(curves, "scaled-up model accuracy and loss per epoch",
+                   "Training (blue) vs validation (orange): overfitting is validation loss turning "
+                   "up while training loss keeps falling" + (" (dotted line)." if epoch else "."))]
+    losses = [(r["epoch"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
+    if losses:
+        low_epoch, low = min(losses, key=lambda e: e[1])
+        last_epoch, last = losses[-1]
+        parts.append(paragraph(f"Validation loss was lowest at epoch {low_epoch} ({low:.4f}) and "
+                               f"{last:.4f} at the last epoch ({last_epoch}); training accuracy ended "
+                               f"at {history[-1]['train_acc']:.2%}, validation accuracy at "
+                               f"{history[-1]['val_acc']:.2%}."))
+    return Markup("".join(parts))
+
+
+def _step_tune(step: dict, runs: dict, plots: Path, state: dict) -> Markup:
+    candidates = step.get("candidates", [])
+    if not candidates:
+        return Markup("")
+    chosen = state.get("chosen", {}).get("name")
+    folds = max(len(c["runs"]) for c in candidates)
+    rows = [[c["name"], c["description"], f"{c['settings'].get('epochs', '—')}",
+             f"{c['val_acc']:.2%} ± {c['val_acc_std']:.2%}", f"{c['val_loss']:.4f}",
+             ", ".join(c["runs"])] for c in candidates]
+    parts = [table(["candidate", "what it changes", "epochs",
+                    "validation accuracy" + (f" (mean ± std over {folds} folds)" if folds > 1 else ""),
+                    "validation loss", "runs"], rows, numeric=[2, 3, 4], id="candidates-table",
+                   row_classes=["best" if c["name"] == chosen else None for c in candidates]),
+             paragraph("Candidates are ranked by validation accuracy, ties broken by validation "
+                       "loss; the chosen one is highlighted. The test split is not touched.",
+                       class_="muted")]
+    histories = {}
+    for c in candidates:
+        folds_read = [runs.get(r) for r in c["runs"]]
+        if all(folds_read):
+            histories[c["name"]] = _mean_history([r["history"] for r in folds_read])
+    if histories:
+        curves = figures.compare_curves(
+            histories, plots / "candidates_curves.png",
+            "Step 7: candidates on validation" + (f" (mean over {folds} folds)" if folds > 1 else ""))
+        parts.append(image(curves, "validation accuracy and loss of every candidate",
+                           "Validation (solid) and training (dashed) curves, one colour per "
+                           "candidate."))
+    if chosen:
+        parts.append(tag("h3", "The chosen configuration (retrained in step 8)"))
+        parts.append(key_values({tag("code", k): _fmt(v)
+                                 for k, v in state["chosen"]["settings"].items()}))
+    return Markup("".join(parts))
+
+
+def _step_final(step: dict, out: Path) -> Markup:
+    runs = step.get("runs", [])
+    final = out / runs[0] if runs else None
+    parts = []
+    metrics_path = RunPaths(final).metrics if final else None
+    if metrics_path is not None and metrics_path.is_file():
+        metrics = read_json(metrics_path, "test metrics")
+
+        def both(v):
+            return f"{v:.4f} ({v:.2%})"
+
+        parts.append(key_values({
+            "test accuracy": both(metrics["accuracy"]),
+            "balanced accuracy": both(metrics["balanced_accuracy"]),
+            "macro F1": f"{metrics['macro_f1']:.4f}",
+            "loss (cross-entropy)": f"{metrics['loss']:.4f}",
+            "majority-class baseline": f"{both(metrics['majority_baseline_accuracy'])}, always "
+                                       f"predicting '{metrics['majority_class']}'",
+            "random baseline": both(metrics["random_baseline_accuracy"]),
+            "test images": f"{metrics['num_images']:,}",
+        }, id="final-metrics"))
+    if final is not None and final.is_dir():
+        plots = RunPaths(final).plots
+        if not any((plots / name).is_file() for name, _, _ in FINAL_FIGURES):
+            parts.append(note(f"The final run's figures are missing: draw them with 'imgflow report "
+                              f"{final}' and write this report again."))
+        shown = {name: image(plots / name, alt, caption) for name, alt, caption in FINAL_FIGURES
+                 if (plots / name).is_file()}
+        confusion = [shown.pop(name) for name in list(shown) if name.startswith("confusion")]
+        parts.append(side_by_side(*confusion))
+        parts.extend(shown.values())
+        if not (plots / "top_losses.png").is_file() and (plots / "predictions.png").is_file():
+            parts.append(paragraph("No top-losses figure: no test image was misclassified.",
+                                   class_="muted"))
+    elif runs:
+        parts.append(_missing(f"The final run ({runs[0]})"))
+    if step.get("usage"):
+        parts.append(tag("h3", "How to use the model"))
+        parts.append(tag("pre", tag("code", step["usage"])))
+    if runs:
+        parts.append(paragraph(
+            f"The final model (model.safetensors), its configuration, test predictions and its own "
+            f"detailed report (report.html: per-class metrics, most-confused pairs, machine and "
+            f"library versions) are in the run directory {final}.", class_="muted"))
+    return Markup("".join(parts))
+
+
+# ----------------------------------------------------------------------------------------------
+# summary and budget
+
+
+def _summary(record: dict, steps: list[dict]) -> Markup:
+    parts = []
+    acc = record.get("test_accuracy")
+    if acc is not None and len(steps) == NUM_STEPS:
+        final = steps[-1]["metrics"]
+        majority = final.get("majority_baseline_accuracy")
+        text = [" on the test split, used once, at the end"]
+        if majority is not None:
+            text.append(f" — majority-class baseline {majority:.2%}")
+        metric = record.get("state", {}).get("metric", "accuracy")
+        if metric != "accuracy" and final.get(f"test_{metric}") is not None:
+            text.append(f"; test {metric.replace('_', ' ')} {final[f'test_{metric}']:.2%}, the "
+                        "measure of success chosen in step 2")
+        parts.append(paragraph("Test accuracy ",
+                               tag("span", number(acc, f"{acc:.2%}", id="test-accuracy"), class_="big"),
+                               "".join(text) + ".", class_="headline"))
+        if majority is not None and acc <= majority:
+            parts.append(note("The final model does not beat the majority-class baseline."))
+    else:
+        parts.append(note(f"The workflow stopped after step {len(steps)} of {NUM_STEPS}: run the same "
+                          "'imgflow workflow' command with the same --out to continue it."))
+    budget, elapsed = record.get("budget_minutes"), record.get("elapsed_minutes")
+    taken = "—"
+    if elapsed is not None:
+        taken = duration(60 * elapsed) + (f" ({elapsed / budget:.0%} of the budget)" if budget else "")
+    parts.append(key_values({"data": record.get("data"), "seed": record.get("seed"),
+                             "time budget": duration(60 * budget) if budget else "—",
+                             "time taken": taken}, id="workflow-info"))
+    rows = [[i, s["name"], s["decision"], duration(s.get("seconds"))] for i, s in enumerate(steps, 1)]
+    parts.append(table(["#", "step", "decision", "time"], rows, numeric=[0, 3], id="steps-table"))
+    return Markup("".join(parts))
+
+
+def _budget(record: dict, steps: list[dict], runs: dict, split: tuple[int, int] | None) -> Markup:
+    """Where the time went (one row per training run) and what the budget cut short."""
+    rows = []
+    for step_index, step in enumerate(steps, 1):
+        for relative in step.get("runs", []):
+            run = runs[relative]
+            if run is None:
+                continue
+            config, result = run["config"], run["config"].get("result", {})
+            rows.append([step_index, relative, config["model"]["name"], len(run["history"]),
+                         f"{config['data']['num_train']:,}", duration(result.get("train_seconds"))])
+    parts = [paragraph("Every model the workflow trained, with the epochs and training images the "
+                       "budget allowed it (fewer images than the training part means a subset)."),
+             tag("div", table(["step", "run", "model", "epochs", "training images", "training time"],
+                              rows, numeric=[0, 3, 4, 5], id="runs-table"), class_="scroll")]
+
+    findings = []
+    budget, elapsed = record.get("budget_minutes"), record.get("elapsed_minutes")
+    if budget and elapsed is not None and elapsed > 1.1 * budget:
+        findings.append(f"The workflow took {duration(60 * elapsed)} for a {duration(60 * budget)} "
+                        "budget. The budget sizes the training runs; loading data, measuring speed, "
+                        "evaluating and drawing figures come on top and weigh most in small budgets "
+                        "(the summary's table has each step's time).")
+    if _metric(steps, 4, "train_subset"):
+        findings.append(f"The baseline model saw a subset of {_metric(steps, 4, 'train_subset'):,} "
+                        "training images per epoch; more time would train it on all of them.")
+    if len(steps) > 5 and "overfit_epoch" in steps[5]["metrics"]:
+        m = steps[5]["metrics"]
+        if m.get("train_subset"):
+            findings.append(f"The scaled-up model ({m['model']}) trained on a subset of "
+                            f"{m['train_subset']:,} images per epoch: more time would use the "
+                            "whole training part, and a larger model.")
+        if m.get("overfit_epoch"):
+            findings.append(f"{m['model']} overfit after epoch {m['overfit_epoch']} of {m['epochs']}: "
+                            "the budget was enough to find where more training stops helping.")
+        else:
+            findings.append(f"{m['model']} did not overfit within {m['epochs']} epochs: the budget "
+                            "ended before the capacity limit was found. More time would buy more "
+                            "epochs (until validation loss turns up) and, with them, a better model "
+                            "to regularise.")
+    if len(steps) > 6:
+        tune_epochs, overfit_epochs = steps[6]["metrics"].get("epochs"), _metric(steps, 5, "epochs")
+        n = len(steps[6].get("candidates", []))
+        sentence = (f"{n} regularisation candidate{'s' if n != 1 else ''} trained {tune_epochs} "
+                    "epochs each")
+        if tune_epochs and overfit_epochs and tune_epochs < overfit_epochs:
+            sentence += (f", fewer than the {overfit_epochs} of the overfitting run: regularisation "
+                         "pays off late, so longer candidate runs could rank them differently")
+        findings.append(sentence + ".")
+    final = _first_run(runs, steps, 7)
+    if final is not None and split is not None:
+        used, total = final["config"]["data"]["num_train"], sum(split)
+        if used < total:
+            findings.append(f"The final model was retrained on {used:,} of the {total:,} training "
+                            "and validation images; more time would retrain it on all of them.")
+        else:
+            findings.append(f"The final model was retrained on all {total:,} training and "
+                            "validation images.")
+    parts.append(tag("ul", *(tag("li", f) for f in findings)))
+    return Markup("".join(parts))
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+
+
+def write_workflow_report(out_dir: Path) -> Path:
+    """Write OUT/report.html (and OUT/plots/*.png) from the workflow in `out_dir`; return its path."""
+    out = Path(out_dir)
+    record_path = out / "workflow.json"
+    if not record_path.is_file():
+        raise UserError(f"{out} holds no workflow.json: it is not an 'imgflow workflow' output "
+                        f"directory (run 'imgflow workflow DATA --out {out}' first)")
+    record = read_json(record_path, "workflow record")
+    steps = record.get("steps", [])
+    state = record.get("state", {})
+    plots = out / "plots"
+    runs = {relative: _run(out, relative) for step in steps for relative in step.get("runs", [])}
+    card = steps[0].get("card") if steps else None
+    split = _exploration_split(steps, runs, card, state) if card else None
+    for name in FIGURES:  # an earlier report's figures: a step that draws none now leaves none
+        (plots / name).unlink(missing_ok=True)
+
+    bodies = {
+        0: lambda s: _step_data(s, out, split, state),
+        4: lambda s: _step_baseline(s, runs, plots),
+        5: lambda s: _step_overfit(s, runs, plots),
+        6: lambda s: _step_tune(s, runs, plots, state),
+        7: lambda s: _step_final(s, out),
+    }
+    sections = [("summary", "Summary", _summary(record, steps))]
+    for i, step in enumerate(steps):
+        log.info("report: step %d/%d", i + 1, len(steps))
+        body = Markup(paragraph(tag("strong", "Decision: "), step["decision"])
+                      + paragraph(tag("strong", "Why: "), step["why"])
+                      + (bodies[i](step) if i in bodies else "")
+                      + _recorded(step))
+        sections.append((f"step-{i + 1}", f"Step {i + 1}: {step['name']}", body))
+    sections.append(("budget", "What the budget allowed and what more time would buy",
+                     _budget(record, steps, runs, split)))
+
+    html = page(f"imgflow workflow: {record.get('data', '')}",
+                f"The universal workflow of machine learning in {len(steps)} steps, "
+                f"from {record_path.name}", sections)
+    report = out / "report.html"
+    atomic_write_text(report, html)
+    log.info("workflow report written to %s", report)
+    return report

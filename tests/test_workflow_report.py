@@ -1,0 +1,172 @@
+"""The workflow report: OUT/report.html tells the eight steps in order, self-contained, escaped.
+
+A full `run_workflow` takes about a minute here, so the fixture builds a consistent workflow
+output directory for less: steps 1-4 are the workflow's own (cheap) step functions on a tiny
+k-fold-sized folder; steps 5-8 point at copies of one tiny trained run, with an overfitting
+history written for step 6 and judged by the workflow's own detector.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+import imgflow.workflow as wf
+from conftest import train_tiny
+from datagen import make_image_folder
+from imgflow.errors import UserError
+from imgflow.reports.workflow_report import FIGURES, FINAL_FIGURES, write_workflow_report
+
+CLASSES = ("a", "b", "<c&d>")  # a class name that would be markup if not escaped
+CANDIDATES = ("augment", "augment+smooth+decay")
+FOLDS = 5  # what step 3 decides for 16 training images per class
+OVERFIT_VAL_LOSS = [1.0, 0.8, 0.7, 0.75, 0.8]  # lowest at epoch 3, then rises twice
+
+
+def _write_history(path: Path, val_losses: list[float]) -> list[dict]:
+    rows = [{"epoch": i + 1, "train_loss": 1.0 - 0.15 * i, "train_acc": 0.5 + 0.1 * i,
+             "val_loss": v, "val_acc": 0.6 + 0.05 * i, "lr": 0.01, "seconds": 0.1}
+            for i, v in enumerate(val_losses)]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def workflow_out(tmp_path_factory) -> Path:
+    from imgflow.evaluation import evaluate_run
+    from imgflow.reports import report_run
+    from imgflow.training.engine import read_history
+
+    root = tmp_path_factory.mktemp("wfr")
+    data = make_image_folder(root / "data", classes=CLASSES, per_class=20, size=(8, 8))
+    (data / "train" / "a" / "broken.png").write_bytes(b"not a png")
+    out = root / "out"
+    ctx = wf.Context(data=str(data), out=out, seed=0, budget_seconds=18, started=time.perf_counter(),
+                     elapsed_before=0.0, progress=False, state={})
+    steps = [wf.step_data(ctx), wf.step_metric(ctx), wf.step_protocol(ctx), wf.step_prepare(ctx)]
+    assert ctx.state["protocol"] == {"kind": "k-fold", "folds": FOLDS}
+
+    runs = out / "runs"
+    final = runs / "8-final"
+    train_tiny(data, final, epochs=2, folds=FOLDS, fold=0)
+    metrics = evaluate_run(final, progress=False)
+    report_run(final)
+    top_losses = final / "plots" / "top_losses.png"
+    if not top_losses.exists():  # the tiny model makes no mistakes: stand in for one that does
+        shutil.copy(final / "plots" / "predictions.png", top_losses)
+    history = read_history(final / "history.csv")
+    folds = [f"7-{c}-fold{k}" for c in CANDIDATES for k in range(FOLDS)]
+    for name in ["5-baseline", "6-overfit", *folds]:
+        shutil.copytree(final, runs / name,
+                        ignore=shutil.ignore_patterns("plots", "report.html", "checkpoint"))
+    overfit = _write_history(runs / "6-overfit" / "history.csv", OVERFIT_VAL_LOSS)
+
+    score = history[-1]["val_acc"]
+    steps.append(wf._step(wf.STEP_NAMES[4], "seed-baseline beats both", "baselines",
+                          {"majority_baseline_val_acc": 1 / 3, "random_baseline_val_acc": 1 / 3,
+                           "small_model_val_acc": score, "epochs": 2, "train_subset": 0,
+                           "beats_baseline": score > 1 / 3}, runs=["runs/5-baseline"]))
+    epoch = wf.detect_overfitting(overfit)
+    steps.append(wf._step(wf.STEP_NAMES[5], f"overfits after epoch {epoch}", "curves",
+                          {"model": "seed-baseline", "epochs": len(overfit), "train_subset": 0,
+                           "overfit_epoch": epoch, "final_train_acc": overfit[-1]["train_acc"],
+                           "final_val_acc": overfit[-1]["val_acc"]}, runs=["runs/6-overfit"]))
+    candidates = [{"name": c, "description": f"{c} <b>", "settings": {"epochs": 2, "augment": c},
+                   "val_acc": score - 0.01 * i, "val_acc_std": 0.02, "val_loss": 0.9,
+                   "runs": [f"runs/7-{c}-fold{k}" for k in range(FOLDS)]}
+                  for i, c in enumerate(CANDIDATES)]
+    ctx.state["chosen"] = candidates[0]
+    steps.append(wf._step(wf.STEP_NAMES[6], f"chose '{CANDIDATES[0]}'", "validation only",
+                          {"candidates": {c["name"]: c["val_acc"] for c in candidates}, "epochs": 2},
+                          runs=[r for c in candidates for r in c["runs"]], candidates=candidates))
+    steps.append(wf._step(wf.STEP_NAMES[7], "retrained and tested once", "test once",
+                          {"test_accuracy": metrics["accuracy"],
+                           "majority_baseline_accuracy": metrics["majority_baseline_accuracy"],
+                           "epochs": 2}, runs=["runs/8-final"],
+                          usage=f"imgflow predict {final} IMAGE.jpg"))
+    for step in steps:
+        step["seconds"] = 1.0
+    record = {"data": str(data), "seed": 0, "budget_minutes": 0.3, "elapsed_minutes": 0.5,
+              "steps": steps, "state": ctx.state, "final_run": str(final),
+              "test_accuracy": metrics["accuracy"]}
+    (out / "workflow.json").write_text(json.dumps(record))
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(workflow_out) -> str:
+    path = write_workflow_report(workflow_out)
+    assert path == workflow_out / "report.html"
+    return path.read_text(encoding="utf-8")
+
+
+def test_the_eight_steps_appear_in_order_then_the_budget(report):
+    headings = re.findall(r"<h2>(.*?)</h2>", report)
+    assert headings == (["Summary"] + [f"Step {i}: {name}" for i, name in enumerate(wf.STEP_NAMES, 1)]
+                        + ["What the budget allowed and what more time would buy"])
+    assert "overfit after epoch 3 of 5" in report  # the budget section reads step 6's detection
+    assert "mean ± std over 5 folds" in report  # the k-fold candidate table
+
+
+def test_every_figure_is_embedded_from_its_file(workflow_out, report):
+    final_plots = workflow_out / "runs" / "8-final" / "plots"
+    final_figures = [final_plots / name for name, _, _ in FINAL_FIGURES]
+    expected = ([workflow_out / "examples.png"] + [workflow_out / "plots" / f for f in FIGURES]
+                + [p for p in final_figures if p.is_file()])
+    assert all(p.is_file() for p in expected[:4])  # examples + the workflow's three figures
+    assert {"confusion_normalized.png", "predictions.png", "top_losses.png"} <= {p.name for p in expected}
+    sources = re.findall(r'<img src="([^"]*)"', report)
+    assert sources == [f"data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"
+                       for p in expected]
+
+
+def test_report_is_self_contained_and_escaped(report):
+    assert "<script" not in report.lower() and "http:" not in report and "https:" not in report
+    assert "<link" not in report and "@import" not in report and "url(" not in report
+    assert all(v.startswith("data:image/png;base64,") for v in re.findall(r'\ssrc="([^"]*)"', report))
+    assert all(v.startswith("#") for v in re.findall(r'\shref="([^"]*)"', report))
+    assert "<c&d>" not in report and "&lt;c&amp;d&gt;" in report
+    assert "<b>" not in report and "augment &lt;b&gt;" in report
+    assert "broken.png" in report  # the skipped-files list of step 1
+
+
+def test_headline_test_accuracy_is_workflow_json_s(workflow_out, report):
+    record = json.loads((workflow_out / "workflow.json").read_text())
+    value = re.search(r'id="test-accuracy" class="value" data-value="([^"]+)"', report).group(1)
+    assert float(value) == record["test_accuracy"]
+    assert f"{record['test_accuracy']:.2%}" in report
+
+
+def test_an_interrupted_workflow_gets_a_report_of_its_steps_so_far(workflow_out, tmp_path):
+    record = json.loads((workflow_out / "workflow.json").read_text())
+    record["steps"] = record["steps"][:4]
+    del record["final_run"], record["test_accuracy"]
+    shutil.copy(workflow_out / "examples.png", tmp_path / "examples.png")
+    (tmp_path / "workflow.json").write_text(json.dumps(record))
+    html = write_workflow_report(tmp_path).read_text()
+    assert re.findall(r"<h2>Step (\d):", html) == ["1", "2", "3", "4"]
+    assert "stopped after step 4 of 8" in html and 'id="test-accuracy"' not in html
+
+
+def test_a_record_of_decisions_only_still_gets_a_report(tmp_path):
+    steps = [{"name": name, "decision": f"d{i}", "why": "w", "metrics": {}}
+             for i, name in enumerate(wf.STEP_NAMES)]
+    (tmp_path / "workflow.json").write_text(json.dumps({"data": "d", "steps": steps}))
+    html = write_workflow_report(tmp_path).read_text()
+    assert re.findall(r"<h2>Step (\d):", html) == [str(i) for i in range(1, 9)]
+    assert "<img" not in html
+
+
+def test_missing_workflow_json_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=r"no workflow\.json.*imgflow workflow DATA --out"):
+        write_workflow_report(tmp_path)
+    assert not (tmp_path / "report.html").exists()
