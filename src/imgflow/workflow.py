@@ -315,7 +315,9 @@ def step_overfit(ctx: Context) -> dict:
     best_epoch = detect_overfitting(history)
     score = max(r["val_acc"] for r in history)
     ctx.state["scaled"] = {"model": model, "epochs": epochs, "train_subset": subset, "recipe": recipe,
-                           "best_epoch": best_epoch,
+                           "best_epoch": best_epoch, "settings": settings,
+                           "run": str(run_dir.relative_to(ctx.out)),
+                           "final_val_acc": history[-1]["val_acc"], "final_val_loss": history[-1]["val_loss"],
                            "seconds_per_epoch": float(np.median([r["seconds"] for r in history]))}
     if best_epoch:
         decision = (f"{model} overfits: validation loss is lowest at epoch {best_epoch} and rises after "
@@ -337,53 +339,57 @@ CANDIDATES = [
      {"augment": "flip+translate"}),
     ("augment+smooth+decay", "augmentation, label smoothing 0.1, weight decay 5e-4",
      {"augment": "flip+translate", "label_smoothing": 0.1, "weight_decay": 5e-4}),
-    ("augment+smooth+decay+lr/2", "the same at half the learning rate",
+    ("augment+smooth+decay+half-lr", "the same at half the learning rate",
      {"augment": "flip+translate", "label_smoothing": 0.1, "weight_decay": 5e-4, "lr_scale": 0.5}),
 ]
+
+
+def _train_candidate(ctx: Context, name: str, label: str, settings: dict[str, Any]) -> dict:
+    """Train one candidate (on every fold under k-fold) and score it on validation."""
+    scores, losses, runs = [], [], []
+    for fold in range(settings.get("folds") or 1):  # k-fold: every fold validates once
+        fold_settings = {**settings, "fold": fold} if settings.get("folds") else settings
+        suffix = f"-fold{fold}" if settings.get("folds") else ""
+        run_dir, history = _train(ctx, f"7-{name}{suffix}", fold_settings)
+        scores.append(_val_score(history))
+        losses.append(history[-1]["val_loss"])
+        runs.append(str(run_dir.relative_to(ctx.out)))
+    return {"name": name, "description": label, "settings": settings,
+            "val_acc": float(np.mean(scores)), "val_acc_std": float(np.std(scores)),
+            "val_loss": float(np.mean(losses)), "runs": runs, "run": runs[0]}
 
 
 def step_tune(ctx: Context) -> dict:
     scaled = ctx.state["scaled"]
     folds = ctx.state["protocol"].get("folds", 1)
-    # Seconds one epoch of the overfit run took: candidates train the same model on the same data.
-    per_epoch = ctx.state["scaled"]["seconds_per_epoch"]
-    n_candidates = len(CANDIDATES)
-    # Fewer candidates when each could not get at least 2 epochs; at most the overfit run's epochs.
-    while True:
-        seconds_each = BUDGET_SHARE["tune"] * ctx.budget_seconds / n_candidates / folds
-        epochs = int((seconds_each - RUN_OVERHEAD_SECONDS) // max(per_epoch, 1e-9))
-        if epochs >= 2 or n_candidates == 1:
-            break
-        n_candidates -= 1
-    epochs = max(1, min(scaled["epochs"], epochs))
+    # Candidates train exactly like the step-6 run (same model, data, epochs) but for the
+    # regularisation, so they are compared fairly with it and with each other. The budget
+    # decides how many of them run.
+    epochs = scaled["epochs"]
+    seconds_per_run = RUN_OVERHEAD_SECONDS + epochs * scaled["seconds_per_epoch"]
+    affordable = int(BUDGET_SHARE["tune"] * ctx.budget_seconds // (seconds_per_run * folds))
+    n_candidates = max(1, min(len(CANDIDATES), affordable))
     results = []
+    if folds == 1:  # the step-6 run is the unregularised reference, already trained and scored
+        results.append({"name": "none", "description": "no regularisation (the step-6 run)",
+                        "settings": scaled["settings"], "val_acc": scaled["final_val_acc"],
+                        "val_acc_std": 0.0, "val_loss": scaled["final_val_loss"],
+                        "runs": [scaled["run"]], "run": scaled["run"]})
+    else:
+        results.append(_train_candidate(ctx, "none", "no regularisation", scaled["settings"]))
     for name, label, changes in CANDIDATES[:n_candidates]:
         changes = dict(changes)
         lr_scale = changes.pop("lr_scale", 1.0)
-        recipe = dict(scaled["recipe"])
-        recipe["lr"] *= lr_scale
-        settings = {**_base_settings(ctx), **recipe, "model": scaled["model"], "epochs": epochs,
-                    "train_subset": scaled["train_subset"], "warmup_epochs": round(0.2 * epochs, 2),
-                    **changes}
-        scores, losses, runs = [], [], []
-        for fold in range(settings.get("folds") or 1):  # k-fold: every fold validates once
-            fold_settings = {**settings, "fold": fold} if settings.get("folds") else settings
-            suffix = f"-fold{fold}" if settings.get("folds") else ""
-            run_dir, history = _train(ctx, f"7-{name}{suffix}", fold_settings)
-            scores.append(_val_score(history))
-            losses.append(history[-1]["val_loss"])
-            runs.append(str(run_dir.relative_to(ctx.out)))
-        results.append({"name": name, "description": label, "settings": settings,
-                        "val_acc": float(np.mean(scores)), "val_acc_std": float(np.std(scores)),
-                        "val_loss": float(np.mean(losses)), "runs": runs, "run": runs[0]})
+        settings = {**scaled["settings"], **changes, "lr": scaled["settings"]["lr"] * lr_scale}
+        results.append(_train_candidate(ctx, name, label, settings))
     best = max(results, key=lambda r: (r["val_acc"], -r["val_loss"]))
     ctx.state["chosen"] = best
     table = {r["name"]: round(r["val_acc"], 4) for r in results}
     skipped = len(CANDIDATES) - n_candidates
     return _step(
         STEP_NAMES[6], f"chose '{best['name']}' ({best['description']}): validation accuracy {best['val_acc']:.4f}",
-        f"{n_candidates} candidates trained for {epochs} epochs each and compared on validation only"
-        + (f"; {skipped} more did not fit the budget" if skipped else "") + ".",
+        f"{n_candidates} regularised candidates trained like the step-6 run ({epochs} epochs) and compared "
+        "with it on validation only" + (f"; {skipped} more did not fit the budget" if skipped else "") + ".",
         {"candidates": table, "epochs": epochs},
         runs=[run for r in results for run in r["runs"]], candidates=results)
 
@@ -418,7 +424,9 @@ def step_final(ctx: Context) -> dict:
              f"imgflow export {run_dir} --format onnx            # deploy without imgflow")
     return _step(
         STEP_NAMES[7],
-        f"retrained '{chosen['name']}' on all {subset or len(train)} training images for {epochs} epochs; "
+        f"retrained '{chosen['name']}' on "
+        + (f"{subset} of the {len(train)} training images (the budget's limit)" if subset
+           else f"all {len(train)} training images") + f" for {epochs} epochs; "
         f"test {metric.replace('_', ' ')} {metrics[metric]:.4f} (majority baseline {metrics['majority_baseline_accuracy']:.4f})",
         "The chosen configuration is retrained with the validation images added back, then evaluated "
         "once on the untouched test split: this number was not used for any decision.",
