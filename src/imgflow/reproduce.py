@@ -49,7 +49,10 @@ def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 
             "seconds_per_epoch": run["result"]["train_seconds"] / max(run["result"]["epochs_run"], 1),
             "run_dir": str(run_dir),
         })
-    table = format_table(rows, machine=read_json(RunPaths(out / models[0]).config)["machine"]["cpu"])
+    machine = read_json(RunPaths(out / models[0]).config, "run config")["machine"]
+    described = f"{machine['cpu']}" + (f", family/model {machine['cpu_family']}" if "cpu_family" in machine else "") \
+        + f", {machine['cpu_count']} cores, torch CPU capability {machine.get('torch_cpu_capability', '?')}"
+    table = format_table(rows, machine=described)
     write_json(out / "reproduce.json", rows)
     atomic_write_text(out / "reproduce.md", table + "\n")
     if len(models) > 1:

@@ -171,14 +171,23 @@ def _versions() -> dict[str, str]:
             "safetensors": getattr(safetensors, "__version__", "?")}
 
 
-def machine_info() -> dict[str, str | int]:
-    model = platform.processor() or platform.machine()
+def machine_info() -> dict[str, str | int | bool]:
+    """CPU model, family and the vector features that decide speed here (results depend on them)."""
+    from imgflow.precision import cpu_supports_bf16
+
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
-    return {"cpu": model, "cpu_count": os.cpu_count() or 1, "platform": platform.platform(),
+    flags = fields.get("flags", "").split()
+    return {"cpu": fields.get("model name", platform.processor() or platform.machine()),
+            "cpu_family": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+            "cpu_count": os.cpu_count() or 1, "avx512": "avx512f" in flags,
+            "native_bf16": cpu_supports_bf16(), "platform": platform.platform(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
