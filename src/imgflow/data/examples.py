@@ -1,13 +1,12 @@
 """The example grid: a few training images per class, one labelled row per class."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from imgflow.data.dataset import Dataset
+from imgflow.fileio import atomic_write
 from imgflow.data.decode import resize_array
 
 MAX_ROWS = 20  # classes shown; beyond that the grid stops being readable
@@ -86,12 +85,5 @@ def save_example_grid(dataset: Dataset, path: Path, per_class: int = 8, seed: in
         spine.set_visible(False)
     fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=_DPI)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI))
     return path
