@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from imgflow.data.decode import decode_image, resize_array
 # The data layer's wording for undecodable files, so predict and `inspect` report them alike.
-from imgflow.data.folder import _skip_reason as unreadable_reason
+from imgflow.data.folder import skip_reason as unreadable_reason
 from imgflow.data.readers import DirReader
 from imgflow.errors import UserError
 

@@ -84,7 +84,7 @@ def _plan(listing: Listing, source: str) -> _Plan:
     return plan
 
 
-def _skip_reason(exc: BaseException) -> str:
+def skip_reason(exc: BaseException) -> str:
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"refused as a possible decompression bomb: {exc}"
     if isinstance(exc, UnidentifiedImageError):
@@ -114,7 +114,7 @@ def _decode_all(reader, listing: Listing, indices: list[int], image_size, progre
             # this file is unusable, never that the whole load should stop.
             except Exception as exc:  # noqa: BLE001
                 rel = listing.files[indices[k]][0]
-                skipped.append({"path": rel, "reason": _skip_reason(exc)})
+                skipped.append({"path": rel, "reason": skip_reason(exc)})
                 log.debug("skipped %s: %s", rel, exc)
             bar.update(1)
     return arrays, skipped

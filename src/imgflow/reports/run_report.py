@@ -170,7 +170,7 @@ def _summary(config: dict, metrics: dict, history: list[dict]) -> Markup:
     return Markup("".join(parts))
 
 
-def _data_section(card: dict | None, config: dict, examples: Path | None, why: str | None) -> Markup:
+def data_section(card: dict | None, config: dict, examples: Path | None, why: str | None) -> Markup:
     if card is None:
         data = config["data"]
         return Markup(note(why) + key_values({"name": data["name"], "source": data["source"],
@@ -399,7 +399,7 @@ def report_run(run_dir: Path, out_dir: Path | None = None) -> Path:
 
     bodies = {
         "summary": _summary(config, metrics, history),
-        "data": _data_section(card, config, examples, why),
+        "data": data_section(card, config, examples, why),
         "curves": _curves_section(history, curves),
         "test-metrics": _metrics_section(metrics),
         "per-class": image(per_class, "per-class accuracy",

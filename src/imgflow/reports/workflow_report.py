@@ -17,7 +17,7 @@ from imgflow.fileio import atomic_write_text, read_json
 from imgflow.reports import figures
 from imgflow.reports.html import (Markup, figures as side_by_side, image, key_values, note, number,
                                   page, paragraph, table, tag)
-from imgflow.reports.run_report import _data_section, duration
+from imgflow.reports.run_report import data_section, duration
 from imgflow.runs import RunPaths, read_run_config
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _step_data(step: dict, out: Path, split: tuple[int, int] | None, state: dict
     # The run-report section reads "used for training" from a run config: give it the split the
     # exploration steps used.
     used = {"data": {"num_train": split[0], "num_val": split[1], "sha256": card["sha256"]}}
-    parts = [_data_section(card, used, examples if examples.is_file() else None, None)]
+    parts = [data_section(card, used, examples if examples.is_file() else None, None)]
     if state.get("test_split"):
         parts.insert(0, note(f"The source has no test split: {state['test_split']:.0%} of each class "
                              "was held out as one before any other step, and used only in step 8."))
