@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from imgflow.fileio import write_json
 from imgflow.models import count_flops, count_params, create_model
-from imgflow.precision import autocast, cpu_supports_bf16, default_threads, set_threads
+from imgflow.precision import autocast, cpu_info, cpu_supports_bf16, default_threads, set_threads
 from imgflow.preprocess import Preprocessing, to_model_input
 
 log = logging.getLogger("benchmarks.throughput")
@@ -53,23 +53,9 @@ TRAIN_FLOP_FACTOR = 3
 # the machine
 
 
-def _cpuinfo() -> dict[str, str]:
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor is enough
-                key, _, value = line.partition(":")
-                info[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return info
-
-
 def machine_info(threads: int) -> dict:
     """CPU model, the SIMD flags that decide fp32/bf16 speed, torch build, threads, load."""
-    cpu = _cpuinfo()
+    cpu = cpu_info()
     flags = set(cpu.get("flags", "").split())
     try:
         load = list(os.getloadavg())

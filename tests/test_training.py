@@ -172,7 +172,6 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_data, t
 
 
 def test_early_stopping_restores_the_best_weights(tiny_data, tmp_path):
-    from imgflow.evaluation import classification_metrics  # noqa: F401  (import check)
     from imgflow.inference import loss_and_accuracy, predict_logits
     from imgflow.runs import load_trained_model
     from imgflow.preprocess import Preprocessing

@@ -5,7 +5,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import imgflow.workflow as wf

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from imgflow.errors import UserError
 from imgflow.fileio import atomic_write, write_json

@@ -32,23 +32,34 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def cpuinfo_records() -> list[dict[str, str]]:
+    """/proc/cpuinfo as one dict per logical CPU; empty where there is no /proc."""
+    records: list[dict[str, str]] = [{}]
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    records.append({})
+                    continue
+                key, _, value = line.partition(":")
+                records[-1][key.strip()] = value.strip()
+    except OSError:
+        pass
+    return [r for r in records if r]
+
+
+def cpu_info() -> dict[str, str]:
+    """The first logical CPU's /proc/cpuinfo fields (model name, cpu family, flags, ...)."""
+    records = cpuinfo_records()
+    return records[0] if records else {}
+
+
 def default_threads() -> int:
     """One thread per physical core: hyper-threads only add contention in conv kernels."""
     n = os.cpu_count() or 1
-    try:
-        cores = set()
-        with open("/proc/cpuinfo") as f:
-            phys = core = None
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":")[1].strip()
-                    cores.add((phys, core))
-        if cores:
-            n = min(n, len(cores))
-    except OSError:
-        pass
+    cores = {(r.get("physical id"), r["core id"]) for r in cpuinfo_records() if "core id" in r}
+    if cores:
+        n = min(n, len(cores))
     return max(1, n)
 
 

@@ -8,7 +8,7 @@ from imgflow.evaluation import evaluate_run
 from imgflow.fileio import atomic_write_text, read_json, write_json
 from imgflow.runs import RunPaths
 from imgflow.training.config import resolve_config
-from imgflow.training.engine import train
+from imgflow.training.engine import read_history, train
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,6 @@ def _finished(paths: RunPaths) -> bool:
 
 
 def _last_history_row(paths: RunPaths) -> dict:
-    from imgflow.training.engine import read_history
-
     rows = read_history(paths.history)
     return rows[-1] if rows else {}
 

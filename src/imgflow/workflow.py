@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -56,6 +55,8 @@ class Context:
     elapsed_before: float  # seconds spent by earlier, interrupted invocations
     progress: bool
     state: dict[str, Any]  # decisions later steps need; saved in workflow.json
+    # The loaded data set, keyed by its test hold-out, so the steps decode/read it once.
+    loaded: tuple[float, Any] | None = dataclasses.field(default=None, repr=False)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -69,14 +70,18 @@ class Context:
 
 
 def _dataset(ctx: Context):
+    """The data set with the workflow's test hold-out, loaded once per invocation."""
     from imgflow.runs import load_run_data
 
-    return load_run_data({"data": ctx.data, "test_split": ctx.state.get("test_split", 0.0)},
-                         progress=ctx.progress)
+    test_split = ctx.state.get("test_split", 0.0)
+    if ctx.loaded is None or ctx.loaded[0] != test_split:
+        dataset = load_run_data({"data": ctx.data, "test_split": test_split}, progress=ctx.progress)
+        ctx.loaded = (test_split, dataset)
+    return ctx.loaded[1]
 
 
 def _train_part(ctx: Context):
-    """The data the exploration steps may see: the training split minus nothing held for test."""
+    """The training split: all the exploration steps may see (the test split stays untouched)."""
     return _dataset(ctx).train
 
 

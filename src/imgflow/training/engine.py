@@ -173,16 +173,9 @@ def _versions() -> dict[str, str]:
 
 def machine_info() -> dict[str, str | int | bool]:
     """CPU model, family and the vector features that decide speed here (results depend on them)."""
-    from imgflow.precision import cpu_supports_bf16
+    from imgflow.precision import cpu_info, cpu_supports_bf16
 
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    fields = cpu_info()
     flags = fields.get("flags", "").split()
     return {"cpu": fields.get("model name", platform.processor() or platform.machine()),
             "cpu_family": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
