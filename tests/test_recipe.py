@@ -14,8 +14,8 @@ from imgflow.cli import build_parser, main
 from imgflow.errors import UserError
 from imgflow.inference import predict_logits, tta_views
 from imgflow.preprocess import Preprocessing
-from imgflow.training.augment import (augment_batch, random_cutout, random_flip, random_translate, shift,
-                                      step_generator)
+from imgflow.training.augment import (alternating_flips, augment_batch, flip_mask, random_cutout, random_flip,
+                                      random_translate, shift, step_generator)
 from imgflow.training.config import PRESET_INFO, PRESETS, config_from_args, describe_presets, resolve_config
 from imgflow.training.schedule import lr_at
 
@@ -70,6 +70,21 @@ def test_flip_is_an_exact_mirror_of_about_half_the_images():
     kept = [torch.equal(y[i], x[i]) for i in range(len(x))]
     assert all(m or k for m, k in zip(mirrored, kept))
     assert 16 < sum(mirrored) < 48  # p = 1/2 over 64 images
+
+
+def test_alternating_flip_shows_every_image_both_ways_over_two_epochs():
+    coins = alternating_flips(1000, seed=0)
+    assert 400 < int(coins.sum()) < 600
+    assert torch.equal(coins, alternating_flips(1000, seed=0))
+    assert not torch.equal(coins, alternating_flips(1000, seed=1))
+    idx = torch.randperm(1000)[:64]
+    assert torch.equal(flip_mask(coins, idx, 0), ~flip_mask(coins, idx, 1))
+    assert torch.equal(flip_mask(coins, idx, 1), flip_mask(coins, idx, 3))
+    images = _batch(B=64)
+    flipped = augment_batch(images, "flip", step_generator(0, 0, 0), flip=flip_mask(coins, idx, 0))
+    mask = flip_mask(coins, idx, 0)
+    assert torch.equal(flipped[mask], images[mask].flip(2))
+    assert torch.equal(flipped[~mask], images[~mask])
 
 
 def test_translate_by_zero_is_the_identity():
@@ -141,6 +156,13 @@ def test_warmup_ramps_linearly_to_the_peak():
     lrs = [lr_at(s, 100, 1.0, "onecycle", warmup_steps=10) for s in range(10)]
     assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(1.0)
     assert np.allclose(np.diff(lrs), 0.1)
+
+
+def test_lr_floor_is_where_the_decay_ends():
+    total, warmup = 100, 20
+    assert lr_at(total - 1, total, 2.0, "onecycle", warmup, final_fraction=0.07) == pytest.approx(
+        0.14 + (2.0 - 0.14) / 80)
+    assert lr_at(warmup, total, 2.0, "onecycle", warmup, final_fraction=0.07) == pytest.approx(2.0)
 
 
 def test_onecycle_decays_linearly_to_about_zero():
@@ -345,3 +367,73 @@ def test_make_tables_writes_markdown_from_result_files(benchmark_modules, tmp_pa
     assert "Test CPU" in text and "| fast-small | fp32 | 2 | 39.8 | 250 | 29.9 (60%) | 700 |" in text
     assert "| `fast` | fast-small | 5 | 10.0 ± 0.5 min | 0.8500 ± 0.0040 | 3 |" in text
     assert "0.8318" in text  # the notebook's number stands beside ours
+
+
+# ---------------------------------------------------------------------------------------------
+# lookahead and per-group learning rates
+
+
+def _bn_model() -> torch.nn.Module:
+    """conv (5x5 input -> 3x3) -> BN -> flatten -> linear."""
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 3 * 3, 2))
+
+
+def test_lookahead_decay_ramps_up_cubically_to_airbench_value():
+    from imgflow.training.engine import Lookahead
+
+    la = Lookahead(_bn_model(), every=5)
+    assert la.decay_at(0, 100) == 0.0
+    assert la.decay_at(50, 100) == pytest.approx(0.95 ** 5 / 8)
+    assert la.decay_at(100, 100) == pytest.approx(0.95 ** 5)
+
+
+def test_lookahead_moves_slow_weights_toward_live_ones_and_finish_installs_them():
+    from imgflow.training.engine import Lookahead
+
+    model = _bn_model()
+    la = Lookahead(model, every=5)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.add_(2.0)
+    la.update(model, decay=0.0)  # no memory: the slow copy becomes the live weights
+    assert torch.equal(model[0].weight, start["0.weight"] + 1.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    la.update(model, decay=0.75)  # slow = 0.75 slow + 0.25 live, and the live weights jump to it
+    assert torch.allclose(model[0].weight, start["0.weight"] + 1.25)
+    assert torch.allclose(la.state["0.weight"], model[0].weight)
+    assert torch.allclose(model[1].running_mean, start["1.running_mean"] + 2.0)  # stats averaged too
+    with torch.no_grad():
+        model[0].weight.add_(5.0)
+    la.finish(model)
+    assert torch.allclose(model[0].weight, start["0.weight"] + 1.25)
+    assert model[1].num_batches_tracked.dtype == torch.int64  # integer buffers left alone
+
+
+def test_bn_lr_scale_gives_batchnorm_its_own_learning_rate():
+    from imgflow.training.config import TrainConfig
+    from imgflow.training.engine import build_optimizer
+
+    model = _bn_model()
+    plain = build_optimizer(model, TrainConfig("x", "fast-small"))
+    assert [g["lr_scale"] for g in plain.param_groups] == [1.0, 1.0]
+    scaled = build_optimizer(model, TrainConfig("x", "fast-small", bn_lr_scale=64.0, weight_decay=0.1))
+    decay, biases, norm = scaled.param_groups
+    bn = model[1]
+    assert [id(p) for p in norm["params"]] == [id(bn.weight), id(bn.bias)] and norm["lr_scale"] == 64.0
+    assert norm["weight_decay"] == 0 and biases["weight_decay"] == 0 and decay["weight_decay"] == 0.1
+    assert {id(p) for p in biases["params"]} == {id(model[0].bias), id(model[3].bias)}
+
+
+def test_airbench_options_train_end_to_end(tiny_data, tmp_path):
+    run_dir = tmp_path / "airbench"
+    assert main(["-q", "train", str(tiny_data), "--preset", "fast", "--epochs", "2", "--bn-lr-scale", "64",
+                 "--lookahead", "2", "--flip", "alternate", "--lr-floor", "0.07", "--out", str(run_dir)]) == 0
+    config = json.loads((run_dir / "config.json").read_text())["train"]
+    assert (config["bn_lr_scale"], config["lookahead"], config["flip"], config["lr_floor"]) == (64, 2, "alternate", 0.07)
+    rows = (run_dir / "history.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 and all(math.isfinite(float(v)) for r in rows for v in r.split(",")[1:6])

@@ -122,18 +122,25 @@ def test_resume_after_kill_9_mid_epoch_matches_uninterrupted_run(tiny_data, tmp_
     assert _same_weights(interrupted, reference)
 
 
+# The airbench options add state (lookahead's slow weights) and per-group learning rates: the
+# Ctrl-C test runs with them, so both kinds of run are covered by a resume-parity test.
+AIRBENCH_OPTIONS = ("--optimizer", "sgd", "--lr", "0.05", "--schedule", "onecycle", "--warmup-epochs", "1",
+                    "--bn-lr-scale", "8", "--lookahead", "3", "--flip", "alternate", "--lr-floor", "0.07")
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_data, tmp_path):
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    subprocess.run(_train_command(tiny_data, reference), check=True)
+    subprocess.run(_train_command(tiny_data, reference, *AIRBENCH_OPTIONS), check=True)
     env = {**os.environ, "IMGFLOW_CHECKPOINT_SECONDS": "0"}
-    proc = subprocess.Popen(_train_command(tiny_data, interrupted), env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_train_command(tiny_data, interrupted, *AIRBENCH_OPTIONS), env=env,
+                            stderr=subprocess.PIPE, text=True)
     _wait_for_mid_epoch_checkpoint(proc, interrupted / "checkpoint" / "state.pt")
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "--resume" in stderr
-    subprocess.run(_train_command(tiny_data, interrupted, "--resume"), check=True)
+    subprocess.run(_train_command(tiny_data, interrupted, *AIRBENCH_OPTIONS, "--resume"), check=True)
     assert _history_without_time(interrupted) == _history_without_time(reference)
     assert _same_weights(interrupted, reference)
 
@@ -330,6 +337,23 @@ def test_resume_with_different_options_is_an_error(tiny_run, tiny_data, tmp_path
     code, err = _run_cli(capsys, "train", str(tiny_data), "--model", "seed-baseline", "--batch-size", "16",
                          "--epochs", "3", "--lr", "0.5", "--precision", "fp32", "--out", str(run_dir), "--resume")
     assert code == 2 and "lr=0.001" in err
+
+
+def test_a_run_from_before_an_option_existed_resumes_with_that_options_default(tiny_run, tiny_data, tmp_path,
+                                                                                capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    for newer in ("lookahead", "bn_lr_scale", "flip", "lr_floor"):
+        del config["train"][newer]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    code, err = _run_cli(capsys, "train", str(tiny_data), "--model", "seed-baseline", "--batch-size", "16",
+                         "--epochs", "3", "--precision", "fp32", "--out", str(run_dir), "--resume")
+    assert code == 0, err
+    code, err = _run_cli(capsys, "train", str(tiny_data), "--model", "seed-baseline", "--batch-size", "16",
+                         "--epochs", "3", "--precision", "fp32", "--lookahead", "5", "--out", str(run_dir),
+                         "--resume")
+    assert code == 2 and "lookahead=0" in err
 
 
 def test_output_path_that_is_a_file_is_an_error(tiny_data, tmp_path, capsys):

@@ -22,11 +22,27 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(index >= size, 2 * (size - 1) - index, index)
 
 
-def random_flip(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    B = images.shape[0]
-    flip = torch.rand(B, generator=gen) < 0.5
+def random_flip(images: torch.Tensor, gen: torch.Generator, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2, or where the boolean mask `flip` says."""
+    if flip is None:
+        flip = torch.rand(images.shape[0], generator=gen) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(2), images)
+
+
+def alternating_flips(n: int, seed: int) -> torch.Tensor:
+    """One seeded coin per training image, for `flip_mask`."""
+    state = np.random.SeedSequence([seed, 0xF11B]).generate_state(2, dtype=np.uint32)
+    gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.rand(n, generator=gen) < 0.5
+
+
+def flip_mask(coins: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+    """airbench's alternating flip: image i is flipped in epoch e iff coin[i] xor (e odd).
+
+    Random in any one epoch, but over two epochs every image is seen both ways exactly once,
+    where independent coins would show a quarter of the images the same way twice.
+    """
+    return coins[indices] ^ bool(epoch % 2)
 
 
 def random_translate(images: torch.Tensor, gen: torch.Generator, max_shift: int) -> torch.Tensor:
@@ -60,15 +76,18 @@ def random_cutout(images: torch.Tensor, gen: torch.Generator, size: int, fill: i
 
 
 def augment_batch(images: torch.Tensor, policy: str, gen: torch.Generator,
-                  translate: int = 2, cutout: int = 8) -> torch.Tensor:
-    """Apply the named policy ('none', 'flip', 'flip+translate', 'flip+translate+cutout')."""
+                  translate: int = 2, cutout: int = 8, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply the named policy ('none', 'flip', 'flip+translate', 'flip+translate+cutout').
+
+    flip: which images to mirror (see `flip_mask`); None = a fresh coin per image from `gen`.
+    """
     assert images.dtype == torch.uint8, f"expected uint8 images, got {images.dtype}"
     assert images.ndim == 4, f"expected (B, H, W, C), got {tuple(images.shape)}"
     parts = set(policy.split("+")) - {"none"}
     unknown = parts - {"flip", "translate", "cutout"}
     assert not unknown, f"unknown augmentation {sorted(unknown)}"
     if "flip" in parts:
-        images = random_flip(images, gen)
+        images = random_flip(images, gen, flip)
     if "translate" in parts:
         images = random_translate(images, gen, translate)
     if "cutout" in parts:

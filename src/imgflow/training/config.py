@@ -14,6 +14,7 @@ AUGMENTS = ("none", "flip", "flip+translate", "flip+translate+cutout")
 NORMALIZATIONS = ("scale", "standardize")
 PRECISIONS = ("auto", "fp32", "bf16")
 VAL_MODES = ("last", "stratified")
+FLIPS = ("random", "alternate")
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,12 @@ class TrainConfig:
     weight_decay: float = 0.0  # on conv/dense weights only, never on BatchNorm or biases
     schedule: str = "constant"  # constant | onecycle (linear warmup, linear decay) | cosine
     warmup_epochs: float = 0.0  # linear warmup length for onecycle/cosine, in epochs
+    lr_floor: float = 0.0  # onecycle/cosine decay to this fraction of --lr (airbench: 0.07)
+    bn_lr_scale: float = 1.0  # lr multiplier for BatchNorm parameters (airbench: 64)
+    lookahead: int = 0  # every N steps pull the weights toward a slow average (airbench: 5); 0 = off
     label_smoothing: float = 0.0  # cross-entropy label smoothing, 0 = off
     augment: str = "none"  # none | flip | flip+translate | flip+translate+cutout
+    flip: str = "random"  # random: each image each epoch | alternate: random once, then every other epoch
     translate: int = 2  # max random shift in pixels for 'translate' (reflect padding)
     cutout: int = 8  # side of the zeroed square in pixels for 'cutout'
     normalize: str = "scale"  # scale: x/255 (the notebook) | standardize: (x/255-mean)/std of train part
@@ -63,6 +68,10 @@ class TrainConfig:
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
+            (0 <= self.lr_floor <= 1, f"--lr-floor must be in [0, 1], got {self.lr_floor}"),
+            (self.bn_lr_scale > 0, f"--bn-lr-scale must be > 0, got {self.bn_lr_scale}"),
+            (self.lookahead >= 0, f"--lookahead must be >= 0, got {self.lookahead}"),
+            (self.flip in FLIPS, f"unknown flip {self.flip!r}: use one of {', '.join(FLIPS)}"),
             (self.early_stopping >= 0, "--early-stopping must be >= 0"),
             (self.folds == 0 or (self.folds >= 2 and 0 <= self.fold < self.folds),
              f"--folds must be >= 2 and --fold in [0, folds), got {self.folds} and {self.fold}"),
@@ -200,8 +209,16 @@ def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_i
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--lr-floor", type=float, help="decay to this fraction of --lr, e.g. 0.07")
+    p.add_argument("--bn-lr-scale", type=float,
+                   help="lr multiplier for BatchNorm parameters (airbench: 64)")
+    p.add_argument("--lookahead", type=non_negative_int, metavar="N",
+                   help="every N steps average the weights with a slow copy (airbench: 5; 0 = off)")
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--augment", choices=AUGMENTS)
+    p.add_argument("--flip", choices=FLIPS,
+                   help="random: a fresh coin per image and epoch; alternate: each image flipped "
+                        "every other epoch (airbench), so both views are seen equally often")
     p.add_argument("--translate", type=non_negative_int)
     p.add_argument("--cutout", type=non_negative_int)
     p.add_argument("--normalize", choices=NORMALIZATIONS)
@@ -223,9 +240,10 @@ def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_i
 
 
 _OVERRIDE_KEYS = ("model", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
-                  "schedule", "warmup_epochs", "label_smoothing", "augment", "translate", "cutout",
-                  "normalize", "val_split", "val_mode", "folds", "fold", "test_split", "train_subset", "seed", "precision", "threads",
-                  "early_stopping", "ema", "image_size")
+                  "schedule", "warmup_epochs", "lr_floor", "bn_lr_scale", "lookahead",
+                  "label_smoothing", "augment", "flip", "translate", "cutout", "normalize",
+                  "val_split", "val_mode", "folds", "fold", "test_split", "train_subset", "seed",
+                  "precision", "threads", "early_stopping", "ema", "image_size")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

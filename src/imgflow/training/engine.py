@@ -38,7 +38,7 @@ from imgflow.models import count_params, create_model
 from imgflow.precision import autocast, resolve_precision, set_threads
 from imgflow.preprocess import Preprocessing, to_model_input
 from imgflow.runs import RunPaths, load_run_data
-from imgflow.training.augment import augment_batch, step_generator
+from imgflow.training.augment import alternating_flips, augment_batch, flip_mask, step_generator
 from imgflow.training.config import TrainConfig
 from imgflow.training.schedule import lr_at
 
@@ -94,12 +94,22 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay on conv/dense weights only: decaying BatchNorm and biases only hurts."""
+    """Conv/dense weights with weight decay; BatchNorm parameters and biases without.
+
+    Decaying BatchNorm and biases only hurts. Each group's `lr_scale` multiplies the scheduled
+    lr: BatchNorm gets `bn_lr_scale` (airbench trains its BatchNorm biases 64x faster: their
+    gradients are small, and they set where each activation bends).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay,
+               "lr_scale": 1.0},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+    if config.bn_lr_scale != 1.0:
+        norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
+        norm = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters()}
+        groups[1]["params"] = [p for p in groups[1]["params"] if id(p) not in norm]
+        groups.append({"params": [p for p in params if id(p) in norm], "weight_decay": 0.0,
+                       "lr_scale": config.bn_lr_scale})
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
     if config.optimizer == "adamw":
@@ -122,6 +132,35 @@ class WeightEMA:
                 self.state[k].lerp_(v, 1.0 - self.decay)
             else:
                 self.state[k].copy_(v)
+
+
+class Lookahead:
+    """airbench's lookahead: every `every` steps, a slow copy of the weights moves toward the
+    live ones and the live ones jump back to it.
+
+    The slow copy's decay grows as 0.95^every * (step/total)^3: early on it is ~0 (the live
+    weights run free), towards the end it averages over the last few hundred steps, which is
+    where a short run gains most. BatchNorm statistics are averaged the same way, so they match
+    the averaged weights. `finish` puts the slow weights in the model for good.
+    """
+
+    def __init__(self, model: torch.nn.Module, every: int):
+        self.every = every
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()
+                      if v.dtype.is_floating_point}
+
+    def decay_at(self, step: int, total_steps: int) -> float:
+        return 0.95 ** self.every * (step / max(total_steps, 1)) ** 3
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, decay: float) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.state:
+                self.state[k].lerp_(v, 1.0 - decay)
+                v.copy_(self.state[k])
+
+    def finish(self, model: torch.nn.Module) -> None:
+        self.update(model, decay=1.0)
 
 
 def _clean_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -195,9 +234,13 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: 
         if paths.config.is_file():
             saved = read_json(paths.config, "run config").get("train", {})
             mine = config.to_dict()
-            diff = sorted(k for k in mine if k not in _RESUMABLE_DIFFERENCES and saved.get(k) != mine[k])
+            # An option added after the run started is missing from its config: the run used
+            # what is now that option's default.
+            defaults = TrainConfig("", "").to_dict()
+            diff = sorted(k for k in mine if k not in _RESUMABLE_DIFFERENCES
+                          and saved.get(k, defaults[k]) != mine[k])
             if diff:
-                shown = ", ".join(f"{k}={saved.get(k)!r}" for k in diff)
+                shown = ", ".join(f"{k}={saved.get(k, defaults[k])!r}" for k in diff)
                 raise UserError(f"{run_dir} was started with {shown}; resume with the same options "
                                 "or use --overwrite to start again")
         return
@@ -320,6 +363,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     model = prepare_model(config, dataset, train_part, prep, precision)
     optimizer = build_optimizer(model, config)
     ema = WeightEMA(model, config.ema) if config.ema > 0 else None
+    lookahead = Lookahead(model, config.lookahead) if config.lookahead > 0 else None
 
     n_train = len(train_part)
     batches = steps_per_epoch(n_train, config.batch_size)
@@ -367,6 +411,8 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
         optimizer.load_state_dict(checkpoint["optimizer"])
         if ema is not None:
             ema.state = checkpoint["ema"]
+        if lookahead is not None:
+            lookahead.state = checkpoint["lookahead"]
         torch.set_rng_state(checkpoint["rng"])
         history = checkpoint["history"]
         start_epoch, start_step, global_step = checkpoint["epoch"], checkpoint["step"], checkpoint["global_step"]
@@ -378,13 +424,16 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     def checkpoint_now(epoch: int, step: int) -> None:
         save_checkpoint(paths.checkpoint, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "ema": ema.state if ema is not None else None, "rng": torch.get_rng_state(),
+            "ema": ema.state if ema is not None else None,
+            "lookahead": lookahead.state if lookahead is not None else None,
+            "rng": torch.get_rng_state(),
             "history": history, "epoch": epoch, "step": step, "global_step": global_step,
             "sums": sums, "best": best, "elapsed": elapsed_before + (time.perf_counter() - t_start),
         })
 
     images = torch.from_numpy(train_part.images)
     labels = torch.from_numpy(train_part.labels)
+    flip_coins = alternating_flips(n_train, config.seed) if config.flip == "alternate" else None
     log.info("training %s (%s params) on %s: %d train / %d val images, %d epochs of %d steps, %s, %d threads",
              config.model, f"{counts['params']:,}", dataset.name, n_train, len(val_part) if val_part else 0,
              config.epochs, batches, precision, threads)
@@ -402,11 +451,14 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
                 idx = order[step * config.batch_size:(step + 1) * config.batch_size]
                 xb, yb = images[idx], labels[idx]
                 if config.augment != "none":
+                    flips = flip_mask(flip_coins, idx, epoch) if flip_coins is not None else None
                     xb = augment_batch(xb, config.augment, step_generator(config.seed, epoch, step),
-                                       translate=config.translate, cutout=config.cutout)
-                lr = lr_at(global_step, total_steps, config.lr, config.schedule, warmup_steps)
+                                       translate=config.translate, cutout=config.cutout, flip=flips)
+                lr = lr_at(global_step, total_steps, config.lr, config.schedule, warmup_steps,
+                           final_fraction=config.lr_floor)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    # .get: checkpoints written before lr_scale existed resume with 1.
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 with autocast(precision):
                     logits = model(to_model_input(xb, prep, channels_last=True))
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
@@ -420,6 +472,8 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
                 if ema is not None:
                     ema.update(model)
                 global_step += 1
+                if lookahead is not None and global_step % lookahead.every == 0:
+                    lookahead.update(model, lookahead.decay_at(global_step, total_steps))
                 sums["loss"] += loss.item() * len(yb)
                 sums["correct"] += int((logits.argmax(1) == yb).sum())
                 sums["seen"] += len(yb)
@@ -435,6 +489,8 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
                         bar.close()
                         raise KeyboardInterrupt(f"checkpoint saved; continue with --resume --out {run_dir}")
             bar.close()
+            if lookahead is not None and global_step == total_steps:
+                lookahead.finish(model)  # the last epoch validates and saves the averaged weights
 
             if ema is not None:
                 live = _clean_state(model.state_dict())
