@@ -369,6 +369,32 @@ def test_make_tables_writes_markdown_from_result_files(benchmark_modules, tmp_pa
     assert "0.8318" in text  # the notebook's number stands beside ours
 
 
+def test_ablation_variants_parse_and_summarise_and_tabulate(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import ablation
+    import make_tables
+
+    assert ablation.parse_variant("plain=--epochs 4") == ("plain", ["--epochs", "4"])
+    assert ablation.parse_variant("as-is=") == ("as-is", [])
+    for bad in ("no-equals", "=--epochs 4", "a/b=--epochs 1"):
+        with pytest.raises(ValueError, match="NAME=OPTIONS"):
+            ablation.parse_variant(bad)
+    runs = [{"variant": v, "options": o, "seed": seed, "epochs": 4, "val_accuracy": acc}
+            for v, o, seed, acc in [("plain", [], 0, 0.80), ("la", ["--lookahead", "5"], 0, 0.81),
+                                    ("plain", [], 1, 0.82)]]
+    summary = ablation.summarise(runs)
+    assert [r["variant"] for r in summary] == ["plain", "la"]
+    assert summary[0]["n"] == 2 and summary[0]["val_accuracy_mean"] == pytest.approx(0.81)
+    assert summary[0]["seeds"] == [0, 1] and summary[1]["val_accuracy_std"] == 0.0
+    machine = {"cpu": "Test CPU", "logical_cpus": 2, "flags": {}, "threads": 2}
+    (tmp_path / "ablation-fast-test.json").write_text(json.dumps(
+        {"preset": "fast", "machine": machine, "summary": summary}))
+    assert make_tables.main(["--results", str(tmp_path), "--out", "-"]) == 0
+    text = make_tables.build(tmp_path)
+    assert "| plain | `-` | 4 | 0.8100 ± 0.0141 | 0, 1 |" in text
+    assert "| la | `--lookahead 5` | 4 | 0.8100 | 0 |" in text
+
+
 # ---------------------------------------------------------------------------------------------
 # lookahead and per-group learning rates
 
