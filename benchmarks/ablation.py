@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"ablation: {exc}", file=sys.stderr)
         return 2
+    if PRESETS[args.preset].get("val_split", 0.2) == 0 and not all("--val-split" in o for _, o in variants):
+        print(f"ablation: preset {args.preset!r} trains without a validation split; give every variant "
+              "a --val-split (e.g. \"name=--val-split 0.2 ...\")", file=sys.stderr)
+        return 2
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     machine = machine_info(default_threads())
     out = args.out or RESULTS / f"ablation-{args.preset}-{machine_slug(machine)}.json"

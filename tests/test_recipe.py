@@ -393,6 +393,9 @@ def test_ablation_variants_parse_and_summarise_and_tabulate(monkeypatch, tmp_pat
     text = make_tables.build(tmp_path)
     assert "| plain | `-` | 4 | 0.8100 ± 0.0141 | 0, 1 |" in text
     assert "| la | `--lookahead 5` | 4 | 0.8100 | 0 |" in text
+    # A preset without validation cannot be scored: refused before anything trains.
+    assert ablation.main(["--preset", "best", "--variant", "x=--epochs 1", "--runs-dir", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,15 +432,17 @@ def test_lookahead_moves_slow_weights_toward_live_ones_and_finish_installs_them(
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
+        model[1].running_mean.add_(4.0)
+        model[1].num_batches_tracked.add_(7)
     la.update(model, decay=0.75)  # slow = 0.75 slow + 0.25 live, and the live weights jump to it
     assert torch.allclose(model[0].weight, start["0.weight"] + 1.25)
     assert torch.allclose(la.state["0.weight"], model[0].weight)
-    assert torch.allclose(model[1].running_mean, start["1.running_mean"] + 2.0)  # stats averaged too
+    assert torch.allclose(model[1].running_mean, start["1.running_mean"] + 3.0)  # stats averaged too
+    assert "1.num_batches_tracked" not in la.state and int(model[1].num_batches_tracked) == 7  # counters not
     with torch.no_grad():
         model[0].weight.add_(5.0)
     la.finish(model)
     assert torch.allclose(model[0].weight, start["0.weight"] + 1.25)
-    assert model[1].num_batches_tracked.dtype == torch.int64  # integer buffers left alone
 
 
 def test_bn_lr_scale_gives_batchnorm_its_own_learning_rate():
@@ -453,6 +458,29 @@ def test_bn_lr_scale_gives_batchnorm_its_own_learning_rate():
     assert [id(p) for p in norm["params"]] == [id(bn.weight), id(bn.bias)] and norm["lr_scale"] == 64.0
     assert norm["weight_decay"] == 0 and biases["weight_decay"] == 0 and decay["weight_decay"] == 0.1
     assert {id(p) for p in biases["params"]} == {id(model[0].bias), id(model[3].bias)}
+
+
+def test_set_lr_scales_each_group_and_treats_old_groups_as_unscaled():
+    from imgflow.training.config import TrainConfig
+    from imgflow.training.engine import build_optimizer, set_lr
+
+    model = _bn_model()
+    optimizer = build_optimizer(model, TrainConfig("x", "fast-small", optimizer="sgd", bn_lr_scale=64.0))
+    del optimizer.param_groups[1]["lr_scale"]  # as loaded from a checkpoint written before lr_scale
+    set_lr(optimizer, 0.1)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.1, 0.1, 6.4])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"flip": "alternate", "augment": "none"}, "--flip alternate needs flipping"),
+    ({"lr_floor": 0.07, "schedule": "constant"}, "--lr-floor needs a decaying --schedule"),
+    ({"lookahead": 5, "ema": 0.99}, "use one of them"),
+    ({"lookahead": -1}, "--lookahead must be >= 0"),
+    ({"bn_lr_scale": 0.0}, "--bn-lr-scale must be > 0"),
+])
+def test_airbench_options_that_cannot_work_are_refused(options, message):
+    with pytest.raises(UserError, match=message):
+        resolve_config("cifar10", {"model": "fast-small", "augment": "flip", "schedule": "onecycle", **options})
 
 
 def test_airbench_options_train_end_to_end(tiny_data, tmp_path):

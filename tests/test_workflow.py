@@ -91,13 +91,14 @@ def test_interrupted_workflow_resumes_after_the_last_finished_step(workflow_data
 # decisions and budget logic on their own
 
 
-def test_final_run_keeps_all_the_data_and_cuts_epochs_before_taking_a_subset():
+def test_final_run_plan_keeps_all_the_data_and_cuts_epochs_before_taking_a_subset():
+    # How step 8 calls the planner: no validation left, at most the validated epochs.
     overhead = wf.RUN_OVERHEAD_SECONDS
-    assert wf.plan_final_run(overhead + 100, 1000, 10_000, validated_epochs=6) == (6, 0)  # fits
-    assert wf.plan_final_run(overhead + 1000, 1000, 10_000, validated_epochs=6) == (6, 0)  # never more
-    assert wf.plan_final_run(overhead + 35, 1000, 10_000, validated_epochs=6) == (3, 0)  # 3.5 epochs fit
-    assert wf.plan_final_run(overhead + 4, 1000, 10_000, validated_epochs=6) == (1, 4000)  # < 1 epoch
-    assert wf.plan_final_run(0, 1000, 10_000, validated_epochs=6) == (1, 256)  # floor
+    plan = lambda seconds: wf._plan_epochs(overhead + seconds, 1000, 10_000, 0, max_epochs=6)  # noqa: E731
+    assert plan(100) == (6, 0)  # fits
+    assert plan(1000) == (6, 0)  # never more than validated
+    assert plan(35) == (3, 0)  # 3.5 epochs of everything fit
+    assert plan(4) == (1, 4000)  # not even one epoch: a subset
 
 
 def test_plan_epochs_fits_the_budget_or_takes_a_subset():

@@ -10,10 +10,15 @@ import numpy as np
 import torch
 
 
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A torch generator whose state depends only on `keys` (well mixed: nearby keys, unrelated streams)."""
+    state = np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     """A generator whose state depends only on (seed, epoch, step)."""
-    state = np.random.SeedSequence([seed, epoch, step]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return seeded_generator(seed, epoch, step)
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -31,9 +36,7 @@ def random_flip(images: torch.Tensor, gen: torch.Generator, flip: torch.Tensor |
 
 def alternating_flips(n: int, seed: int) -> torch.Tensor:
     """One seeded coin per training image, for `flip_mask`."""
-    state = np.random.SeedSequence([seed, 0xF11B]).generate_state(2, dtype=np.uint32)
-    gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    return torch.rand(n, generator=gen) < 0.5
+    return torch.rand(n, generator=seeded_generator(seed, 0xF11B)) < 0.5
 
 
 def flip_mask(coins: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:

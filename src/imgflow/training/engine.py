@@ -38,7 +38,8 @@ from imgflow.models import count_params, create_model
 from imgflow.precision import autocast, resolve_precision, set_threads
 from imgflow.preprocess import Preprocessing, to_model_input
 from imgflow.runs import RunPaths, load_run_data
-from imgflow.training.augment import alternating_flips, augment_batch, flip_mask, step_generator
+from imgflow.training.augment import (alternating_flips, augment_batch, flip_mask, seeded_generator,
+                                      step_generator)
 from imgflow.training.config import TrainConfig
 from imgflow.training.schedule import lr_at
 
@@ -77,9 +78,7 @@ def split_for_training(train: Split, config: TrainConfig) -> tuple[Split, Split 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled sample order of one epoch, a function of (seed, epoch) only."""
-    state = np.random.SeedSequence([seed, epoch, 0x0DE2]).generate_state(2, dtype=np.uint32)
-    gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    return torch.randperm(n, generator=gen)
+    return torch.randperm(n, generator=seeded_generator(seed, epoch, 0x0DE2))
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -98,7 +97,9 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
 
     Decaying BatchNorm and biases only hurts. Each group's `lr_scale` multiplies the scheduled
     lr: BatchNorm gets `bn_lr_scale` (airbench trains its BatchNorm biases 64x faster: their
-    gradients are small, and they set where each activation bends).
+    gradients are small, and they set where each activation bends). airbench's BatchNorm has no
+    trainable scale, like the fast family here; in a model whose BatchNorm scales train
+    (seed-batchnorm), they get the multiplier too.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay,
@@ -116,6 +117,12 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         return torch.optim.AdamW(groups, lr=config.lr, eps=config.adam_eps)
     # Keras' Adam has no weight decay; with --weight-decay it is the classic L2 form.
     return torch.optim.Adam(groups, lr=config.lr, eps=config.adam_eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled lr, times each group's lr_scale (absent in checkpoints from before it: 1)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class WeightEMA:
@@ -139,9 +146,10 @@ class Lookahead:
     live ones and the live ones jump back to it.
 
     The slow copy's decay grows as 0.95^every * (step/total)^3: early on it is ~0 (the live
-    weights run free), towards the end it averages over the last few hundred steps, which is
-    where a short run gains most. BatchNorm statistics are averaged the same way, so they match
-    the averaged weights. `finish` puts the slow weights in the model for good.
+    weights run free); at the end it is 0.77 for every=5, a memory of ~4 updates (~20 steps),
+    which smooths the last, small-lr steps of a short run. BatchNorm statistics are averaged the
+    same way, so they match the averaged weights. `finish` puts the slow weights in the model for
+    good. (Weights that share storage would be updated twice; no registered model ties weights.)
     """
 
     def __init__(self, model: torch.nn.Module, every: int):
@@ -456,9 +464,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
                                        translate=config.translate, cutout=config.cutout, flip=flips)
                 lr = lr_at(global_step, total_steps, config.lr, config.schedule, warmup_steps,
                            final_fraction=config.lr_floor)
-                for group in optimizer.param_groups:
-                    # .get: checkpoints written before lr_scale existed resume with 1.
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                set_lr(optimizer, lr)
                 with autocast(precision):
                     logits = model(to_model_input(xb, prep, channels_last=True))
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
@@ -495,6 +501,9 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
             if ema is not None:
                 live = _clean_state(model.state_dict())
                 model.load_state_dict(ema.state)
+            # The lr of the epoch's last step (recomputed: a resume may land after that step).
+            lr = lr_at(global_step - 1, total_steps, config.lr, config.schedule, warmup_steps,
+                       final_fraction=config.lr_floor)
             row = {"epoch": epoch + 1, "train_loss": sums["loss"] / sums["seen"],
                    "train_acc": sums["correct"] / sums["seen"], "val_loss": None, "val_acc": None,
                    "lr": lr}
