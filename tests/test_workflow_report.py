@@ -91,7 +91,7 @@ def workflow_out(tmp_path_factory) -> Path:
     steps.append(wf._step(wf.STEP_NAMES[7], "retrained and tested once", "test once",
                           {"test_accuracy": metrics["accuracy"],
                            "majority_baseline_accuracy": metrics["majority_baseline_accuracy"],
-                           "epochs": 2}, runs=["runs/8-final"],
+                           "epochs": 2, "validated_epochs": 3}, runs=["runs/8-final"],
                           usage=f"imgflow predict {final} IMAGE.jpg"))
     for step in steps:
         step["seconds"] = 1.0
@@ -115,6 +115,7 @@ def test_the_eight_steps_appear_in_order_then_the_budget(report):
                         + ["What the budget allowed and what more time would buy"])
     assert "overfit after epoch 3 of 5" in report  # the budget section reads step 6's detection
     assert "mean ± std over 5 folds" in report  # the k-fold candidate table
+    assert "fewer than the 3 validated" in report  # step 8 cut epochs to keep all the images
 
 
 def test_every_figure_is_embedded_from_its_file(workflow_out, report):
