@@ -265,6 +265,20 @@ def test_train_with_test_split_and_folds(tmp_path):
     assert result.history[-1]["val_acc"] is not None
 
 
+def test_val_subset_validates_on_a_stratified_part_of_the_hold_out():
+    from imgflow.training.config import TrainConfig
+    from imgflow.training.engine import split_for_training
+
+    split = _labelled_split((100, 60, 40))
+    full = split_for_training(split, TrainConfig("x", "seed-baseline", val_split=0.5, val_mode="stratified"))
+    capped = split_for_training(split, TrainConfig("x", "seed-baseline", val_split=0.5, val_mode="stratified",
+                                                   val_subset=50))
+    assert len(full[1]) == 100 and len(capped[1]) == 50
+    assert np.bincount(capped[1].labels).tolist() == [25, 15, 10]
+    assert set(capped[1].images[:, 0, 0, 0].tolist()) <= set(full[1].images[:, 0, 0, 0].tolist())
+    assert len(capped[0]) == len(full[0])  # training is untouched
+
+
 def test_epoch_order_depends_only_on_seed_and_epoch():
     assert torch.equal(epoch_order(50, 0, 3), epoch_order(50, 0, 3))
     assert not torch.equal(epoch_order(50, 0, 3), epoch_order(50, 0, 4))

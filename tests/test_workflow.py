@@ -133,6 +133,21 @@ def test_small_data_gets_k_fold_and_imbalanced_data_balanced_accuracy(tmp_path):
     assert wf.step_metric(ctx)["decision"] == "measure success by balanced accuracy"
 
 
+def test_a_large_hold_out_is_scored_on_a_fixed_stratified_part_during_exploration(tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / "big", per_class=60, size=(8, 8))
+    ctx = _context(tmp_path, data, test_split=0.0, balance_ratio=1.0, classes=["a", "b", "c"])
+    monkeypatch.setattr(wf, "VALIDATION_CAP", 15)
+    step = wf.step_protocol(ctx)
+    assert ctx.state["protocol"] == {"kind": "hold-out", "val_split": 0.2, "val_subset": 15}
+    assert "same stratified 15" in step["decision"]
+    part, val = wf._protocol_split(ctx)
+    assert len(val) == 15 and sorted(set(val.labels.tolist())) == [0, 1, 2]
+    assert wf._base_settings(ctx)["val_subset"] == 15  # the runs validate on the same images
+    monkeypatch.setattr(wf, "VALIDATION_CAP", 1000)  # a hold-out under the cap is used whole
+    wf.step_protocol(ctx)
+    assert "val_subset" not in ctx.state["protocol"] and len(wf._protocol_split(ctx)[1]) == 36
+
+
 def test_data_without_test_split_gets_one_held_out(tmp_path):
     data = make_image_folder(tmp_path / "flat", per_class=20, size=(8, 8), flat=True, test=False)
     ctx = _context(tmp_path, data)

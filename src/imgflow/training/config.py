@@ -48,6 +48,7 @@ class TrainConfig:
     fold: int = 0  # which fold validates, in [0, folds)
     test_split: float = 0.0  # data without a test split: hold out this fraction (stratified) as one
     train_subset: int = 0  # train on at most this many images of the training part (stratified); 0 = all
+    val_subset: int = 0  # validate on at most this many images of the validation part (stratified); 0 = all
     seed: int = 0  # fixes split, data order, augmentation, initialisation, dropout
     precision: str = "auto"  # auto (bf16 where the CPU supports it) | fp32 | bf16
     threads: int | None = None  # torch intra-op threads; None = one per physical core
@@ -83,6 +84,7 @@ class TrainConfig:
              f"--folds must be >= 2 and --fold in [0, folds), got {self.folds} and {self.fold}"),
             (0 <= self.test_split < 1, f"--test-split must be in [0, 1), got {self.test_split}"),
             (self.train_subset >= 0, "--train-subset must be >= 0"),
+            (self.val_subset >= 0, "--val-subset must be >= 0"),
             (self.early_stopping == 0 or self.val_split > 0 or self.folds,
              "--early-stopping needs a validation split (--val-split > 0)"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
@@ -238,6 +240,8 @@ def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_i
                    help="data without a test split: hold out this fraction as one")
     p.add_argument("--train-subset", type=non_negative_int, metavar="N",
                    help="train on at most N images (stratified), e.g. for quick experiments")
+    p.add_argument("--val-subset", type=non_negative_int, metavar="N",
+                   help="validate each epoch on at most N images (stratified): faster epochs")
     p.add_argument("--seed", type=non_negative_int)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--threads", type=positive_int)
@@ -250,7 +254,7 @@ def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_i
 _OVERRIDE_KEYS = ("model", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
                   "schedule", "warmup_epochs", "lr_floor", "bn_lr_scale", "lookahead",
                   "label_smoothing", "augment", "flip", "translate", "cutout", "normalize",
-                  "val_split", "val_mode", "folds", "fold", "test_split", "train_subset", "seed",
+                  "val_split", "val_mode", "folds", "fold", "test_split", "train_subset", "val_subset", "seed",
                   "precision", "threads", "early_stopping", "ema", "image_size")
 
 

@@ -73,6 +73,8 @@ def split_for_training(train: Split, config: TrainConfig) -> tuple[Split, Split 
         train_part, val_part = kfold_split(train, config.folds, config.fold, config.seed)
     else:
         train_part, val_part = split_train_val(train, config.val_split, config.val_mode, config.seed)
+    if val_part is not None:
+        val_part = stratified_subset(val_part, config.val_subset, config.seed)
     return stratified_subset(train_part, config.train_subset, config.seed), val_part
 
 
