@@ -91,14 +91,16 @@ def test_interrupted_workflow_resumes_after_the_last_finished_step(workflow_data
 # decisions and budget logic on their own
 
 
-def test_final_run_plan_keeps_all_the_data_and_cuts_epochs_before_taking_a_subset():
-    # How step 8 calls the planner: no validation left, at most the validated epochs.
-    overhead = wf.RUN_OVERHEAD_SECONDS
-    plan = lambda seconds: wf._plan_epochs(overhead + seconds, 1000, 10_000, 0, max_epochs=6)  # noqa: E731
+def test_final_run_plan_cuts_epochs_before_images_and_uses_the_budget():
+    plan = lambda seconds: wf.plan_final_run(wf.RUN_OVERHEAD_SECONDS + seconds, 1000, 10_000, 6)  # noqa: E731
     assert plan(100) == (6, 0)  # fits
     assert plan(1000) == (6, 0)  # never more than validated
-    assert plan(35) == (3, 0)  # 3.5 epochs of everything fit
+    assert plan(30) == (3, 0)  # 3 epochs of everything fit exactly
+    assert plan(34) == (3, 0)  # 3.4: the nearest whole number of epochs, all images
+    assert plan(17) == (2, 8500)  # 1.7: two epochs on 85% beat one on all (70% more training)
+    assert plan(15) == (2, 7500)  # the fewest images it keeps: 3/4
     assert plan(4) == (1, 4000)  # not even one epoch: a subset
+    assert plan(0) == (1, 64)  # floor
 
 
 def test_plan_epochs_fits_the_budget_or_takes_a_subset():

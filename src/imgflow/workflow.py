@@ -412,6 +412,24 @@ def step_tune(ctx: Context) -> dict:
         runs=[run for r in results for run in r["runs"]], candidates=results)
 
 
+def plan_final_run(seconds: float, images_per_second: float, n_train: int, validated_epochs: int) -> tuple[int, int]:
+    """(epochs, train_subset) of the final retrain: the validated epochs on all the images if
+    they fit, else the whole number of epochs nearest to what fits, on as many images as the
+    budget then pays for.
+
+    More distinct images beat more passes over fewer for a fixed budget (Li et al., "Budgeted
+    training", ICLR 2020), so epochs are cut before images; rounding rather than flooring the
+    epochs keeps at least 3/4 of the images when fewer than all fit and leaves less than half an
+    epoch of the budget unused (flooring could waste nearly a whole one).
+    """
+    affordable = max(seconds - RUN_OVERHEAD_SECONDS, 0.0) * images_per_second  # images it can see
+    if affordable >= validated_epochs * n_train:
+        return validated_epochs, 0
+    epochs = max(1, min(validated_epochs, round(affordable / max(n_train, 1))))
+    per_epoch = int(affordable / epochs)
+    return epochs, 0 if per_epoch >= n_train else max(per_epoch, min(n_train, 64))
+
+
 def step_final(ctx: Context) -> dict:
     from imgflow.evaluation import evaluate_run
 
@@ -424,9 +442,7 @@ def step_final(ctx: Context) -> dict:
     seconds = max(ctx.remaining() - FINAL_RESERVE * ctx.budget_seconds,
                   0.25 * BUDGET_SHARE["final"] * ctx.budget_seconds)
     ips = _measure_throughput(ctx, settings["model"], settings["batch_size"])
-    # All the data for fewer epochs before a subset: for a fixed budget, more distinct images
-    # beat more passes over fewer (Li et al., "Budgeted training", ICLR 2020).
-    epochs, subset = _plan_epochs(seconds, ips, len(train), 0, max_epochs=validated)
+    epochs, subset = plan_final_run(seconds, ips, len(train), validated)
     if epochs != validated:
         # The schedule keeps its shape: the same fraction of the run warms up.
         settings["warmup_epochs"] = round(settings.get("warmup_epochs", 0.0) * epochs / validated, 2)
@@ -449,8 +465,8 @@ def step_final(ctx: Context) -> dict:
         f"retrained '{chosen['name']}' on "
         + (f"{subset} of the {len(train)} training images (the budget's limit)" if subset
            else f"all {len(train)} training images") + f" for {epochs} epochs"
-        + (f" ({validated} validated; the budget allowed {epochs} on all the data)"
-           if epochs < validated and not subset else "")
+        + (f" ({validated} validated; the budget allowed {epochs} on "
+           + ("all the data)" if not subset else "this many images)") if epochs < validated else "")
         + "; "
         f"test {metric.replace('_', ' ')} {metrics[metric]:.4f} (majority baseline {metrics['majority_baseline_accuracy']:.4f})",
         "The chosen configuration is retrained with the validation images added back, then evaluated "

@@ -387,7 +387,7 @@ def _budget(record: dict, steps: list[dict], runs: dict, split: tuple[int, int] 
         epochs, validated = _metric(steps, 7, "epochs"), _metric(steps, 7, "validated_epochs")
         if epochs and validated and epochs < validated:
             findings.append(f"It trained {epochs} epochs, fewer than the {validated} validated in "
-                            "step 7: the budget kept all the images and cut passes instead. More "
+                            "step 7: the budget cuts passes before it cuts images. More "
                             f"time would give it all {validated}.")
     parts.append(tag("ul", *(tag("li", f) for f in findings)))
     return Markup("".join(parts))
