@@ -463,10 +463,9 @@ def step_final(ctx: Context) -> dict:
     return _step(
         STEP_NAMES[7],
         f"retrained '{chosen['name']}' on "
-        + (f"{subset} of the {len(train)} training images (the budget's limit)" if subset
-           else f"all {len(train)} training images") + f" for {epochs} epochs"
-        + (f" ({validated} validated; the budget allowed {epochs} on "
-           + ("all the data)" if not subset else "this many images)") if epochs < validated else "")
+        + (f"{subset} of the {len(train)} training images" if subset else f"all {len(train)} training images")
+        + f" for {epochs} epoch{'s' if epochs != 1 else ''}"
+        + (f" ({validated} validated; what the rest of the budget paid for)" if epochs < validated or subset else "")
         + "; "
         f"test {metric.replace('_', ' ')} {metrics[metric]:.4f} (majority baseline {metrics['majority_baseline_accuracy']:.4f})",
         "The chosen configuration is retrained with the validation images added back, then evaluated "
