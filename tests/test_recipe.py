@@ -477,6 +477,7 @@ def test_set_lr_scales_each_group_and_treats_old_groups_as_unscaled():
     ({"lookahead": 5, "ema": 0.99}, "use one of them"),
     ({"lookahead": -1}, "--lookahead must be >= 0"),
     ({"bn_lr_scale": 0.0}, "--bn-lr-scale must be > 0"),
+    ({"val_subset": 100, "val_split": 0.0}, "--val-subset needs a validation split"),
 ])
 def test_airbench_options_that_cannot_work_are_refused(options, message):
     with pytest.raises(UserError, match=message):

@@ -85,6 +85,8 @@ class TrainConfig:
             (0 <= self.test_split < 1, f"--test-split must be in [0, 1), got {self.test_split}"),
             (self.train_subset >= 0, "--train-subset must be >= 0"),
             (self.val_subset >= 0, "--val-subset must be >= 0"),
+            (self.val_subset == 0 or self.val_split > 0 or self.folds,
+             "--val-subset needs a validation split (--val-split > 0 or --folds)"),
             (self.early_stopping == 0 or self.val_split > 0 or self.folds,
              "--early-stopping needs a validation split (--val-split > 0)"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
