@@ -219,6 +219,8 @@ def step_metric(ctx: Context) -> dict:
 
 
 def step_protocol(ctx: Context) -> dict:
+    from imgflow.data.splits import split_train_val
+
     train = _train_part(ctx)
     n_min = int(np.bincount(train.labels).min())
     if n_min >= HOLDOUT_MIN_PER_CLASS:
@@ -226,14 +228,12 @@ def step_protocol(ctx: Context) -> dict:
         decision = "hold-out validation: a stratified 20% of the training images"
         why = (f"Every class has at least {HOLDOUT_MIN_PER_CLASS} training images ({n_min} in the "
                "smallest), so a 20% hold-out gives a usable validation estimate at the cost of one training run.")
-        from imgflow.data.splits import split_train_val
-
         n_val = len(split_train_val(train, protocol["val_split"], "stratified", ctx.seed)[1])
         if n_val > VALIDATION_CAP:
             protocol["val_subset"] = VALIDATION_CAP
             decision += f" (of {n_val}, each epoch is scored on the same stratified {VALIDATION_CAP})"
             why += (f" Scoring every epoch on {VALIDATION_CAP} of the {n_val} held-out images keeps the "
-                    "accuracy's standard error under 0.7 points and leaves the time to training; "
+                    "accuracy's standard error at most 0.71 points and leaves the time to training; "
                     "the other held-out images are used by no run but the final one.")
     else:
         folds = max(2, min(K_FOLDS, n_min))
