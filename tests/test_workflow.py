@@ -24,7 +24,10 @@ def workflow_data(tmp_path_factory) -> Path:
 def finished_workflow(workflow_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("wf-out") / "out"
     t0 = time.perf_counter()
-    record = wf.run_workflow(str(workflow_data), out, budget_minutes=0.5, seed=0, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        # A cap under the hold-out's size, as CIFAR-10 meets it: exploration validates on part of it.
+        mp.setattr(wf, "VALIDATION_CAP", 24)
+        record = wf.run_workflow(str(workflow_data), out, budget_minutes=0.5, seed=0, progress=False)
     return out, record, time.perf_counter() - t0
 
 
@@ -50,6 +53,11 @@ def test_workflow_decisions_and_broken_files(finished_workflow):
     assert steps["choose a measure of success"]["metrics"]["balance_ratio"] <= 1.5
     assert "accuracy" in steps["choose a measure of success"]["decision"]
     assert steps["decide an evaluation protocol"]["metrics"]["kind"] == "hold-out"
+    assert steps["decide an evaluation protocol"]["metrics"]["val_subset"] == 24  # the fixture's cap
+    overfit = json.loads((out / "runs" / "6-overfit" / "config.json").read_text())
+    final = json.loads((out / "runs" / "8-final" / "config.json").read_text())
+    assert overfit["data"]["num_val"] == 24 and final["data"]["num_val"] == 0
+    assert final["train"]["val_subset"] == 0 and final["train"]["val_split"] == 0
     baseline = steps["beat a common-sense baseline"]["metrics"]
     assert baseline["majority_baseline_val_acc"] == pytest.approx(1 / 3, abs=0.05)
     assert baseline["beats_baseline"] is True
@@ -98,7 +106,8 @@ def test_final_run_plan_cuts_epochs_before_images_and_uses_the_budget():
     assert plan(30) == (3, 0)  # 3 epochs of everything fit exactly
     assert plan(34) == (3, 0)  # 3.4: the nearest whole number of epochs, all images
     assert plan(17) == (2, 8500)  # 1.7: two epochs on 85% beat one on all (70% more training)
-    assert plan(15) == (2, 7500)  # the fewest images it keeps: 3/4
+    assert plan(15) == (2, 7500)  # halves round up; the fewest images it keeps beyond one epoch: 3/4
+    assert plan(25) == (3, 8333)
     assert plan(4) == (1, 4000)  # not even one epoch: a subset
     assert plan(0) == (1, 64)  # floor
 

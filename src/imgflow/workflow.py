@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -413,19 +414,20 @@ def step_tune(ctx: Context) -> dict:
 
 
 def plan_final_run(seconds: float, images_per_second: float, n_train: int, validated_epochs: int) -> tuple[int, int]:
-    """(epochs, train_subset) of the final retrain: the validated epochs on all the images if
-    they fit, else the whole number of epochs nearest to what fits, on as many images as the
-    budget then pays for.
+    """(epochs, train_subset) of the final retrain within `seconds`.
 
-    More distinct images beat more passes over fewer for a fixed budget (Li et al., "Budgeted
-    training", ICLR 2020), so epochs are cut before images; rounding rather than flooring the
-    epochs keeps at least 3/4 of the images when fewer than all fit and leaves less than half an
-    epoch of the budget unused (flooring could waste nearly a whole one).
+    The validated epochs on all the images if they fit. Otherwise the budget's worth of images
+    is spread over the whole number of epochs nearest to what fits (halves round up), each on as
+    many images as that pays for: e.g. 3.4 epochs' worth -> 3 on all the images, 1.7 -> 2 on 85%
+    of them, 0.4 -> 1 on 40%. Fewer epochs come before fewer images, as for a fixed budget more
+    distinct images beat more passes over fewer (Li et al., "Budgeted training", ICLR 2020);
+    rounding rather than flooring keeps at most half an epoch of the budget unused, at the cost
+    of at most a quarter of the images once more than one epoch fits.
     """
     affordable = max(seconds - RUN_OVERHEAD_SECONDS, 0.0) * images_per_second  # images it can see
     if affordable >= validated_epochs * n_train:
         return validated_epochs, 0
-    epochs = max(1, min(validated_epochs, round(affordable / max(n_train, 1))))
+    epochs = max(1, min(validated_epochs, math.floor(affordable / max(n_train, 1) + 0.5)))
     per_epoch = int(affordable / epochs)
     return epochs, 0 if per_epoch >= n_train else max(per_epoch, min(n_train, 64))
 
@@ -446,8 +448,9 @@ def step_final(ctx: Context) -> dict:
     if epochs != validated:
         # The schedule keeps its shape: the same fraction of the run warms up.
         settings["warmup_epochs"] = round(settings.get("warmup_epochs", 0.0) * epochs / validated, 2)
-    settings.update(epochs=epochs, val_split=0.0, train_subset=subset, early_stopping=0)
+    settings.update(epochs=epochs, val_split=0.0, val_subset=0, train_subset=subset, early_stopping=0)
     run_dir, history = _train(ctx, "8-final", settings)
+    trained_on = read_json(run_dir / "config.json", "run config")["data"]["num_train"]  # a stratified subset rounds per class
     metrics = evaluate_run(run_dir, progress=ctx.progress)
     metric = ctx.state["metric"]
     ctx.state["final_run"] = str(run_dir)
@@ -463,7 +466,7 @@ def step_final(ctx: Context) -> dict:
     return _step(
         STEP_NAMES[7],
         f"retrained '{chosen['name']}' on "
-        + (f"{subset} of the {len(train)} training images" if subset else f"all {len(train)} training images")
+        + (f"{trained_on} of the {len(train)} training images" if subset else f"all {len(train)} training images")
         + f" for {epochs} epoch{'s' if epochs != 1 else ''}"
         + (f" ({validated} validated; what the rest of the budget paid for)" if epochs < validated or subset else "")
         + "; "
@@ -473,7 +476,7 @@ def step_final(ctx: Context) -> dict:
         {"test_accuracy": metrics["accuracy"], "test_balanced_accuracy": metrics["balanced_accuracy"],
          "test_macro_f1": metrics["macro_f1"], "test_loss": metrics["loss"],
          "majority_baseline_accuracy": metrics["majority_baseline_accuracy"], "epochs": epochs,
-         "validated_epochs": validated, "train_subset": subset},
+         "validated_epochs": validated, "train_subset": trained_on if subset else 0},
         runs=[str(run_dir.relative_to(ctx.out))], usage=usage)
 
 

@@ -386,9 +386,9 @@ def _budget(record: dict, steps: list[dict], runs: dict, split: tuple[int, int] 
                             "validation images.")
         epochs, validated = _metric(steps, 7, "epochs"), _metric(steps, 7, "validated_epochs")
         if epochs and validated and epochs < validated:
-            findings.append(f"It trained {epochs} epochs, fewer than the {validated} validated in "
-                            "step 7: the budget cuts passes before it cuts images. More "
-                            f"time would give it all {validated}.")
+            findings.append(f"It trained {epochs} epoch{'s' if epochs != 1 else ''}, fewer than the "
+                            f"{validated} validated in step 7: the budget cuts passes before it cuts "
+                            f"images. More time would give it all {validated}.")
     parts.append(tag("ul", *(tag("li", f) for f in findings)))
     return Markup("".join(parts))
 
