@@ -381,6 +381,9 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     # At most half the run warms up, so a preset shortened with --epochs still decays.
     warmup_steps = min(int(round(config.warmup_epochs * batches)), total_steps // 2)
 
+    def scheduled_lr(step: int) -> float:
+        return lr_at(step, total_steps, config.lr, config.schedule, warmup_steps, final_fraction=config.lr_floor)
+
     # Everything is validated and loaded: only now touch the run directory.
     checkpoint = None
     if resume and paths.checkpoint.is_file():
@@ -464,9 +467,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
                     flips = flip_mask(flip_coins, idx, epoch) if flip_coins is not None else None
                     xb = augment_batch(xb, config.augment, step_generator(config.seed, epoch, step),
                                        translate=config.translate, cutout=config.cutout, flip=flips)
-                lr = lr_at(global_step, total_steps, config.lr, config.schedule, warmup_steps,
-                           final_fraction=config.lr_floor)
-                set_lr(optimizer, lr)
+                set_lr(optimizer, scheduled_lr(global_step))
                 with autocast(precision):
                     logits = model(to_model_input(xb, prep, channels_last=True))
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
@@ -503,9 +504,8 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
             if ema is not None:
                 live = _clean_state(model.state_dict())
                 model.load_state_dict(ema.state)
-            # The lr of the epoch's last step (recomputed: a resume may land after that step).
-            lr = lr_at(global_step - 1, total_steps, config.lr, config.schedule, warmup_steps,
-                       final_fraction=config.lr_floor)
+            # The lr of the epoch's last step (from the step count: a resume may land after it).
+            lr = scheduled_lr(global_step - 1)
             row = {"epoch": epoch + 1, "train_loss": sums["loss"] / sums["seen"],
                    "train_acc": sums["correct"] / sums["seen"], "val_loss": None, "val_acc": None,
                    "lr": lr}
