@@ -105,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for name, options in variants:
             log.info("%s seed %d: %s", name, seed, " ".join(options) or "(preset as is)")
-            runs.append(run_one(args.data, args.preset, name, options, seed, args.runs_dir))
+            try:
+                runs.append(run_one(args.data, args.preset, name, options, seed, args.runs_dir))
+            except subprocess.CalledProcessError as exc:  # imgflow printed why, in one line, above
+                print(f"ablation: imgflow train failed for variant {name!r} seed {seed} (exit {exc.returncode}); "
+                      f"results so far are in {out if runs else 'no file'}", file=sys.stderr)
+                return 2
             log.info("%s seed %d: validation accuracy %.4f", name, seed, runs[-1]["val_accuracy"])
             write_json(out, {"benchmark": "ablation", "preset": args.preset, "preset_settings": PRESETS[args.preset],
                              "machine": machine, "runs": runs, "summary": summarise(runs)})

@@ -396,6 +396,11 @@ def test_ablation_variants_parse_and_summarise_and_tabulate(monkeypatch, tmp_pat
     # A preset without validation cannot be scored: refused before anything trains.
     assert ablation.main(["--preset", "best", "--variant", "x=--epochs 1", "--runs-dir", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r").exists()
+    # A bad option fails in `imgflow train`: one line from each, exit 2, no result file.
+    out = tmp_path / "ablation.json"
+    assert ablation.main(["--data", str(tmp_path / "missing"), "--variant", "x=--epochs 1",
+                          "--runs-dir", str(tmp_path / "r"), "--out", str(out)]) == 2
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------
