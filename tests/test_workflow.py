@@ -51,7 +51,7 @@ def test_workflow_decisions_and_broken_files(finished_workflow):
     steps = {s["name"]: s for s in record["steps"]}
     assert steps["define the problem and assemble the data"]["metrics"]["skipped_files"] == 1
     assert steps["choose a measure of success"]["metrics"]["balance_ratio"] <= 1.5
-    assert "accuracy" in steps["choose a measure of success"]["decision"]
+    assert steps["choose a measure of success"]["decision"] == "measure success by accuracy"
     assert steps["decide an evaluation protocol"]["metrics"]["kind"] == "hold-out"
     assert steps["decide an evaluation protocol"]["metrics"]["val_subset"] == 24  # the fixture's cap
     overfit = json.loads((out / "runs" / "6-overfit" / "config.json").read_text())
@@ -65,6 +65,10 @@ def test_workflow_decisions_and_broken_files(finished_workflow):
     assert len(tune["candidates"]) >= 1 and tune["decision"].startswith("chose")
     assert all((out / run).is_dir() for step in record["steps"] for run in step.get("runs", []))
     assert (out / "examples.png").is_file()
+    # The final model trained on flips and shifts is tested on those views (TTA), and only then.
+    final_metrics = json.loads((out / "runs" / "8-final" / "metrics.json").read_text())
+    assert final_metrics["tta"] == ("flip" in final["train"]["augment"])
+    assert steps["test once and deploy"]["metrics"]["tta"] == final_metrics["tta"]
 
 
 def test_rerunning_a_finished_workflow_redoes_nothing(finished_workflow, workflow_data, monkeypatch):
@@ -93,6 +97,97 @@ def test_interrupted_workflow_resumes_after_the_last_finished_step(workflow_data
     assert len(json.loads((tmp_path / "out" / "workflow.json").read_text())["steps"]) == 4
     wf.run_workflow(str(workflow_data), tmp_path / "out", budget_minutes=1, progress=False)
     assert calls == [0, 1, 2, 3, 4, 4, 5, 6, 7]
+
+
+def test_a_step_interrupted_mid_training_continues_its_run_with_the_saved_plan(workflow_data, tmp_path,
+                                                                            monkeypatch):
+    """Re-planning on resume would change the run's settings (and the engine would refuse them)."""
+    from imgflow.training import engine
+
+    real_train = engine.train
+    speeds = iter([1e6] + [5.0] * 20)  # the machine looks 200,000x slower on the second invocation
+    monkeypatch.setattr(wf, "_measure_throughput", lambda ctx, model, batch: next(speeds))
+
+    def interrupted(config, run_dir, **kwargs):
+        real_train(config, run_dir, **kwargs)
+        raise KeyboardInterrupt  # after the baseline run's last checkpoint, before the step ends
+
+    monkeypatch.setattr(engine, "train", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        wf.run_workflow(str(workflow_data), out, budget_minutes=0.5, seed=0, progress=False)
+    record = json.loads((out / "workflow.json").read_text())
+    planned = record["state"]["plans"]["5-baseline"]["settings"]
+    assert len(record["steps"]) == 4 and record["elapsed_minutes"] > 0  # the time spent is counted
+    elapsed_before = record["elapsed_minutes"]
+
+    monkeypatch.setattr(engine, "train", real_train)
+    monkeypatch.setattr(wf, "STEPS", wf.STEPS[:5])  # the baseline step is what this test is about
+    again = wf.run_workflow(str(workflow_data), out, budget_minutes=0.5, seed=0, progress=False)
+    baseline = again["steps"][4]["metrics"]
+    assert (baseline["epochs"], baseline["train_subset"]) == (planned["epochs"], planned["train_subset"])
+    assert baseline["train_images_per_second"] == 1e6  # the first plan's probe, not a new one
+    config = json.loads((out / "runs" / "5-baseline" / "config.json").read_text())["train"]
+    assert config["epochs"] == planned["epochs"] and again["elapsed_minutes"] > elapsed_before
+
+
+def test_a_workflow_continues_only_with_its_own_budget(workflow_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(wf, "STEPS", wf.STEPS[:2])
+    wf.run_workflow(str(workflow_data), tmp_path / "out", budget_minutes=1, progress=False)
+    assert main(["workflow", str(workflow_data), "--budget-minutes", "2", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "1-minute budget" in err and "--budget-minutes 1" in err
+    assert json.loads((tmp_path / "out" / "workflow.json").read_text())["budget_minutes"] == 1
+
+
+def test_balanced_accuracy_scores_a_run_by_mean_per_class_recall(finished_workflow, monkeypatch):
+    """A model that always says the majority class: accuracy = its share, balanced accuracy = 1/K."""
+    import torch
+
+    import imgflow.inference
+
+    out, record, _ = finished_workflow
+    state = json.loads((out / "workflow.json").read_text())["state"]
+    ctx = wf.Context(data=record["data"], out=out, seed=0, budget_seconds=30, started=time.perf_counter(),
+                     elapsed_before=0.0, progress=False, state={**state, "metric": "balanced_accuracy"})
+    part, val = wf._protocol_split(ctx)
+    calls = []
+
+    def always_class_0(model, images, prep, *args, **kwargs):
+        calls.append(len(images))
+        return torch.tensor([[5.0, 0.0, 0.0]]).repeat(len(images), 1)
+
+    monkeypatch.setattr(imgflow.inference, "predict_logits", always_class_0)
+    run_dir = out / "runs" / "6-overfit"
+    score = wf._val_score(ctx, run_dir, history=[])
+    assert calls == [len(val)]  # the run's own validation part, rebuilt from its config
+    assert score == pytest.approx(1 / 3)
+    ctx.state["metric"] = "accuracy"
+    assert wf._val_score(ctx, run_dir, [{"val_acc": 0.75}]) == 0.75
+
+
+def test_k_fold_reuses_the_step_6_run_as_fold_0_of_the_reference(tmp_path, monkeypatch):
+    from imgflow.training import engine
+
+    trained = []
+    monkeypatch.setattr(wf, "_train", lambda ctx, name, settings: (
+        trained.append((name, settings.get("fold"))),
+        (ctx.out / "runs" / name, [{"val_acc": 0.5, "val_loss": 1.0}]))[1])
+    monkeypatch.setattr(wf, "_val_score", lambda ctx, run_dir, history: 0.5)
+    monkeypatch.setattr(engine, "read_history", lambda path: [{"val_acc": 0.4, "val_loss": 1.1}])
+    settings = {"model": "fast-small", "epochs": 2, "folds": 3, "fold": 0, "lr": 0.1}
+    scaled = {"epochs": 2, "seconds_per_epoch": 1.0, "settings": settings, "run": "runs/6-overfit",
+              "final_val_acc": 0.4, "final_val_loss": 1.1, "final_val_score": 0.4}
+    # 3 folds x (3 + 2 x 1 s) = 15 s per candidate; the reference's 2 extra folds cost 10 s.
+    ctx = wf.Context(data="x", out=tmp_path, seed=0, budget_seconds=25 / wf.BUDGET_SHARE["tune"],
+                     started=time.perf_counter(), elapsed_before=0.0, progress=False,
+                     state={"scaled": scaled, "protocol": {"kind": "k-fold", "folds": 3}, "metric": "accuracy"})
+    step = wf.step_tune(ctx)
+    assert ("7-none-fold0", 0) not in trained  # fold 0 of the reference is the step-6 run
+    assert [n for n, _ in trained if n.startswith("7-none")] == ["7-none-fold1", "7-none-fold2"]
+    none = step["candidates"][0]
+    assert none["runs"][0] == "runs/6-overfit" and len(none["runs"]) == 3
+    assert len(step["candidates"]) == 2  # 25 s pays the reference's 10 s and one 15-s candidate
 
 
 # ---------------------------------------------------------------------------------------------

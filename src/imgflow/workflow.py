@@ -43,7 +43,7 @@ MAX_EPOCHS = {"baseline": 8, "overfit": 30}
 MIN_EPOCHS_TO_SEE_OVERFITTING = 6
 RUN_OVERHEAD_SECONDS = 3.0  # per training run: loading the cached data, building, saving
 VALIDATION_CAP = 5000  # held-out images scored per exploration epoch (std error <= 0.71 points)
-FINAL_RESERVE = 0.04  # budget share kept back for the test evaluation and the reports
+FINAL_RESERVE = 0.06  # budget share kept back for the test evaluation (with TTA) and the reports
 
 
 @dataclasses.dataclass
@@ -58,6 +58,7 @@ class Context:
     elapsed_before: float  # seconds spent by earlier, interrupted invocations
     progress: bool
     state: dict[str, Any]  # decisions later steps need; saved in workflow.json
+    save: Callable[[], None] = lambda: None  # writes workflow.json with the state so far
     # The loaded data set, keyed by its test hold-out, so the steps decode/read it once.
     loaded: tuple[float, Any] | None = dataclasses.field(default=None, repr=False)
 
@@ -159,6 +160,20 @@ def _plan_epochs(seconds: float, images_per_second: float, n_train: int, n_val: 
     return min_epochs, max(subset, min(n_train, 64))
 
 
+def _plan_once(ctx: Context, name: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The plan of run `name` (its settings and what they were based on), made only once.
+
+    The plan is saved before the run starts: an interrupted workflow continues that run with
+    the same settings, instead of re-planning from a new throughput probe and the budget left
+    (which would change the epochs and make the run unresumable).
+    """
+    plans = ctx.state.setdefault("plans", {})
+    if name not in plans:
+        plans[name] = make()
+        ctx.save()
+    return plans[name]
+
+
 def _train(ctx: Context, name: str, settings: dict[str, Any]):
     """Train one run under OUT/runs/NAME (continuing it if an earlier invocation was interrupted)."""
     from imgflow.training.config import resolve_config
@@ -171,8 +186,34 @@ def _train(ctx: Context, name: str, settings: dict[str, Any]):
     return run_dir, history
 
 
-def _val_score(history: list[dict]) -> float:
+def _last_val_acc(history: list[dict]) -> float:
     return history[-1]["val_acc"] if history and history[-1]["val_acc"] is not None else float("nan")
+
+
+def _val_score(ctx: Context, run_dir: Path, history: list[dict]) -> float:
+    """The run's validation score by the measure of success step 2 chose.
+
+    Accuracy comes from the run's history; balanced accuracy (mean per-class recall) needs the
+    predictions, so the saved model classifies the run's own validation part once more.
+    """
+    if ctx.state["metric"] == "accuracy":
+        return _last_val_acc(history)
+    from sklearn.metrics import balanced_accuracy_score
+
+    from imgflow.inference import predict_logits
+    from imgflow.preprocess import Preprocessing
+    from imgflow.runs import load_trained_model
+    from imgflow.training.config import TrainConfig
+    from imgflow.training.engine import split_for_training
+
+    model, config = load_trained_model(run_dir)
+    _, val = split_for_training(_train_part(ctx), TrainConfig.from_dict(config["train"]))
+    logits = predict_logits(model, val.images, Preprocessing.from_dict(config["preprocessing"]))
+    return float(balanced_accuracy_score(val.labels, logits.argmax(1).numpy()))
+
+
+def _metric_name(ctx: Context) -> str:
+    return ctx.state["metric"].replace("_", " ")
 
 
 def _step(name: str, decision: str, why: str, metrics: dict | None = None, **extra) -> dict:
@@ -265,27 +306,42 @@ def step_baseline(ctx: Context) -> dict:
     majority = int(np.bincount(part.labels).argmax())
     majority_acc = float((val.labels == majority).mean())
     random_acc = 1.0 / len(ctx.state["classes"])
-    batch_size = 64 if len(part) < 5000 else 128
-    ips = _measure_throughput(ctx, SMALL_MODEL, batch_size)
-    epochs, subset = _plan_epochs(BUDGET_SHARE["baseline"] * ctx.budget_seconds, ips, len(part), len(val),
-                                  MAX_EPOCHS["baseline"], min_epochs=2)
-    settings = {**_base_settings(ctx), "model": SMALL_MODEL, "epochs": epochs, "train_subset": subset,
-                "optimizer": "adam", "lr": 1e-3, "batch_size": batch_size}
+
+    def plan() -> dict[str, Any]:
+        batch_size = 64 if len(part) < 5000 else 128
+        ips = _measure_throughput(ctx, SMALL_MODEL, batch_size)
+        epochs, subset = _plan_epochs(BUDGET_SHARE["baseline"] * ctx.budget_seconds, ips, len(part), len(val),
+                                      MAX_EPOCHS["baseline"], min_epochs=2)
+        return {"images_per_second": ips,
+                "settings": {**_base_settings(ctx), "model": SMALL_MODEL, "epochs": epochs, "train_subset": subset,
+                             "optimizer": "adam", "lr": 1e-3, "batch_size": batch_size}}
+
+    planned = _plan_once(ctx, "5-baseline", plan)
+    settings, ips = planned["settings"], planned["images_per_second"]
+    epochs, subset = settings["epochs"], settings["train_subset"]
     run_dir, history = _train(ctx, "5-baseline", settings)
-    score = _val_score(history)
-    beats = score > max(majority_acc, random_acc)
-    ctx.state["baseline_val_acc"] = score
+    score = _val_score(ctx, run_dir, history)
+    # Balanced accuracy gives every constant or random guess 1/classes.
+    balanced = ctx.state["metric"] != "accuracy"
+    majority_score = random_acc if balanced else majority_acc
+    beats = score > max(majority_score, random_acc)
+    ctx.state["baseline_val_score"] = score
     verdict = ("beats both" if beats else
                "DOES NOT BEAT the common-sense baseline: check the labels and the data before going further")
+    metrics = {"majority_baseline_val_acc": majority_acc, "random_baseline_val_acc": random_acc,
+               "small_model_val_acc": _last_val_acc(history), "epochs": epochs, "train_subset": subset,
+               "train_images_per_second": round(ips, 1), "beats_baseline": beats}
+    if balanced:
+        metrics.update(metric=ctx.state["metric"], majority_baseline_val_score=majority_score,
+                       random_baseline_val_score=random_acc, small_model_val_score=score)
     return _step(
         STEP_NAMES[4],
-        f"{SMALL_MODEL} reaches {score:.3f} validation accuracy in {epochs} epochs: {verdict}",
+        f"{SMALL_MODEL} reaches {score:.3f} validation {_metric_name(ctx)} in {epochs} epochs: {verdict}",
         f"Always predicting the most common class ('{ctx.state['classes'][majority]}') scores "
-        f"{majority_acc:.3f}, guessing at random {random_acc:.3f}. A model must clear these before it means anything.",
-        {"majority_baseline_val_acc": majority_acc, "random_baseline_val_acc": random_acc,
-         "small_model_val_acc": score, "epochs": epochs, "train_subset": subset,
-         "train_images_per_second": round(ips, 1), "beats_baseline": beats},
-        runs=[str(run_dir.relative_to(ctx.out))])
+        f"{majority_score:.3f}, guessing at random {random_acc:.3f}"
+        + (f" (by {_metric_name(ctx)}; plain accuracy of the majority guess: {majority_acc:.3f})" if balanced else "")
+        + ". A model must clear these before it means anything.",
+        metrics, runs=[str(run_dir.relative_to(ctx.out))])
 
 
 def detect_overfitting(history: list[dict], patience: int = 2) -> int | None:
@@ -305,13 +361,21 @@ def detect_overfitting(history: list[dict], patience: int = 2) -> int | None:
 
 
 def _scaled_model_and_plan(ctx: Context, n_train: int, n_val: int) -> tuple[str, int, int, float]:
+    """(model, epochs, train_subset, images/s): the largest fast model that fits the step's budget."""
     seconds = BUDGET_SHARE["overfit"] * ctx.budget_seconds
+
+    def plan(model: str, batch_size: int) -> tuple[int, int, float]:
+        ips = _measure_throughput(ctx, model, batch_size)
+        return *_plan_epochs(seconds, ips, n_train, n_val, MAX_EPOCHS["overfit"],
+                             min_epochs=MIN_EPOCHS_TO_SEE_OVERFITTING), ips
+
     batch_size = _fast_recipe(n_train)["batch_size"]
     for model in SCALED_MODELS:
-        ips = _measure_throughput(ctx, model, batch_size)
-        epochs, subset = _plan_epochs(seconds, ips, n_train, n_val, MAX_EPOCHS["overfit"],
-                                      min_epochs=MIN_EPOCHS_TO_SEE_OVERFITTING)
+        epochs, subset, ips = plan(model, batch_size)
         if subset == 0 or model == SCALED_MODELS[-1]:
+            if _fast_recipe(subset or n_train)["batch_size"] != batch_size:
+                # A small subset trains with small batches, which run at another speed.
+                epochs, subset, ips = plan(model, _fast_recipe(subset or n_train)["batch_size"])
             return model, epochs, subset, ips
     raise AssertionError("unreachable")
 
@@ -325,11 +389,18 @@ def _fast_recipe(n_train: int) -> dict[str, Any]:
 
 def step_overfit(ctx: Context) -> dict:
     part, val = _protocol_split(ctx)
-    model, epochs, subset, ips = _scaled_model_and_plan(ctx, len(part), len(val))
-    recipe = _fast_recipe(subset or len(part))
-    settings = {**_base_settings(ctx), **recipe, "model": model, "epochs": epochs, "train_subset": subset,
-                "warmup_epochs": round(0.2 * epochs, 2), "augment": "none", "weight_decay": 0.0,
-                "label_smoothing": 0.0}
+
+    def plan() -> dict[str, Any]:
+        model, epochs, subset, ips = _scaled_model_and_plan(ctx, len(part), len(val))
+        recipe = _fast_recipe(subset or len(part))
+        return {"images_per_second": ips, "recipe": recipe,
+                "settings": {**_base_settings(ctx), **recipe, "model": model, "epochs": epochs,
+                             "train_subset": subset, "warmup_epochs": round(0.2 * epochs, 2),
+                             "augment": "none", "weight_decay": 0.0, "label_smoothing": 0.0}}
+
+    planned = _plan_once(ctx, "6-overfit", plan)
+    settings, ips, recipe = planned["settings"], planned["images_per_second"], planned["recipe"]
+    model, epochs, subset = settings["model"], settings["epochs"], settings["train_subset"]
     run_dir, history = _train(ctx, "6-overfit", settings)
     best_epoch = detect_overfitting(history)
     score = max(r["val_acc"] for r in history)
@@ -337,6 +408,7 @@ def step_overfit(ctx: Context) -> dict:
                            "best_epoch": best_epoch, "settings": settings,
                            "run": str(run_dir.relative_to(ctx.out)),
                            "final_val_acc": history[-1]["val_acc"], "final_val_loss": history[-1]["val_loss"],
+                           "final_val_score": _val_score(ctx, run_dir, history),
                            "seconds_per_epoch": float(np.median([r["seconds"] for r in history]))}
     if best_epoch:
         decision = (f"{model} overfits: validation loss is lowest at epoch {best_epoch} and rises after "
@@ -363,18 +435,31 @@ CANDIDATES = [
 ]
 
 
-def _train_candidate(ctx: Context, name: str, label: str, settings: dict[str, Any]) -> dict:
-    """Train one candidate (on every fold under k-fold) and score it on validation."""
-    scores, losses, runs = [], [], []
+def _train_candidate(ctx: Context, name: str, label: str, settings: dict[str, Any],
+                     trained: dict[int, str] | None = None) -> dict:
+    """Train one candidate (on every fold under k-fold) and score it on validation.
+
+    trained: fold -> run directory (relative to OUT) of a fold already trained with these settings.
+    """
+    from imgflow.training.engine import read_history
+
+    trained = trained or {}
+    accs, scores, losses, runs = [], [], [], []
     for fold in range(settings.get("folds") or 1):  # k-fold: every fold validates once
-        fold_settings = {**settings, "fold": fold} if settings.get("folds") else settings
-        suffix = f"-fold{fold}" if settings.get("folds") else ""
-        run_dir, history = _train(ctx, f"7-{name}{suffix}", fold_settings)
-        scores.append(_val_score(history))
+        if fold in trained:
+            run_dir = ctx.out / trained[fold]
+            history = read_history(run_dir / "history.csv")
+        else:
+            fold_settings = {**settings, "fold": fold} if settings.get("folds") else settings
+            suffix = f"-fold{fold}" if settings.get("folds") else ""
+            run_dir, history = _train(ctx, f"7-{name}{suffix}", fold_settings)
+        accs.append(_last_val_acc(history))
+        scores.append(_val_score(ctx, run_dir, history))
         losses.append(history[-1]["val_loss"])
         runs.append(str(run_dir.relative_to(ctx.out)))
     return {"name": name, "description": label, "settings": settings,
-            "val_acc": float(np.mean(scores)), "val_acc_std": float(np.std(scores)),
+            "val_acc": float(np.mean(accs)), "val_acc_std": float(np.std(accs)),
+            "val_score": float(np.mean(scores)), "val_score_std": float(np.std(scores)),
             "val_loss": float(np.mean(losses)), "runs": runs, "run": runs[0]}
 
 
@@ -386,30 +471,35 @@ def step_tune(ctx: Context) -> dict:
     # decides how many of them run.
     epochs = scaled["epochs"]
     seconds_per_run = RUN_OVERHEAD_SECONDS + epochs * scaled["seconds_per_epoch"]
-    affordable = int(BUDGET_SHARE["tune"] * ctx.budget_seconds // (seconds_per_run * folds))
+    # The unregularised reference is the step-6 run; under k-fold that run is its fold 0 and
+    # its other folds come out of this step's budget too.
+    reference_runs = (folds - 1) * seconds_per_run
+    affordable = int((BUDGET_SHARE["tune"] * ctx.budget_seconds - reference_runs) // (seconds_per_run * folds))
     n_candidates = max(1, min(len(CANDIDATES), affordable))
     results = []
     if folds == 1:  # the step-6 run is the unregularised reference, already trained and scored
         results.append({"name": "none", "description": "no regularisation (the step-6 run)",
                         "settings": scaled["settings"], "val_acc": scaled["final_val_acc"],
-                        "val_acc_std": 0.0, "val_loss": scaled["final_val_loss"],
-                        "runs": [scaled["run"]], "run": scaled["run"]})
+                        "val_acc_std": 0.0, "val_score": scaled.get("final_val_score", scaled["final_val_acc"]), "val_score_std": 0.0,
+                        "val_loss": scaled["final_val_loss"], "runs": [scaled["run"]], "run": scaled["run"]})
     else:
-        results.append(_train_candidate(ctx, "none", "no regularisation", scaled["settings"]))
+        results.append(_train_candidate(ctx, "none", "no regularisation (fold 0 is the step-6 run)",
+                                        scaled["settings"], trained={0: scaled["run"]}))
     for name, label, changes in CANDIDATES[:n_candidates]:
         changes = dict(changes)
         lr_scale = changes.pop("lr_scale", 1.0)
         settings = {**scaled["settings"], **changes, "lr": scaled["settings"]["lr"] * lr_scale}
         results.append(_train_candidate(ctx, name, label, settings))
-    best = max(results, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    best = max(results, key=lambda r: (r["val_score"], -r["val_loss"]))
     ctx.state["chosen"] = best
-    table = {r["name"]: round(r["val_acc"], 4) for r in results}
+    table = {r["name"]: round(r["val_score"], 4) for r in results}
     skipped = len(CANDIDATES) - n_candidates
     return _step(
-        STEP_NAMES[6], f"chose '{best['name']}' ({best['description']}): validation accuracy {best['val_acc']:.4f}",
+        STEP_NAMES[6],
+        f"chose '{best['name']}' ({best['description']}): validation {_metric_name(ctx)} {best['val_score']:.4f}",
         f"{n_candidates} regularised candidates trained like the step-6 run ({epochs} epochs) and compared "
         "with it on validation only" + (f"; {skipped} more did not fit the budget" if skipped else "") + ".",
-        {"candidates": table, "epochs": epochs},
+        {"candidates": table, "metric": ctx.state["metric"], "epochs": epochs},
         runs=[run for r in results for run in r["runs"]], candidates=results)
 
 
@@ -436,22 +526,30 @@ def step_final(ctx: Context) -> dict:
     from imgflow.evaluation import evaluate_run
 
     chosen = ctx.state["chosen"]
-    settings = {k: v for k, v in chosen["settings"].items() if k not in ("folds", "fold")}
-    validated = settings["epochs"]
+    validated = chosen["settings"]["epochs"]
     train = _train_part(ctx)
-    # What is left after a small reserve for the test evaluation and the reports (~20 s for
-    # CIFAR-10 on this project's 2-core machine; 36 s at the default 15-minute budget).
-    seconds = max(ctx.remaining() - FINAL_RESERVE * ctx.budget_seconds,
-                  0.25 * BUDGET_SHARE["final"] * ctx.budget_seconds)
-    ips = _measure_throughput(ctx, settings["model"], settings["batch_size"])
-    epochs, subset = plan_final_run(seconds, ips, len(train), validated)
-    if epochs != validated:
-        # The schedule keeps its shape: the same fraction of the run warms up.
-        settings["warmup_epochs"] = round(settings.get("warmup_epochs", 0.0) * epochs / validated, 2)
-    settings.update(epochs=epochs, val_split=0.0, val_subset=0, train_subset=subset, early_stopping=0)
+
+    def plan() -> dict[str, Any]:
+        settings = {k: v for k, v in chosen["settings"].items() if k not in ("folds", "fold")}
+        # What is left after a small reserve for the test evaluation and the reports (~45 s for
+        # CIFAR-10 with TTA on this project's 2-core machine; 54 s at the default 15-minute budget).
+        seconds = max(ctx.remaining() - FINAL_RESERVE * ctx.budget_seconds,
+                      0.25 * BUDGET_SHARE["final"] * ctx.budget_seconds)
+        ips = _measure_throughput(ctx, settings["model"], settings["batch_size"])
+        epochs, subset = plan_final_run(seconds, ips, len(train), validated)
+        if epochs != validated:
+            # The schedule keeps its shape: the same fraction of the run warms up.
+            settings["warmup_epochs"] = round(settings.get("warmup_epochs", 0.0) * epochs / validated, 2)
+        settings.update(epochs=epochs, val_split=0.0, val_subset=0, train_subset=subset, early_stopping=0)
+        return {"images_per_second": ips, "settings": settings}
+
+    settings = _plan_once(ctx, "8-final", plan)["settings"]
+    epochs, subset = settings["epochs"], settings["train_subset"]
     run_dir, history = _train(ctx, "8-final", settings)
     trained_on = read_json(run_dir / "config.json", "run config")["data"]["num_train"]  # a stratified subset rounds per class
-    metrics = evaluate_run(run_dir, progress=ctx.progress)
+    # A model trained on mirrored and shifted images is tested on those views too, averaged.
+    tta = "flip" in settings.get("augment", "none")
+    metrics = evaluate_run(run_dir, tta=tta, progress=ctx.progress)
     metric = ctx.state["metric"]
     ctx.state["final_run"] = str(run_dir)
     ctx.state["test_accuracy"] = metrics["accuracy"]
@@ -470,10 +568,13 @@ def step_final(ctx: Context) -> dict:
         + f" for {epochs} epoch{'s' if epochs != 1 else ''}"
         + (f" ({validated} validated; what the rest of the budget paid for)" if epochs < validated or subset else "")
         + "; "
-        f"test {metric.replace('_', ' ')} {metrics[metric]:.4f} (majority baseline {metrics['majority_baseline_accuracy']:.4f})",
+        f"test {metric.replace('_', ' ')} {metrics[metric]:.4f}" + (" with test-time augmentation" if tta else "")
+        + f" (majority baseline {metrics['majority_baseline_accuracy']:.4f})",
         "The chosen configuration is retrained with the validation images added back, then evaluated "
-        "once on the untouched test split: this number was not used for any decision.",
-        {"test_accuracy": metrics["accuracy"], "test_balanced_accuracy": metrics["balanced_accuracy"],
+        "once on the untouched test split: this number was not used for any decision."
+        + (" It trained on mirrored and shifted images, so each test image is classified by the "
+           "average of four views: itself, its mirror and both shifted by a pixel." if tta else ""),
+        {"test_accuracy": metrics["accuracy"], "tta": tta, "test_balanced_accuracy": metrics["balanced_accuracy"],
          "test_macro_f1": metrics["macro_f1"], "test_loss": metrics["loss"],
          "majority_baseline_accuracy": metrics["majority_baseline_accuracy"], "epochs": epochs,
          "validated_epochs": validated, "train_subset": trained_on if subset else 0},
@@ -506,6 +607,10 @@ def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int =
         if (saved.get("data"), saved.get("seed")) != (data, seed):
             raise UserError(f"{out} holds a workflow for data {saved.get('data')!r} seed {saved.get('seed')}: "
                             "use the same DATA and --seed to continue it, or another --out")
+        saved_budget = saved.get("budget_minutes", budget_minutes)
+        if saved_budget != budget_minutes:  # the plans so far were cut to the first budget
+            raise UserError(f"{out} holds a workflow with a {saved_budget:g}-minute budget: "
+                            f"continue it with --budget-minutes {saved_budget:g}, or use another --out")
         record.update(steps=saved["steps"], state=saved["state"], elapsed_minutes=saved["elapsed_minutes"])
         if len(record["steps"]) < len(STEPS):
             log.info("continuing the workflow in %s after step %d", out, len(record["steps"]))
@@ -518,17 +623,28 @@ def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int =
     ctx = Context(data=data, out=out, seed=seed, budget_seconds=budget_minutes * 60,
                   started=time.perf_counter(), elapsed_before=record["elapsed_minutes"] * 60,
                   progress=progress, state=record["state"])
+
+    def save() -> None:
+        record["state"] = ctx.state
+        record["elapsed_minutes"] = round(ctx.elapsed() / 60, 3)
+        write_json(record_path, record)
+
+    ctx.save = save
     for index, step in enumerate(STEPS):
         if index < len(record["steps"]):
             continue
         log.info("step %d/%d: %s", index + 1, len(STEPS), STEP_NAMES[index])
         t0 = time.perf_counter()
-        result = step(ctx)
+        try:
+            result = step(ctx)
+        except BaseException:
+            # Ctrl-C or an error: the time spent still counts against the budget when the
+            # same command continues (after a kill -9, the time since the last save is lost).
+            save()
+            raise
         result["seconds"] = round(time.perf_counter() - t0, 1)
         record["steps"].append(result)
-        record["state"] = ctx.state
-        record["elapsed_minutes"] = round(ctx.elapsed() / 60, 3)
-        write_json(record_path, record)
+        save()
         log.info("  -> %s", result["decision"])
 
     record.update(final_run=ctx.state.get("final_run"), test_accuracy=ctx.state.get("test_accuracy"),

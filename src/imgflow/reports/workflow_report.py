@@ -160,9 +160,14 @@ def _step_baseline(step: dict, runs: dict, plots: Path) -> Markup:
     rows = [["always predict the majority class", f"{m['majority_baseline_val_acc']:.2%}"],
             ["guess at random", f"{m['random_baseline_val_acc']:.2%}"],
             [f"{model}, {m['epochs']} epochs{subset}", f"{m['small_model_val_acc']:.2%}"]]
+    headers = ["predictor", "validation accuracy"]
     scores = [m["majority_baseline_val_acc"], m["random_baseline_val_acc"], m["small_model_val_acc"]]
+    if "small_model_val_score" in m:  # step 2 chose another measure: it decides, accuracy is shown beside it
+        scores = [m["majority_baseline_val_score"], m["random_baseline_val_score"], m["small_model_val_score"]]
+        headers.append(f"validation {m['metric'].replace('_', ' ')}")
+        rows = [row + [f"{score:.2%}"] for row, score in zip(rows, scores)]
     best = max(scores)
-    parts = [table(["predictor", "validation accuracy"], rows, numeric=[1], id="baseline-table",
+    parts = [table(headers, rows, numeric=list(range(1, len(headers))), id="baseline-table",
                    row_classes=["best" if s == best else None for s in scores])]
     if not m.get("beats_baseline"):
         parts.append(note("The small model DOES NOT BEAT the common-sense baseline: check the "
@@ -212,16 +217,21 @@ def _step_tune(step: dict, runs: dict, plots: Path, state: dict) -> Markup:
     if not candidates:
         return Markup("")
     chosen = state.get("chosen", {}).get("name")
+    metric = state.get("metric", "accuracy").replace("_", " ")
     folds = max(len(c["runs"]) for c in candidates)
+    over_folds = f" (mean ± std over {folds} folds)" if folds > 1 else ""
+    headers = ["candidate", "what it changes", "epochs", "validation accuracy" + over_folds]
     rows = [[c["name"], c["description"], f"{c['settings'].get('epochs', '—')}",
-             f"{c['val_acc']:.2%} ± {c['val_acc_std']:.2%}", f"{c['val_loss']:.4f}",
-             ", ".join(c["runs"])] for c in candidates]
-    parts = [table(["candidate", "what it changes", "epochs",
-                    "validation accuracy" + (f" (mean ± std over {folds} folds)" if folds > 1 else ""),
-                    "validation loss", "runs"], rows, numeric=[2, 3, 4], id="candidates-table",
+             f"{c['val_acc']:.2%} ± {c['val_acc_std']:.2%}"] for c in candidates]
+    if metric != "accuracy":
+        headers.append(f"validation {metric}" + over_folds)
+        rows = [row + [f"{c['val_score']:.2%} ± {c['val_score_std']:.2%}"] for row, c in zip(rows, candidates)]
+    headers += ["validation loss", "runs"]
+    rows = [row + [f"{c['val_loss']:.4f}", ", ".join(c["runs"])] for row, c in zip(rows, candidates)]
+    parts = [table(headers, rows, numeric=list(range(2, len(headers) - 1)), id="candidates-table",
                    row_classes=["best" if c["name"] == chosen else None for c in candidates]),
-             paragraph("Candidates are ranked by validation accuracy, ties broken by validation "
-                       "loss; the chosen one is highlighted. The test split is not touched.",
+             paragraph(f"Candidates are ranked by validation {metric} (step 2's measure), ties broken "
+                       "by validation loss; the chosen one is highlighted. The test split is not touched.",
                        class_="muted")]
     histories = {}
     for c in candidates:
