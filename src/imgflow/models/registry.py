@@ -25,8 +25,7 @@ class ModelSpec:
     builder: Callable[..., nn.Module]  # called as builder(num_classes, in_channels, image_size, **kwargs)
     kwargs: dict[str, Any] = field(default_factory=dict)  # what makes this variant; read-only
     description: str = ""  # one line for `imgflow models`
-    default_recipe: dict[str, Any] = field(default_factory=dict)  # training hints; read-only
-    family: str = ""  # "seed", "fast", "resnet": variants of one family share a recipe
+    family: str = ""  # "seed", "fast", "resnet": variants of one family train alike (see training.config)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

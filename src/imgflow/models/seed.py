@@ -56,30 +56,14 @@ class KerasCNN(nn.Module):
         return self.head(self.features(x))
 
 
-# The notebook: pixels / 255, Adam(lr 1e-3; Keras' epsilon 1e-7), batch 128 (the notebook's
-# `batch_size`), 20 epochs, Keras `validation_split=0.2` (the last 20% of the training set).
-SEED_RECIPE = {
-    "optimizer": "adam",
-    "lr": 1e-3,
-    "adam_eps": 1e-7,
-    "weight_decay": 0.0,
-    "batch_size": 128,
-    "epochs": 20,
-    "val_split": 0.2,
-    "val_mode": "last",
-    "label_smoothing": 0.0,
-    "augment": "none",
-    "normalize": "scale01",  # x / 255, no mean/std
-    "schedule": "constant",
-}
-
+# The notebook trained both with pixels / 255, Adam 1e-3, batch 128, 20 epochs and Keras'
+# validation_split=0.2: the `notebook` preset in training.config and `imgflow reproduce-seed`.
 register_model(ModelSpec(
     name="seed-baseline",
     builder=KerasCNN,
     # The notebook's Dropout(0.2) line was never added to the model that ran: none here.
     kwargs=dict(widths=(16, 32, 64), convs_per_block=1, kernel_size=3, dense=128),
     description="notebook CNN 1: 3 conv(3x3)+pool, dense 128 (Keras-exact)",
-    default_recipe=SEED_RECIPE,
     family="seed",
 ))
 
@@ -89,6 +73,5 @@ register_model(ModelSpec(
     kwargs=dict(widths=(64, 128, 128), convs_per_block=2, kernel_size=4, batchnorm=True,
                 block_dropout=(0.2, 0.25, 0.35), dense=256, dense_dropout=0.5),
     description="notebook CNN 2: 3x[2 conv(4x4)+BN]+pool+dropout, dense 256+BN (Keras-exact)",
-    default_recipe=SEED_RECIPE,
     family="seed",
 ))

@@ -124,13 +124,14 @@ class TrainConfig:
 
 # Named configurations. Any option given on the command line still wins over the preset.
 #
-# `fast` and `best` follow airbench94 (Jordan, arXiv 2404.00498; the fast family's FAST_RECIPE)
+# `fast` and `best` follow airbench94 (Jordan, arXiv 2404.00498)
 # as far as the engine goes: whitening stem + dirac init (in the model), Nesterov SGD with
 # momentum 0.85, label smoothing 0.2, flip + 2-pixel reflect-translate, a linear warmup over
 # ~23% of training then a linear decay (airbench's triangle), TTA at evaluation. airbench sums
-# its loss and quotes lr 11.5 / weight decay 0.0153 "per 1024 examples"; for our mean loss that
-# is lr 1.5 at batch 1024 (scaled linearly with the batch) and PyTorch weight decay 1.33e-3
-# (see FAST_RECIPE for the arithmetic). airbench's other parts are train options (--bn-lr-scale
+# its loss and quotes lr 11.5 / weight decay 0.0153 "per 1024 examples" with momentum 0.85: per
+# step that is lr 11.5 / (1024 * (1 + 1/0.15)) = 1.465e-3 per example, i.e. lr 1.5 for a mean
+# loss at batch 1024 (scaled linearly with the batch), and a decay of 0.002 per step, i.e.
+# PyTorch's coupled weight_decay 0.002 / 1.5 = 1.33e-3 (unchanged by linear lr scaling). airbench's other parts are train options (--bn-lr-scale
 # 64, --lookahead 5, --flip alternate, --lr-floor 0.07) but not preset defaults: on `fast` at 4
 # epochs they changed validation accuracy by +0.0005 (seed 0; benchmarks/results/ablation-fast-*),
 # within noise. airbench credits them with cutting ~17 epochs to ~10 for 94% with its large net;
