@@ -158,7 +158,7 @@ def test_warmup_ramps_linearly_to_the_peak():
     assert np.allclose(np.diff(lrs), 0.1)
 
 
-def test_lr_floor_is_where_the_decay_ends():
+def test_lr_floor_lifts_the_whole_decay():
     total, warmup = 100, 20
     assert lr_at(total - 1, total, 2.0, "onecycle", warmup, final_fraction=0.07) == pytest.approx(
         0.14 + (2.0 - 0.14) / 80)
@@ -250,6 +250,7 @@ def test_evaluate_run_with_tta_on_the_tiny_run(tiny_run, tmp_path):
     metrics = evaluate_run(run_dir, tta=True, progress=False)
     assert metrics["tta"] is True and metrics["num_images"] == plain["num_images"] == 39
     assert metrics["accuracy"] > 0.8
+    assert metrics["loss"] != pytest.approx(plain["loss"], rel=1e-6)  # other probabilities: the views were used
     assert json.loads((run_dir / "metrics.json").read_text())["tta"] is True
 
 

@@ -192,11 +192,20 @@ def test_early_stopping_restores_the_best_weights(tiny_data, tmp_path):
     train_part, val_part = split_train_val(load_dataset(str(tiny_data), progress=False).train, 0.2, "last", 0)
     logits = predict_logits(model, val_part.images, Preprocessing.from_dict(config["preprocessing"]))
     assert loss_and_accuracy(logits, val_part.labels)["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert config["result"]["final_val_accuracy"] == best["val_acc"]  # of the weights it saved
 
 
-def test_ema_training_runs_and_learns(tiny_data, tmp_path):
+def test_ema_training_learns_and_saves_the_averaged_weights(tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
     result = train_tiny(tiny_data, tmp_path / "run", ema=0.9, epochs=4)
     assert result.history[-1]["val_acc"] > 0.6
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=True)
+    assert saved.keys() == state["ema"].keys()
+    assert all(torch.equal(saved[k], state["ema"][k]) for k in saved)
+    live = state["model"]
+    assert any(not torch.equal(saved[k], live[k]) for k in saved if saved[k].is_floating_point())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,12 +416,3 @@ def test_evaluate_cli_prints_table_and_writes_metrics(tiny_run, tmp_path, capsys
     assert "test accuracy" in out and "majority baseline" in out
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert f"{metrics['accuracy']:.4f}" in out
-
-
-def test_evaluate_with_tta(tiny_run, tmp_path):
-    from imgflow.evaluation import evaluate_run
-
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run, run_dir)
-    metrics = evaluate_run(run_dir, tta=True, progress=False)
-    assert metrics["tta"] is True and 0.8 < metrics["accuracy"] <= 1.0

@@ -46,7 +46,9 @@ from imgflow.training.schedule import lr_at
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
-# Fields that may differ between the run that started and the one that resumes it.
+# Fields that may differ between the run that started and the one that resumes it. Another
+# thread count can change the order of floating-point sums, so such a resume is warned about:
+# it continues the run, but not necessarily bit for bit.
 _RESUMABLE_DIFFERENCES = {"threads"}
 
 
@@ -253,6 +255,9 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: 
                 shown = ", ".join(f"{k}={saved.get(k, defaults[k])!r}" for k in diff)
                 raise UserError(f"{run_dir} was started with {shown}; resume with the same options "
                                 "or use --overwrite to start again")
+            if saved.get("threads", defaults["threads"]) != mine["threads"]:
+                log.warning("%s was started with --threads %s: resuming with %s may not end on "
+                            "bit-identical weights", run_dir, saved.get("threads"), mine["threads"])
         return
     holds_run = any(p.exists() for p in (paths.config, paths.history, paths.weights, paths.checkpoint))
     if holds_run and not overwrite:
@@ -539,8 +544,10 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
             if stop.requested:
                 raise KeyboardInterrupt(f"checkpoint saved; continue with --resume --out {run_dir}")
 
+    final_row = history[-1] if history else {"val_acc": None}  # the epoch the saved weights come from
     if config.early_stopping and best["state"] is not None:
         final_state = best["state"]
+        final_row = history[best["epoch"] - 1]
         log.info("restoring the best weights, from epoch %d (val_loss %.4f)", best["epoch"], best["val_loss"])
     elif ema is not None:
         final_state = ema.state
@@ -551,8 +558,9 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     run_config["result"] = {
         "epochs_run": len(history), "best_epoch": best["epoch"], "stopped_early": stopped_early,
         "train_seconds": round(seconds, 2),
+        # Images trained per second of the whole run (validation and checkpoints included).
         "train_images_per_second": round(len(history) * n_train / max(seconds, 1e-9), 1),
-        "final_val_accuracy": history[-1]["val_acc"] if history else None,
+        "final_val_accuracy": final_row["val_acc"],
     }
     saved = read_json(paths.config, "run config")
     saved["result"] = run_config["result"]
