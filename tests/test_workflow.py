@@ -14,8 +14,9 @@ from imgflow.cli import main
 
 @pytest.fixture(scope="module")
 def workflow_data(tmp_path_factory) -> Path:
-    """60 8x8 images per class (enough for a hold-out), plus one broken file."""
-    root = make_image_folder(tmp_path_factory.mktemp("wf") / "data", per_class=60, size=(8, 8))
+    """80 8x8 images per class in one folder (a test split is held out, and then enough remain
+    for a validation hold-out), plus one broken file."""
+    root = make_image_folder(tmp_path_factory.mktemp("wf") / "data", per_class=80, size=(8, 8), test=False)
     (root / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     return root
 

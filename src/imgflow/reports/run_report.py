@@ -98,13 +98,11 @@ def _load_data(config: dict, labels: np.ndarray):
 
     A run copied to another machine still gets a report, without the image figures.
     """
-    from imgflow.data import load_dataset
+    from imgflow.runs import load_run_data
 
     spec = config["train"]["data"]
-    size = config["train"].get("image_size")
-    try:
-        dataset = load_dataset(spec, image_size=tuple(size) if size else None,
-                               progress=sys.stderr.isatty())
+    try:  # with the run's test hold-out, when the source had no test split
+        dataset = load_run_data(config["train"], progress=sys.stderr.isatty())
     except UserError as exc:
         log.warning("data set %s not available (%s): the report has no images", spec, exc)
         return None, f"The data set {spec} could not be loaded ({exc}), so the images are not shown."
