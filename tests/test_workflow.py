@@ -190,6 +190,12 @@ def test_k_fold_reuses_the_step_6_run_as_fold_0_of_the_reference(tmp_path, monke
     assert none["runs"][0] == "runs/6-overfit" and len(none["runs"]) == 3
     assert len(step["candidates"]) == 2  # 25 s pays the reference's 10 s and one 15-s candidate
 
+    trained.clear()  # 9 s pays not even the reference's other folds: nothing more is trained
+    ctx.budget_seconds = 9 / wf.BUDGET_SHARE["tune"]
+    step = wf.step_tune(ctx)
+    assert trained == [] and [c["name"] for c in step["candidates"]] == ["none"]
+    assert step["candidates"][0]["runs"] == ["runs/6-overfit"] and "NO regularised candidate" in step["why"]
+
 
 # ---------------------------------------------------------------------------------------------
 # decisions and budget logic on their own

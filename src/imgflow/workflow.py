@@ -472,12 +472,13 @@ def step_tune(ctx: Context) -> dict:
     epochs = scaled["epochs"]
     seconds_per_run = RUN_OVERHEAD_SECONDS + epochs * scaled["seconds_per_epoch"]
     # The unregularised reference is the step-6 run; under k-fold that run is its fold 0 and
-    # its other folds come out of this step's budget too.
+    # its other folds come out of this step's budget too, unless not even one candidate fits
+    # beside them: then nothing more is trained and step 6's configuration goes on unchanged.
     reference_runs = (folds - 1) * seconds_per_run
     affordable = int((BUDGET_SHARE["tune"] * ctx.budget_seconds - reference_runs) // (seconds_per_run * folds))
-    n_candidates = max(1, min(len(CANDIDATES), affordable))
+    n_candidates = max(0, min(len(CANDIDATES), affordable))
     results = []
-    if folds == 1:  # the step-6 run is the unregularised reference, already trained and scored
+    if folds == 1 or n_candidates == 0:  # the step-6 run is the reference, already trained and scored
         results.append({"name": "none", "description": "no regularisation (the step-6 run)",
                         "settings": scaled["settings"], "val_acc": scaled["final_val_acc"],
                         "val_acc_std": 0.0, "val_score": scaled.get("final_val_score", scaled["final_val_acc"]), "val_score_std": 0.0,
@@ -494,11 +495,19 @@ def step_tune(ctx: Context) -> dict:
     ctx.state["chosen"] = best
     table = {r["name"]: round(r["val_score"], 4) for r in results}
     skipped = len(CANDIDATES) - n_candidates
+    if n_candidates == 0:
+        why = (f"NO regularised candidate fitted the budget: one would take {seconds_per_run * folds:.0f} s "
+               f"({folds} fold{'s' if folds > 1 else ''} of {epochs} epochs), the step had "
+               f"{BUDGET_SHARE['tune'] * ctx.budget_seconds:.0f} s. The step-6 configuration is "
+               "retrained as it is; a larger --budget-minutes would compare candidates.")
+    else:
+        why = (f"{n_candidates} regularised candidate{'s' if n_candidates > 1 else ''} trained like the step-6 "
+               f"run ({epochs} epochs) and compared with it on validation only"
+               + (f"; {skipped} more did not fit the budget" if skipped else "") + ".")
     return _step(
         STEP_NAMES[6],
         f"chose '{best['name']}' ({best['description']}): validation {_metric_name(ctx)} {best['val_score']:.4f}",
-        f"{n_candidates} regularised candidates trained like the step-6 run ({epochs} epochs) and compared "
-        "with it on validation only" + (f"; {skipped} more did not fit the budget" if skipped else "") + ".",
+        why,
         {"candidates": table, "metric": ctx.state["metric"], "epochs": epochs},
         runs=[run for r in results for run in r["runs"]], candidates=results)
 
@@ -668,6 +677,9 @@ def format_summary(record: dict) -> str:
     if record.get("test_accuracy") is not None:
         lines.append(f"test accuracy {record['test_accuracy']:.4f} in {record['elapsed_minutes']:.1f} min "
                      f"(budget {record['budget_minutes']:g} min)")
+        if record["elapsed_minutes"] > 1.1 * record["budget_minutes"]:
+            lines.append("over budget: loading data, speed probes, evaluation and reports take a fixed "
+                         "time that a budget this small cannot absorb; see the report's budget section")
     if record["steps"] and "usage" in record["steps"][-1]:
         lines.append(record["steps"][-1]["usage"])
     if record.get("report"):
