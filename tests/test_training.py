@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import train_tiny
+from datagen import make_image_folder
 from imgflow.cli import main
 from imgflow.data import Split
 from imgflow.data.splits import holdout_test, kfold_split, split_train_val, stratified_subset
@@ -159,6 +160,18 @@ def test_resume_without_checkpoint_starts_from_the_beginning(tiny_data, tmp_path
     assert _same_weights(run_dir, fresh)
 
 
+def test_an_exploding_lr_stops_the_run_instead_of_saving_broken_weights(tiny_data, tmp_path):
+    with pytest.raises(TrainingDiverged, match="lower --lr"):
+        train_tiny(tiny_data, tmp_path / "run", optimizer="sgd", lr=1e8)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_one_class_is_not_a_classification_problem(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "one", classes=("only",), per_class=10, test=False)
+    code, err = _run_cli(capsys, "train", str(data), "--model", "seed-baseline", "--out", str(tmp_path / "r"))
+    assert code == 2 and "at least 2" in err and not (tmp_path / "r").exists()
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch):
     import imgflow.training.engine as engine
 
@@ -262,7 +275,6 @@ def test_stratified_subset_keeps_proportions():
 
 
 def test_train_with_test_split_and_folds(tmp_path):
-    from datagen import make_image_folder
     from imgflow.evaluation import evaluate_run
 
     data = make_image_folder(tmp_path / "flat", per_class=15, size=(8, 8), flat=True, test=False)
@@ -307,6 +319,13 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     (["--precision", "fp64"], "--precision"),
     (["--optimizer", "rmsprop"], "--optimizer"),
     (["--preset", "nope"], "unknown preset"),
+    (["--lr", "inf"], "--lr"),
+    (["--momentum", "-1"], "--momentum"),
+    (["--momentum", "5"], "--momentum"),
+    (["--seed", "99999999999999999999"], "--seed"),
+    (["--fold", "1"], "--fold 1 needs --folds"),
+    (["--val-split", "0.05", "--val-subset", "1"], "validation part"),
+    (["--train-subset", "1"], "training image(s) left"),
 ])
 def test_invalid_train_options_exit_2_and_write_nothing(tiny_data, tmp_path, capsys, args, message):
     out = tmp_path / "run"

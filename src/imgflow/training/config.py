@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -62,8 +63,10 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 < self.lr < math.inf, f"--lr must be a number > 0, got {self.lr}"),
+            (0 <= self.weight_decay < math.inf, f"--weight-decay must be a number >= 0, got {self.weight_decay}"),
+            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
+            (0 <= self.seed < 2**63, f"--seed must be in [0, 2**63), got {self.seed}"),
             (0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}"),
             (0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
@@ -80,6 +83,7 @@ class TrainConfig:
             (not (self.lookahead and self.ema),
              "--lookahead and --ema both average the weights: use one of them"),
             (self.early_stopping >= 0, "--early-stopping must be >= 0"),
+            (self.fold == 0 or self.folds, f"--fold {self.fold} needs --folds K (the number of folds)"),
             (self.folds == 0 or (self.folds >= 2 and 0 <= self.fold < self.folds),
              f"--folds must be >= 2 and --fold in [0, folds), got {self.folds} and {self.fold}"),
             (0 <= self.test_split < 1, f"--test-split must be in [0, 1), got {self.test_split}"),

@@ -77,7 +77,14 @@ def split_for_training(train: Split, config: TrainConfig) -> tuple[Split, Split 
         train_part, val_part = split_train_val(train, config.val_split, config.val_mode, config.seed)
     if val_part is not None:
         val_part = stratified_subset(val_part, config.val_subset, config.seed)
-    return stratified_subset(train_part, config.train_subset, config.seed), val_part
+        if len(val_part) == 0:
+            raise UserError(f"the validation part of {len(train)} training images is empty: "
+                            "raise --val-split (or --val-subset)")
+    train_part = stratified_subset(train_part, config.train_subset, config.seed)
+    if len(train_part) < 2:
+        raise UserError(f"only {len(train_part)} training image(s) left after the validation split "
+                        "and --train-subset: lower --val-split or raise --train-subset")
+    return train_part, val_part
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -371,6 +378,9 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
         progress = sys.stderr.isatty()
 
     dataset = load_run_data(config.to_dict(), progress=progress)
+    if dataset.num_classes < 2:
+        raise UserError(f"{dataset.name} has {dataset.num_classes} class: a classifier needs at least 2 "
+                        "(one sub-folder per class)")
     train_part, val_part = split_for_training(dataset.train, config)
     precision = resolve_precision(config.precision)
     threads = set_threads(config.threads)
@@ -479,7 +489,8 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower --lr "
-                        f"(now {config.lr}); the last good checkpoint is kept in {paths.checkpoint_dir}")
+                        f"(now {config.lr}) and start again with --overwrite; the last good checkpoint "
+                        f"is kept in {paths.checkpoint_dir}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -506,6 +517,10 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
             if lookahead is not None and global_step == total_steps:
                 lookahead.finish(model)  # the last epoch validates and saves the averaged weights
 
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise TrainingDiverged(
+                    f"the weights became inf/nan in epoch {epoch + 1}: lower --lr (now {config.lr}) and start "
+                    f"again with --overwrite; the last good checkpoint is kept in {paths.checkpoint_dir}")
             if ema is not None:
                 live = _clean_state(model.state_dict())
                 model.load_state_dict(ema.state)
@@ -516,6 +531,10 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
                    "lr": lr}
             if val_part is not None:
                 val = _evaluate_part(model, val_part, prep, precision, config.eval_batch_size)
+                if not math.isfinite(val["loss"]):
+                    raise TrainingDiverged(
+                        f"validation loss became {val['loss']} after epoch {epoch + 1}: lower --lr (now "
+                        f"{config.lr}) and start again with --overwrite")
                 row["val_loss"], row["val_acc"] = val["loss"], val["accuracy"]
                 if config.early_stopping:
                     if val["loss"] < best["val_loss"]:
