@@ -127,3 +127,25 @@ def test_cli_bad_input_in_a_subprocess_has_no_traceback(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("imgflow: error: no images found in")
     assert "Traceback" not in result.stderr
+
+
+def test_cli_damaged_archives_and_file_outs_get_one_line(tiny, tmp_path, capsys):
+    """A truncated .tar.gz, a corrupt .zip, and an --out that is a file: one line, exit 2."""
+    import tarfile
+
+    with tarfile.open(tmp_path / "ok.tar.gz", "w:gz") as tar:
+        tar.add(tiny, arcname=".")
+    whole = (tmp_path / "ok.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "stub.tar.gz").write_bytes(whole[:10])  # a gzip header and nothing after it
+    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    (tmp_path / "a-file").write_text("x")
+    cases = [(["inspect", str(tmp_path / "cut.tar.gz")], "cannot read tar archive"),
+             (["inspect", str(tmp_path / "stub.tar.gz")], "truncated or corrupt"),
+             (["inspect", str(tmp_path / "bad.zip")], "truncated or corrupt"),
+             (["inspect", str(tiny), "--out", str(tmp_path / "a-file")], "choose another --out")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    assert (tmp_path / "a-file").read_text() == "x"

@@ -281,3 +281,14 @@ def test_curves_without_validation(tmp_path):
     history = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.5 + e / 10, "val_loss": None,
                 "val_acc": None} for e in range(1, 4)]
     _check_png(figures.training_curves(history, tmp_path / "c.png", "no validation"))
+
+
+def test_report_on_damaged_metrics_says_to_evaluate_again(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    paths = RunPaths(run)
+    damaged = {k: v for k, v in read_json(paths.metrics).items() if k != "per_class"}
+    paths.metrics.write_text(json.dumps(damaged))
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lacks per_class" in err and "imgflow evaluate" in err and len(err.splitlines()) == 1

@@ -275,5 +275,6 @@ def test_workflow_cli_bad_input(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()
     data = make_image_folder(tmp_path / "d", per_class=4, size=(8, 8))
-    assert main(["workflow", str(data), "--budget-minutes", "0", "--out", str(tmp_path / "o")]) == 2
-    assert "--budget-minutes" in capsys.readouterr().err
+    for budget in ("0", "inf", "nan"):
+        assert main(["workflow", str(data), "--budget-minutes", budget, "--out", str(tmp_path / "o")]) == 2
+        assert "--budget-minutes" in capsys.readouterr().err

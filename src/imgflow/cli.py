@@ -294,6 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         sys.stderr.close()
         return 0
+    except OSError as exc:  # the file system refused: an --out that is a file, no permission, disk full
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            message = f"{exc.filename} is a file where a directory is needed: choose another --out"
+        else:
+            message = (f"{exc.strerror or exc}: {exc.filename or ''} (check the path and that you "
+                       "may write there)")
+        print(f"imgflow: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

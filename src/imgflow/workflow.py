@@ -601,8 +601,8 @@ STEPS: list[Callable[[Context], dict]] = [step_data, step_metric, step_protocol,
 def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int = 0,
                  progress: bool | None = None) -> dict:
     """Run (or continue) the eight steps into `out`; return the workflow.json content."""
-    if not budget_minutes > 0:
-        raise UserError(f"--budget-minutes must be > 0, got {budget_minutes}")
+    if not 0 < budget_minutes < math.inf:
+        raise UserError(f"--budget-minutes must be a number > 0, got {budget_minutes}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory: choose another path")

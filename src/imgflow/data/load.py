@@ -12,7 +12,7 @@ from imgflow.data import cache, cifar10, fashion_mnist
 from imgflow.data.dataset import Dataset, Split
 from imgflow.data.decode import resize_images
 from imgflow.data.folder import dataset_name, read_image_folder
-from imgflow.data.readers import DirReader
+from imgflow.data.readers import DirReader, is_tar_archive
 from imgflow.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _load_path(path: Path, root: Path, image_size, progress: bool) -> Dataset:
 
 
 def _read_archive(path: Path, image_size, progress: bool) -> Dataset:
-    if tarfile.is_tarfile(path):
+    if is_tar_archive(path):
         try:
             with tarfile.open(path, "r:*") as tar:
                 official = cifar10.is_official_archive(tar)

@@ -225,6 +225,14 @@ class TarReader:
                 yield i, exc
 
 
+def is_tar_archive(path: Path) -> bool:
+    """Whether `path` is a tar archive (any compression); UserError when it is a damaged one."""
+    try:
+        return tarfile.is_tarfile(path)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # e.g. a truncated .tar.gz
+        raise UserError(f"cannot read archive {path}: {exc} (is it truncated or corrupt?)") from None
+
+
 def open_reader(path: Path) -> DirReader | ZipReader | TarReader:
     """A reader for a directory, zip or tar(.gz/.bz2/.xz) archive; UserError for anything else."""
     path = Path(path)
@@ -232,6 +240,8 @@ def open_reader(path: Path) -> DirReader | ZipReader | TarReader:
         return DirReader(path)
     if zipfile.is_zipfile(path):
         return ZipReader(path)
-    if tarfile.is_tarfile(path):
+    if is_tar_archive(path):
         return TarReader(path)
+    if path.suffix.lower() in (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz"):
+        raise UserError(f"cannot read archive {path}: not a valid {path.suffix} file (truncated or corrupt?)")
     raise UserError(f"{path} is not a directory, .zip or .tar(.gz) archive of images")

@@ -93,6 +93,11 @@ def _read_predictions(path: Path, metrics: dict, num_classes: int) -> tuple[np.n
     return probs, labels
 
 
+# What the report reads from metrics.json (written by imgflow.evaluation.evaluate_run).
+METRICS_KEYS = ("accuracy", "balanced_accuracy", "loss", "per_class", "confusion_matrix", "num_images",
+                "majority_baseline_accuracy", "majority_class", "random_baseline_accuracy")
+
+
 def _load_data(config: dict, labels: np.ndarray):
     """(dataset, None), or (None, why) when the data set cannot be loaded any more.
 
@@ -366,6 +371,10 @@ def report_run(run_dir: Path, out_dir: Path | None = None) -> Path:
         log.info("%s has not been evaluated: evaluating it on its test split first", run_dir)
         evaluate_run(run_dir)
     metrics = read_json(paths.metrics, "test metrics")
+    missing = [k for k in METRICS_KEYS if k not in metrics]
+    if missing:
+        raise UserError(f"{paths.metrics} lacks {', '.join(missing)} (damaged or from another tool): "
+                        f"re-run 'imgflow evaluate {run_dir}'")
     classes = list(metrics["per_class"])
     if classes != config["data"]["classes"]:
         raise UserError(f"{paths.metrics} does not match the run's classes: "
