@@ -30,14 +30,14 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("tiny") / "data", per_class=40, size=(16, 16))
 
 
-def train_tiny(data: Path, run_dir: Path, **overrides):
+def train_tiny(data: Path, run_dir: Path, resume: bool = False, **overrides):
     from imgflow.training.config import resolve_config
     from imgflow.training.engine import train
 
     settings = dict(model="seed-baseline", epochs=3, batch_size=16, precision="fp32")
     settings.update(overrides)
     config = resolve_config(str(data), settings)
-    return train(config, run_dir, progress=False)
+    return train(config, run_dir, resume=resume, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -146,6 +146,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_data, tmp_path):
     assert _same_weights(interrupted, reference)
 
 
+def test_resume_of_a_finished_run_changes_nothing(tiny_data, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    train_tiny(tiny_data, run_dir, epochs=1)
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file()}
+    with caplog.at_level("INFO"):
+        result = train_tiny(tiny_data, run_dir, epochs=1, resume=True)
+    assert "already finished" in caplog.text and "resuming" not in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file()} == before
+    assert len(result.history) == 1
+
+
 def test_resume_without_checkpoint_starts_from_the_beginning(tiny_data, tmp_path):
     run_dir = tmp_path / "empty-run"
     run_dir.mkdir()

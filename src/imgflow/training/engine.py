@@ -403,10 +403,11 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     checkpoint = None
     if resume and paths.checkpoint.is_file():
         checkpoint = load_checkpoint(paths.checkpoint)
-    elif resume and paths.weights.is_file() and paths.history.is_file():
+    finished = checkpoint is None or checkpoint["epoch"] >= config.epochs
+    if resume and finished and paths.weights.is_file() and paths.history.is_file():
         log.info("%s has already finished; nothing to resume", run_dir)
         return TrainResult(run_dir, read_history(paths.history))
-    elif overwrite:
+    if overwrite and not resume:
         _clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
