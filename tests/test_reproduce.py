@@ -26,3 +26,11 @@ def test_reproduce_seed_trains_both_models_and_writes_the_table(tiny_data, tmp_p
     before = (out / "seed-baseline" / "model.safetensors").stat().st_mtime_ns
     assert main(["-q", "reproduce-seed", str(tiny_data), "--out", str(out), "--epochs", "1"]) == 0
     assert (out / "seed-baseline" / "model.safetensors").stat().st_mtime_ns == before
+
+    # Other settings are not reported under finished runs of the first ones.
+    table = (out / "reproduce.md").read_text()
+    for other in (["--epochs", "2"], ["--epochs", "1", "--seed", "5"]):
+        assert main(["-q", "reproduce-seed", str(tiny_data), "--out", str(out), *other]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "use another --out" in err and len(err.splitlines()) == 1
+    assert (out / "reproduce.md").read_text() == table

@@ -28,7 +28,7 @@ def finished_workflow(workflow_data, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         # A cap under the hold-out's size, as CIFAR-10 meets it: exploration validates on part of it.
         mp.setattr(wf, "VALIDATION_CAP", 24)
-        record = wf.run_workflow(str(workflow_data), out, budget_minutes=0.5, seed=0, progress=False)
+        record = wf.run_workflow(str(workflow_data), out, budget_minutes=0.5, seed=0, progress=False, threads=1)
     return out, record, time.perf_counter() - t0
 
 
@@ -59,6 +59,7 @@ def test_workflow_decisions_and_broken_files(finished_workflow):
     final = json.loads((out / "runs" / "8-final" / "config.json").read_text())
     assert overfit["data"]["num_val"] == 24 and final["data"]["num_val"] == 0
     assert final["train"]["val_subset"] == 0 and final["train"]["val_split"] == 0
+    assert overfit["train"]["threads"] == final["train"]["threads"] == 1  # the workflow's --threads
     baseline = steps["beat a common-sense baseline"]["metrics"]
     assert baseline["majority_baseline_val_acc"] == pytest.approx(1 / 3, abs=0.05)
     assert baseline["beats_baseline"] is True

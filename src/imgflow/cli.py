@@ -148,7 +148,7 @@ def cmd_reproduce_seed(args: argparse.Namespace) -> int:
 
     table = reproduce_seed(args.data, Path(args.out), precision=args.precision,
                            epochs=args.epochs, models=args.models, seed=args.seed,
-                           resume=args.resume)
+                           resume=args.resume, threads=args.threads)
     print(table)
     return 0
 
@@ -156,7 +156,8 @@ def cmd_reproduce_seed(args: argparse.Namespace) -> int:
 def cmd_workflow(args: argparse.Namespace) -> int:
     from imgflow.workflow import format_summary, run_workflow
 
-    record = run_workflow(args.data, Path(args.out), budget_minutes=args.budget_minutes, seed=args.seed)
+    record = run_workflow(args.data, Path(args.out), budget_minutes=args.budget_minutes, seed=args.seed,
+                          threads=args.threads)
     print(format_summary(record))
     return 0
 
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train a model into a run directory")
-    from imgflow.training.config import add_train_arguments
+    from imgflow.training.config import THREADS_HELP, add_train_arguments
 
     add_train_arguments(p, _positive_int, _non_negative_int, _image_size)
     p.set_defaults(func=cmd_train)
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--models", nargs="+", default=["seed-baseline", "seed-batchnorm"])
     p.add_argument("--resume", action="store_true", help="continue interrupted runs")
+    p.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
     p.set_defaults(func=cmd_reproduce_seed)
 
     p = sub.add_parser("workflow", help="the universal workflow of ML, step by step, in a time budget")
@@ -266,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-minutes", type=float, default=15.0, help="total wall time (default 15)")
     p.add_argument("--out", default="runs/workflow", help="output directory (default runs/workflow)")
     p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
     p.set_defaults(func=cmd_workflow)
 
     return parser

@@ -54,9 +54,21 @@ def cpu_info() -> dict[str, str]:
     return records[0] if records else {}
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container quota)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def default_threads() -> int:
-    """One thread per physical core: hyper-threads only add contention in conv kernels."""
-    n = os.cpu_count() or 1
+    """$OMP_NUM_THREADS when the user set it, else one thread per physical core (hyper-threads
+    only add contention in conv kernels), never more than the CPUs available."""
+    n = available_cpus()
+    requested = os.environ.get("OMP_NUM_THREADS", "")
+    if requested.isdigit() and int(requested) >= 1:
+        return min(int(requested), n)
     cores = {(r.get("physical id"), r["core id"]) for r in cpuinfo_records() if "core id" in r}
     if cores:
         n = min(n, len(cores))

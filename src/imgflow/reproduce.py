@@ -8,7 +8,8 @@ from imgflow.evaluation import evaluate_run
 from imgflow.fileio import atomic_write_text, read_json, write_json
 from imgflow.runs import RunPaths
 from imgflow.training.config import resolve_config
-from imgflow.training.engine import read_history, train
+from imgflow.errors import UserError
+from imgflow.training.engine import config_differences, read_history, train
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,8 @@ NOTEBOOK_PARAMS = {"seed-baseline": 156_074, "seed-batchnorm": 1_517_450}
 
 def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 20,
                    models: list[str] | tuple[str, ...] = ("seed-baseline", "seed-batchnorm"),
-                   seed: int = 0, resume: bool = False, progress: bool | None = None) -> str:
+                   seed: int = 0, resume: bool = False, progress: bool | None = None,
+                   threads: int | None = None) -> str:
     """Train and test each notebook model with the notebook's settings; return a Markdown table.
 
     A model whose run directory already holds a finished run is not retrained; an interrupted
@@ -29,10 +31,14 @@ def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 
     rows = []
     for name in models:
         config = resolve_config(data, {"model": name, "epochs": epochs, "precision": precision,
-                                       "seed": seed}, preset="notebook")
+                                       "seed": seed, "threads": threads}, preset="notebook")
         run_dir = out / name
         paths = RunPaths(run_dir)
         finished = _finished(paths)
+        diff = config_differences(run_dir, config) if run_dir.is_dir() else []
+        if diff:  # a run of other settings (data, seed, epochs ...) must not be reported as this one
+            raise UserError(f"{run_dir} holds a {name} run with {', '.join(diff)}: use another --out "
+                            "(or the same settings to reuse or continue it)")
         if not finished:
             train(config, run_dir, resume=resume and run_dir.is_dir(), progress=progress)
         if finished and paths.metrics.is_file():

@@ -59,6 +59,7 @@ class Context:
     progress: bool
     state: dict[str, Any]  # decisions later steps need; saved in workflow.json
     save: Callable[[], None] = lambda: None  # writes workflow.json with the state so far
+    threads: int | None = None  # CPU threads for training (None: one per core, or $OMP_NUM_THREADS)
     # The loaded data set, keyed by its test hold-out, so the steps decode/read it once.
     loaded: tuple[float, Any] | None = dataclasses.field(default=None, repr=False)
 
@@ -104,7 +105,7 @@ def _protocol_split(ctx: Context):
 def _base_settings(ctx: Context) -> dict[str, Any]:
     protocol = ctx.state["protocol"]
     settings = dict(seed=ctx.seed, normalize="standardize", test_split=ctx.state.get("test_split", 0.0),
-                    precision="auto")
+                    precision="auto", threads=ctx.threads)
     if protocol["kind"] == "k-fold":
         settings.update(folds=protocol["folds"], fold=0)
     else:
@@ -123,7 +124,7 @@ def _measure_throughput(ctx: Context, model: str, batch_size: int) -> float:
 
     train = _train_part(ctx)
     H, W, C = train.images.shape[1:]
-    set_threads(None)
+    set_threads(ctx.threads)
     precision = resolve_precision("auto")
     torch.manual_seed(0)
     net = create_model(model, num_classes=int(train.labels.max()) + 1, in_channels=C,
@@ -599,7 +600,7 @@ STEPS: list[Callable[[Context], dict]] = [step_data, step_metric, step_protocol,
 
 
 def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int = 0,
-                 progress: bool | None = None) -> dict:
+                 progress: bool | None = None, threads: int | None = None) -> dict:
     """Run (or continue) the eight steps into `out`; return the workflow.json content."""
     if not 0 < budget_minutes < math.inf:
         raise UserError(f"--budget-minutes must be a number > 0, got {budget_minutes}")
@@ -631,7 +632,7 @@ def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int =
 
     ctx = Context(data=data, out=out, seed=seed, budget_seconds=budget_minutes * 60,
                   started=time.perf_counter(), elapsed_before=record["elapsed_minutes"] * 60,
-                  progress=progress, state=record["state"])
+                  progress=progress, threads=threads, state=record["state"])
 
     def save() -> None:
         record["state"] = ctx.state

@@ -60,6 +60,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise UserError on values that cannot work; return self for chaining."""
+        from imgflow.precision import available_cpus
+
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -93,7 +95,8 @@ class TrainConfig:
              "--val-subset needs a validation split (--val-split > 0 or --folds)"),
             (self.early_stopping == 0 or self.val_split > 0 or self.folds,
              "--early-stopping needs a validation split (--val-split > 0)"),
-            (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
+            (self.threads is None or 1 <= self.threads <= available_cpus(),
+             f"--threads must be between 1 and the {available_cpus()} CPUs available, got {self.threads}"),
             (self.translate >= 0 and self.cutout >= 0, "--translate/--cutout must be >= 0"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}"),
@@ -125,6 +128,9 @@ class TrainConfig:
             d["image_size"] = tuple(d["image_size"])
         return cls(**d)
 
+
+THREADS_HELP = ("CPU threads (default: $OMP_NUM_THREADS if set, else one per physical core; "
+                "at most the CPUs this process may use)")
 
 # Named configurations. Any option given on the command line still wins over the preset.
 #
@@ -251,7 +257,7 @@ def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_i
                    help="validate each epoch on at most N images (stratified): faster epochs")
     p.add_argument("--seed", type=non_negative_int)
     p.add_argument("--precision", choices=PRECISIONS)
-    p.add_argument("--threads", type=positive_int)
+    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     p.add_argument("--early-stopping", type=non_negative_int, metavar="PATIENCE",
                    help="stop when val_loss has not improved for PATIENCE epochs; keep the best")
     p.add_argument("--ema", type=float, help="weight EMA decay per step, e.g. 0.999 (0 = off)")

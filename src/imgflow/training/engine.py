@@ -242,6 +242,23 @@ def machine_info() -> dict[str, str | int | bool]:
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
+def config_differences(run_dir: Path, config: TrainConfig) -> list[str]:
+    """'option=value as started' for each setting of the run in run_dir that `config` changes."""
+    paths = RunPaths(run_dir)
+    if not paths.config.is_file():
+        return []
+    saved = read_json(paths.config, "run config").get("train", {})
+    mine = config.to_dict()
+    # An option added after the run started is missing from its config: the run used
+    # what is now that option's default.
+    defaults = TrainConfig("", "").to_dict()
+    if saved.get("threads", defaults["threads"]) != mine["threads"]:
+        log.warning("%s was started with --threads %s: continuing with %s may not end on "
+                    "bit-identical weights", run_dir, saved.get("threads"), mine["threads"])
+    return [f"{k}={saved.get(k, defaults[k])!r}" for k in sorted(mine)
+            if k not in _RESUMABLE_DIFFERENCES and saved.get(k, defaults[k]) != mine[k]]
+
+
 def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber a run; make sure --resume continues the same configuration."""
     paths = RunPaths(run_dir)
@@ -250,21 +267,10 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: 
     if resume:
         if not run_dir.is_dir():
             raise UserError(f"cannot resume: {run_dir} does not exist (start it without --resume)")
-        if paths.config.is_file():
-            saved = read_json(paths.config, "run config").get("train", {})
-            mine = config.to_dict()
-            # An option added after the run started is missing from its config: the run used
-            # what is now that option's default.
-            defaults = TrainConfig("", "").to_dict()
-            diff = sorted(k for k in mine if k not in _RESUMABLE_DIFFERENCES
-                          and saved.get(k, defaults[k]) != mine[k])
-            if diff:
-                shown = ", ".join(f"{k}={saved.get(k, defaults[k])!r}" for k in diff)
-                raise UserError(f"{run_dir} was started with {shown}; resume with the same options "
-                                "or use --overwrite to start again")
-            if saved.get("threads", defaults["threads"]) != mine["threads"]:
-                log.warning("%s was started with --threads %s: resuming with %s may not end on "
-                            "bit-identical weights", run_dir, saved.get("threads"), mine["threads"])
+        diff = config_differences(run_dir, config)
+        if diff:
+            raise UserError(f"{run_dir} was started with {', '.join(diff)}; resume with the same options "
+                            "or use --overwrite to start again")
         return
     holds_run = any(p.exists() for p in (paths.config, paths.history, paths.weights, paths.checkpoint))
     if holds_run and not overwrite:
