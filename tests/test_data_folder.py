@@ -367,3 +367,13 @@ def test_cache_dir_argument_wins(tiny, tmp_path):
     load_dataset(str(tiny), cache_dir=tmp_path / "elsewhere", progress=False)
     assert (tmp_path / "elsewhere" / "arrays").is_dir()
     assert not (tmp_path / "cache" / "arrays").exists()
+
+
+def test_an_image_size_that_cannot_fit_in_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "d", per_class=4, size=(8, 8))
+    with pytest.raises(UserError, match="each side must be 1 to 4096"):
+        load_dataset(str(root), image_size=(100_000, 100_000), cache_dir=tmp_path / "c")
+    monkeypatch.setattr(folder_mod, "available_memory", lambda: 1_000_000)  # 1 MB free
+    with pytest.raises(UserError, match="use a smaller --image-size"):
+        load_dataset(str(root), image_size=(256, 256), cache_dir=tmp_path / "c")  # 16 x 192 KiB
+    assert load_dataset(str(root), image_size=(16, 16), cache_dir=tmp_path / "c").image_shape == (16, 16, 3)

@@ -22,6 +22,10 @@ _ALIASES = {"cifar10": "cifar10", "cifar-10": "cifar10", "fashion-mnist": "fashi
 _SKIPPED_SHOWN = 5  # skipped files named in the warning; the card lists more
 
 
+# Every image is decoded into one uint8 array in memory; 4096x4096x3 is 48 MB per image.
+MAX_IMAGE_SIDE = 4096
+
+
 def load_dataset(spec: str, image_size: tuple[int, int] | None = None,
                  cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Dataset:
     """Load a data set as uint8 (N, H, W, C) splits with int64 labels and its provenance.
@@ -38,6 +42,9 @@ def load_dataset(spec: str, image_size: tuple[int, int] | None = None,
     root = cache.cache_root(cache_dir)
     if image_size is not None:
         image_size = (int(image_size[0]), int(image_size[1]))
+        if not 1 <= min(image_size) <= max(image_size) <= MAX_IMAGE_SIDE:
+            raise UserError(f"--image-size {image_size[0]}x{image_size[1]} is out of range: every image is "
+                            f"held in memory, so each side must be 1 to {MAX_IMAGE_SIDE} pixels (e.g. 32 or 224)")
     name = _ALIASES.get(spec.strip().lower())
     if name == "cifar10":
         env = os.environ.get("IMGFLOW_CIFAR10")
