@@ -288,7 +288,7 @@ def test_report_on_damaged_metrics_says_to_evaluate_again(tiny_run, tmp_path, ca
     shutil.copytree(tiny_run, run)
     paths = RunPaths(run)
     damaged = {k: v for k, v in read_json(paths.metrics).items() if k != "per_class"}
-    paths.metrics.write_text(json.dumps(damaged))
+    write_json(paths.metrics, damaged)
     assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "lacks per_class" in err and "imgflow evaluate" in err and len(err.splitlines()) == 1

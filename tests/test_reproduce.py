@@ -18,7 +18,8 @@ def test_reproduce_seed_trains_both_models_and_writes_the_table(tiny_data, tmp_p
         metrics = json.loads((out / r["model"] / "metrics.json").read_text())
         assert r["test_accuracy"] == metrics["accuracy"] and r["epochs"] == 1
         assert f"{r['test_accuracy']:.4f}" in printed
-    assert "| 0.6800 |" in printed and "| 0.8318 |" in printed  # the notebook's numbers beside ours
+    # The notebook's CIFAR-10 numbers stand beside ours only on CIFAR-10.
+    assert "| 0.6800 |" not in printed and all(r["notebook_test_accuracy"] is None for r in rows)
     assert (out / "reproduce.md").read_text().strip() in printed
     assert (out / "compare" / "comparison.html").is_file()
 

@@ -146,6 +146,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_data, tmp_path):
     assert _same_weights(interrupted, reference)
 
 
+def test_run_files_get_the_usual_permissions(tiny_run):
+    """Written atomically via a 0600 temp file, but shared like any file the user creates."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json", "history.csv", "metrics.json"):
+        assert (tiny_run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_resume_of_a_finished_run_changes_nothing(tiny_data, tmp_path, caplog):
     run_dir = tmp_path / "run"
     train_tiny(tiny_data, run_dir, epochs=1)
@@ -446,3 +454,14 @@ def test_evaluate_cli_prints_table_and_writes_metrics(tiny_run, tmp_path, capsys
     assert "test accuracy" in out and "majority baseline" in out
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert f"{metrics['accuracy']:.4f}" in out
+
+
+def test_evaluate_names_a_file_and_a_moved_data_folder(tiny_data, tmp_path, capsys):
+    code, err = _run_cli(capsys, "evaluate", __file__)
+    assert code == 2 and "is a file" in err
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    train_tiny(data, tmp_path / "run", epochs=1)
+    data.rename(tmp_path / "moved")
+    code, err = _run_cli(capsys, "evaluate", str(tmp_path / "run"))
+    assert code == 2 and "is gone" in err and str(data) in err and len(err.splitlines()) == 1

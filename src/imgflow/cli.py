@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce-seed", help="the reference notebook's two experiments")
     p.add_argument("data", nargs="?", default="cifar10")
     p.add_argument("--out", default="runs/reproduce-seed")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+                   help="fp32 (default, as the notebook), bf16, or auto (bf16 where the CPU has it natively)")
     p.add_argument("--epochs", type=_positive_int, default=20)
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--models", nargs="+", default=["seed-baseline", "seed-batchnorm"])

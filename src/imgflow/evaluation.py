@@ -69,6 +69,9 @@ def evaluate_run(run_dir: Path, tta: bool = False, progress: bool | None = None)
                         "or train with --test-split 0.2 to hold one out")
     if dataset.classes != config["data"]["classes"]:
         raise UserError(f"the classes of {train_cfg['data']} changed since {run_dir} was trained")
+    if config["data"].get("sha256") not in (None, dataset.sha256):
+        log.warning("the data in %s changed since %s was trained (its content hash differs): these "
+                    "test numbers are not comparable with the run's earlier ones", train_cfg["data"], run_dir)
     prep = Preprocessing.from_dict(config["preprocessing"])
     precision = resolve_precision(train_cfg.get("precision", "fp32"))
     set_threads(train_cfg.get("threads"))

@@ -54,6 +54,8 @@ class RunPaths:
 def read_run_config(run_dir: Path) -> dict:
     """config.json of a run; a missing directory or file is a UserError saying what to do."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise UserError(f"{run_dir} is a file: give a run directory (the --out of 'imgflow train')")
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir} (train one with 'imgflow train')")
     paths = RunPaths(run_dir)
@@ -68,7 +70,11 @@ def load_run_data(train_config: dict, progress: bool = False):
     from imgflow.data.splits import holdout_test
 
     image_size = tuple(train_config["image_size"]) if train_config.get("image_size") else None
-    dataset = load_dataset(train_config["data"], image_size=image_size, progress=progress)
+    spec = train_config["data"]
+    if Path(spec).is_absolute() and not Path(spec).exists():  # folders are recorded as absolute paths
+        raise UserError(f"the run's data {spec} is gone (moved or deleted): put it back there, as "
+                        "its config.json records that path")
+    dataset = load_dataset(spec, image_size=image_size, progress=progress)
     return holdout_test(dataset, train_config.get("test_split", 0.0))
 
 

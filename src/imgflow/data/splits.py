@@ -71,7 +71,9 @@ def holdout_test(dataset: Dataset, fraction: float, seed: int = 0) -> Dataset:
     order = np.random.default_rng([seed, 0x7E57]).permutation(len(dataset.train))
     is_test = _per_class_tail(dataset.train.labels, order, fraction)
     if is_test.sum() == 0 or (~is_test).sum() == 0:
-        raise UserError(f"cannot hold out {fraction:.0%} of {len(dataset.train)} images as a test split")
+        raise UserError(f"cannot hold out {fraction:.0%} of {len(dataset.train)} images as a test split "
+                        "(it is taken per class, and rounds to none or all of them): add images, "
+                        "change --test-split, or add a test/<class>/ folder")
     return dataclasses.replace(
         dataset, train=dataset.train.subset(np.sort(order[~is_test])),
         test=dataset.train.subset(np.sort(order[is_test])),

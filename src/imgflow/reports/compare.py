@@ -72,14 +72,16 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
             config.get("precision", "?"), duration(seconds),
             f"{result['train_images_per_second']:,.0f}" if result.get("train_images_per_second") else "—",
             f"{val[-1]:.2%}" if val else "—", f"{max(val):.2%}" if val else "—",
-            number(acc, f"{acc:.2%}", id=f"test-accuracy-{i}"), f"{metrics['loss']:.4f}",
+            number(acc, f"{acc:.2%}" + (" (TTA)" if metrics.get("tta") else ""), id=f"test-accuracy-{i}"),
+            f"{metrics['loss']:.4f}",
         ])
         row_classes.append("best" if acc == best_test and len(runs) > 1 else None)
 
     parts = [table(COLUMNS, rows, numeric=[2, 3, 6, 7, 8, 9, 10], row_classes=row_classes,
                    id="comparison-table"),
              paragraph("Wall time is the training time (validation included, test evaluation not); "
-                       "the best test accuracy is highlighted.", class_="muted")]
+                       "the best test accuracy is highlighted; (TTA) marks a test evaluated with "
+                       "test-time augmentation ('imgflow evaluate --tta').", class_="muted")]
     data = {r["config"]["data"]["sha256"] for r in runs.values()}
     if len(data) > 1:
         parts.append(note("These runs were trained on different data sets "

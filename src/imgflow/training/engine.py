@@ -591,5 +591,5 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     saved = read_json(paths.config, "run config")
     saved["result"] = run_config["result"]
     write_json(paths.config, saved)
-    log.info("saved %s (%.1f s)", paths.weights, seconds)
+    log.info("saved %s (training took %.1f s)", paths.weights, seconds)
     return TrainResult(run_dir, history, best["epoch"], stopped_early, seconds)
