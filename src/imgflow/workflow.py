@@ -255,9 +255,12 @@ def step_metric(ctx: Context) -> dict:
     ctx.state["metric"] = metric
     return _step(
         STEP_NAMES[1], f"measure success by {metric.replace('_', ' ')}",
-        f"The largest class is {ratio:.2f}x the smallest; up to {BALANCE_LIMIT}x accuracy is fair, "
-        "beyond it a model could score well by favouring big classes, so balanced accuracy (mean "
-        "per-class recall) is used. Per-class precision/recall/F1 and the confusion matrix are always reported.",
+        f"The largest class is {ratio:.2f}x the smallest. Up to {BALANCE_LIMIT}x plain accuracy is fair; "
+        "beyond it a model could score well by favouring big classes, and balanced accuracy (mean "
+        "per-class recall) would be used instead. "
+        + ("Here plain accuracy is fair. " if metric == "accuracy" else
+           "Here it is beyond that, so balanced accuracy decides. ")
+        + "Per-class precision/recall/F1 and the confusion matrix are always reported.",
         {"balance_ratio": round(ratio, 3), "rule_max_over_min": BALANCE_LIMIT})
 
 
