@@ -465,3 +465,18 @@ def test_evaluate_names_a_file_and_a_moved_data_folder(tiny_data, tmp_path, caps
     data.rename(tmp_path / "moved")
     code, err = _run_cli(capsys, "evaluate", str(tmp_path / "run"))
     assert code == 2 and "is gone" in err and str(data) in err and len(err.splitlines()) == 1
+
+
+def test_resume_needs_only_the_run_directory(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(tiny_data), "--model", "seed-baseline", "--epochs", "2", "--lr", "0.01",
+                 "--batch-size", "16", "--precision", "fp32", "--out", str(run)]) == 0
+    (run / "model.safetensors").unlink()  # as if killed after the last checkpoint, before saving
+    before = json.loads((run / "config.json").read_text())["train"]
+    assert main(["-q", "train", "--resume", "--out", str(run)]) == 0  # no DATA, no options
+    assert (run / "model.safetensors").is_file()
+    assert json.loads((run / "config.json").read_text())["train"] == before
+    code, err = _run_cli(capsys, "train", "--resume", "--out", str(run), "--lr", "0.5")
+    assert code == 2 and "lr=0.01" in err  # a changed option is still refused
+    code, err = _run_cli(capsys, "train", "--model", "seed-baseline", "--out", str(tmp_path / "new"))
+    assert code == 2 and "no DATA given" in err

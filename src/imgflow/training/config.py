@@ -216,13 +216,27 @@ def _absolute_if_path(data: str) -> str:
     return str(Path(data).resolve())
 
 
+def _started_config(args: argparse.Namespace) -> "TrainConfig | None":
+    """The config a run in --out was started with, or None when there is none to continue."""
+    from pathlib import Path
+
+    from imgflow.fileio import read_json
+
+    path = Path(args.out) / "config.json" if args.out else None
+    if path is None or not path.is_file():
+        return None
+    return TrainConfig.from_dict(read_json(path, "run config").get("train", {}))
+
+
 def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_int, image_size) -> None:
     """The `imgflow train` options. Defaults are None so that presets can fill them."""
-    p.add_argument("data", help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images")
+    p.add_argument("data", nargs="?", help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images "
+                   "(with --resume: taken from the run's config.json when left out)")
     p.add_argument("--model", help="model name (see 'imgflow models')")
     p.add_argument("--preset", help=f"named configuration: {', '.join(PRESETS)}")
     p.add_argument("--out", default=None, help="run directory (default: runs/<model>-seed<N>)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out, with the options it was started with")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
@@ -273,6 +287,13 @@ _OVERRIDE_KEYS = ("model", "epochs", "batch_size", "lr", "optimizer", "momentum"
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {k: getattr(args, k) for k in _OVERRIDE_KEYS}
+    started = _started_config(args) if args.resume and args.preset is None else None
+    if started is not None:  # --resume --out RUN: the run's own options; any given ones are checked against them
+        values = {**started.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+        values["data"] = _absolute_if_path(args.data) if args.data else started.data
+        return TrainConfig.from_dict(values).validate()
+    if args.data is None:
+        raise UserError("no DATA given: name a data set (cifar10, fashion-mnist) or an image folder/archive")
     config = resolve_config(args.data, overrides, preset=args.preset)
     if args.out is None:
         args.out = f"runs/{config.model}-seed{config.seed}"
