@@ -667,6 +667,8 @@ def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int =
         from imgflow.reports.workflow_report import write_workflow_report
 
         record["report"] = str(write_workflow_report(out))
+        # The wall time includes the report (which itself quotes the time up to the last step).
+        record["elapsed_minutes"] = round(ctx.elapsed() / 60, 3)
         write_json(record_path, record)
     except ImportError:
         log.warning("reports module unavailable: no workflow report")
