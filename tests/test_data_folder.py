@@ -12,7 +12,7 @@ from PIL import Image
 
 from datagen import class_colour, make_image, make_image_folder, pack, png_bytes
 from imgflow.data import folder as folder_mod
-from imgflow.data import load_dataset
+from imgflow.data import Dataset, Split, load_dataset
 from imgflow.data.decode import decode_image
 from imgflow.data.folder import dataset_name
 from imgflow.errors import UserError
@@ -373,7 +373,23 @@ def test_an_image_size_that_cannot_fit_in_memory_is_refused_before_decoding(tmp_
     root = make_image_folder(tmp_path / "d", per_class=4, size=(8, 8))
     with pytest.raises(UserError, match="each side must be 1 to 4096"):
         load_dataset(str(root), image_size=(100_000, 100_000), cache_dir=tmp_path / "c")
-    monkeypatch.setattr(folder_mod, "available_memory", lambda: 1_000_000)  # 1 MB free
+    import imgflow.data.decode as decode
+
+    monkeypatch.setattr(decode, "available_memory", lambda: 1_000_000)  # 1 MB free
     with pytest.raises(UserError, match="use a smaller --image-size"):
         load_dataset(str(root), image_size=(256, 256), cache_dir=tmp_path / "c")  # 16 x 192 KiB
     assert load_dataset(str(root), image_size=(16, 16), cache_dir=tmp_path / "c").image_shape == (16, 16, 3)
+
+
+def test_resizing_a_fixed_size_source_checks_memory_first(tmp_path, monkeypatch):
+    """CIFAR batches and IDX files are decoded at their size, then resized: checked before that."""
+    import imgflow.data.decode as decode
+    import imgflow.data.load as load
+
+    base = Dataset(name="fixed", source="fixed", sha256="x", classes=["a", "b"],
+                   train=Split(np.zeros((10, 8, 8, 1), np.uint8), np.arange(10) % 2), test=None)
+    monkeypatch.setattr(decode, "available_memory", lambda: 100_000)
+    with pytest.raises(UserError, match="10 images of 128x128 from fixed need"):
+        load._cached(tmp_path / "c", "digest", (128, 128), lambda: base, progress=False)  # 160 KiB
+    resized = load._cached(tmp_path / "c", "digest", (16, 16), lambda: base, progress=False)
+    assert resized.train.images.shape == (10, 16, 16, 1)

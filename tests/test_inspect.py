@@ -143,7 +143,7 @@ def test_cli_damaged_archives_and_file_outs_get_one_line(tiny, tmp_path, capsys)
     cases = [(["inspect", str(tmp_path / "cut.tar.gz")], "cannot read tar archive"),
              (["inspect", str(tmp_path / "stub.tar.gz")], "truncated or corrupt"),
              (["inspect", str(tmp_path / "bad.zip")], "truncated or corrupt"),
-             (["inspect", str(tiny), "--out", str(tmp_path / "a-file")], "choose another --out")]
+             (["inspect", str(tiny), "--out", str(tmp_path / "a-file")], "a file stands where a directory")]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()

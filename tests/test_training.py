@@ -179,6 +179,33 @@ def test_resume_without_checkpoint_starts_from_the_beginning(tiny_data, tmp_path
     assert _same_weights(run_dir, fresh)
 
 
+def test_weights_that_turn_nan_at_an_epochs_last_step_are_not_saved(tiny_data, tmp_path, monkeypatch):
+    """The loss of that step was still finite: only the end-of-epoch check can see it."""
+    import imgflow.training.engine as engine
+
+    real_build = engine.build_optimizer
+
+    def poisoning_optimizer(model, config):
+        optimizer = real_build(model, config)
+        real_step, calls = optimizer.step, []
+
+        def step(*args, **kwargs):
+            result = real_step(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 6:  # the last of epoch 1's 6 steps (96 images, batch 16)
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
+            return result
+
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(engine, "build_optimizer", poisoning_optimizer)
+    with pytest.raises(TrainingDiverged, match="weights became inf/nan in epoch 1"):
+        train_tiny(tiny_data, tmp_path / "run")
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
 def test_an_exploding_lr_stops_the_run_instead_of_saving_broken_weights(tiny_data, tmp_path):
     with pytest.raises(TrainingDiverged, match="lower --lr"):
         train_tiny(tiny_data, tmp_path / "run", optimizer="sgd", lr=1e8)
@@ -472,11 +499,14 @@ def test_resume_needs_only_the_run_directory(tiny_data, tmp_path, capsys):
     assert main(["-q", "train", str(tiny_data), "--model", "seed-baseline", "--epochs", "2", "--lr", "0.01",
                  "--batch-size", "16", "--precision", "fp32", "--out", str(run)]) == 0
     (run / "model.safetensors").unlink()  # as if killed after the last checkpoint, before saving
-    before = json.loads((run / "config.json").read_text())["train"]
     assert main(["-q", "train", "--resume", "--out", str(run)]) == 0  # no DATA, no options
     assert (run / "model.safetensors").is_file()
-    assert json.loads((run / "config.json").read_text())["train"] == before
+    assert len(read_history(run / "history.csv")) == 2  # the run's own 2 epochs, not the default 10
     code, err = _run_cli(capsys, "train", "--resume", "--out", str(run), "--lr", "0.5")
     assert code == 2 and "lr=0.01" in err  # a changed option is still refused
     code, err = _run_cli(capsys, "train", "--model", "seed-baseline", "--out", str(tmp_path / "new"))
     assert code == 2 and "no DATA given" in err
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "config.json").write_text('{"data": {}}')
+    code, err = _run_cli(capsys, "train", "--resume", "--out", str(tmp_path / "damaged"))
+    assert code == 2 and "is damaged" in err and len(err.splitlines()) == 1

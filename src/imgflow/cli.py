@@ -6,6 +6,7 @@ so `imgflow --help` and `imgflow inspect` start quickly.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -282,6 +283,10 @@ def _configure_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
 
 
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EEXIST, errno.ENOTDIR,
+                errno.EISDIR, errno.ENOENT, errno.EDQUOT}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -298,12 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         sys.stderr.close()
         return 0
-    except OSError as exc:  # the file system refused: an --out that is a file, no permission, disk full
-        if isinstance(exc, (FileExistsError, NotADirectoryError)):
-            message = f"{exc.filename} is a file where a directory is needed: choose another --out"
+    except OSError as exc:
+        # The file system refused a path the user gave (an --out that is a file, no permission,
+        # disk full): one line. Anything else is a bug and keeps its traceback.
+        if exc.filename is None or exc.errno not in _PATH_ERRNOS:
+            raise
+        if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+            message = f"{exc.filename}: a file stands where a directory is needed (check --out and the paths given)"
         else:
-            message = (f"{exc.strerror or exc}: {exc.filename or ''} (check the path and that you "
-                       "may write there)")
+            message = f"{exc.filename}: {exc.strerror} (check the path, and that you may write there)"
         print(f"imgflow: error: {message}", file=sys.stderr)
         return 2
 

@@ -55,7 +55,7 @@ def cpu_info() -> dict[str, str]:
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container quota)."""
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or cpuset limits)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux

@@ -180,8 +180,14 @@ def _train(ctx: Context, name: str, settings: dict[str, Any]):
     from imgflow.training.config import resolve_config
     from imgflow.training.engine import read_history, train
 
+    from imgflow.training.engine import config_differences
+
     run_dir = ctx.out / "runs" / name
     config = resolve_config(ctx.data, settings)
+    if run_dir.is_dir() and (diff := config_differences(run_dir, config)):
+        # Only a workflow.json from before plans were saved can get here.
+        raise UserError(f"{run_dir} was started with other settings ({', '.join(diff)}): delete that "
+                        "directory and run the same command again to redo this step")
     train(config, run_dir, resume=run_dir.is_dir(), progress=ctx.progress)
     history = read_history(run_dir / "history.csv")
     return run_dir, history
@@ -467,6 +473,16 @@ def _train_candidate(ctx: Context, name: str, label: str, settings: dict[str, An
             "val_loss": float(np.mean(losses)), "runs": runs, "run": runs[0]}
 
 
+def _reference_score(ctx: Context, scaled: dict) -> float:
+    """The step-6 run's validation score (recomputed for a workflow.json from before it was kept)."""
+    if "final_val_score" in scaled:
+        return scaled["final_val_score"]
+    from imgflow.training.engine import read_history
+
+    run_dir = ctx.out / scaled["run"]
+    return _val_score(ctx, run_dir, read_history(run_dir / "history.csv"))
+
+
 def step_tune(ctx: Context) -> dict:
     scaled = ctx.state["scaled"]
     folds = ctx.state["protocol"].get("folds", 1)
@@ -485,7 +501,7 @@ def step_tune(ctx: Context) -> dict:
     if folds == 1 or n_candidates == 0:  # the step-6 run is the reference, already trained and scored
         results.append({"name": "none", "description": "no regularisation (the step-6 run)",
                         "settings": scaled["settings"], "val_acc": scaled["final_val_acc"],
-                        "val_acc_std": 0.0, "val_score": scaled.get("final_val_score", scaled["final_val_acc"]), "val_score_std": 0.0,
+                        "val_acc_std": 0.0, "val_score": _reference_score(ctx, scaled), "val_score_std": 0.0,
                         "val_loss": scaled["final_val_loss"], "runs": [scaled["run"]], "run": scaled["run"]})
     else:
         results.append(_train_candidate(ctx, "none", "no regularisation (fold 0 is the step-6 run)",
@@ -500,10 +516,12 @@ def step_tune(ctx: Context) -> dict:
     table = {r["name"]: round(r["val_score"], 4) for r in results}
     skipped = len(CANDIDATES) - n_candidates
     if n_candidates == 0:
+        left = BUDGET_SHARE["tune"] * ctx.budget_seconds - reference_runs
         why = (f"NO regularised candidate fitted the budget: one would take {seconds_per_run * folds:.0f} s "
-               f"({folds} fold{'s' if folds > 1 else ''} of {epochs} epochs), the step had "
-               f"{BUDGET_SHARE['tune'] * ctx.budget_seconds:.0f} s. The step-6 configuration is "
-               "retrained as it is; a larger --budget-minutes would compare candidates.")
+               f"({folds} fold{'s' if folds > 1 else ''} of {epochs} epochs), and the step had "
+               f"{max(left, 0):.0f} s" + (f" beside the reference's other {folds - 1} folds" if folds > 1 else "")
+               + ". The step-6 configuration is retrained as it is; a larger --budget-minutes would "
+               "compare candidates.")
     else:
         why = (f"{n_candidates} regularised candidate{'s' if n_candidates > 1 else ''} trained like the step-6 "
                f"run ({epochs} epochs) and compared with it on validation only"
@@ -643,17 +661,21 @@ def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int =
         write_json(record_path, record)
 
     ctx.save = save
+    ran = False  # a finished workflow run again only rewrites its report: its time is not added
     for index, step in enumerate(STEPS):
         if index < len(record["steps"]):
             continue
         log.info("step %d/%d: %s", index + 1, len(STEPS), STEP_NAMES[index])
+        ran = True
         t0 = time.perf_counter()
         try:
             result = step(ctx)
         except BaseException:
             # Ctrl-C or an error: the time spent still counts against the budget when the
             # same command continues (after a kill -9, the time since the last save is lost).
-            save()
+            # A failure before anything was decided leaves no record tying --out to this run.
+            if record["steps"] or ctx.state.get("plans"):
+                save()
             raise
         result["seconds"] = round(time.perf_counter() - t0, 1)
         record["steps"].append(result)
@@ -661,14 +683,16 @@ def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int =
         log.info("  -> %s", result["decision"])
 
     record.update(final_run=ctx.state.get("final_run"), test_accuracy=ctx.state.get("test_accuracy"),
-                  elapsed_minutes=round(ctx.elapsed() / 60, 3), budget_minutes=budget_minutes)
+                  budget_minutes=budget_minutes)
+    if ran:
+        record["elapsed_minutes"] = round(ctx.elapsed() / 60, 3)
     write_json(record_path, record)
     try:
         from imgflow.reports.workflow_report import write_workflow_report
 
         record["report"] = str(write_workflow_report(out))
-        # The wall time includes the report (which itself quotes the time up to the last step).
-        record["elapsed_minutes"] = round(ctx.elapsed() / 60, 3)
+        if ran:  # the wall time includes the report (which quotes the time up to the last step)
+            record["elapsed_minutes"] = round(ctx.elapsed() / 60, 3)
         write_json(record_path, record)
     except ImportError:
         log.warning("reports module unavailable: no workflow report")

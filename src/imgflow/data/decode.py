@@ -17,6 +17,8 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
+from imgflow.errors import UserError
+
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 RESAMPLE = Image.Resampling.BILINEAR  # Pillow's resize is antialiased when it shrinks
@@ -97,3 +99,26 @@ def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     for i in range(N):
         out[i] = resize_array(images[i], size).reshape(size[0], size[1], C)
     return out
+
+
+def check_fits_in_memory(count: int, image_size: tuple[int, int], channels: int, source: str) -> None:
+    """UserError before decoding or resizing when `count` uint8 images of `image_size` x
+    `channels` cannot fit in the memory available."""
+    need = count * image_size[0] * image_size[1] * channels
+    available = available_memory()
+    if available is not None and need > 0.8 * available:
+        raise UserError(f"{count:,} images of {image_size[0]}x{image_size[1]} from {source} need "
+                        f"{need / 2**30:.1f} GiB in memory, more than the {available / 2**30:.1f} GiB "
+                        "available: use a smaller --image-size")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

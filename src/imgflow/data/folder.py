@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from imgflow.data.dataset import Dataset, Split
-from imgflow.data.decode import decode_image, resize_array
+from imgflow.data.decode import check_fits_in_memory, decode_image, resize_array
 from imgflow.data.readers import Listing, open_reader
 from imgflow.errors import UserError
 
@@ -135,28 +135,6 @@ def _stack(arrays: list[np.ndarray | None], members: list[tuple[int, int]],
     return Split(images, labels)
 
 
-def check_fits_in_memory(count: int, image_size: tuple[int, int], source: str) -> None:
-    """UserError before decoding when `count` RGB images of `image_size` cannot fit in RAM."""
-    need = count * image_size[0] * image_size[1] * 3
-    available = available_memory()
-    if available is not None and need > 0.8 * available:
-        raise UserError(f"{count:,} images of {image_size[0]}x{image_size[1]} from {source} need "
-                        f"{need / 2**30:.1f} GiB in memory, more than the {available / 2**30:.1f} GiB "
-                        "available: use a smaller --image-size")
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def read_image_folder(path: Path, image_size: tuple[int, int] | None = None,
                       progress: bool = True) -> Dataset:
     """Decode a folder or archive of labelled images into uint8 arrays (see the module doc)."""
@@ -168,7 +146,7 @@ def read_image_folder(path: Path, image_size: tuple[int, int] | None = None,
         keys = sorted(plan.folders)  # (split, class) in sorted order: a deterministic layout
         indices = [i for key in keys for i in plan.folders[key]]
         if image_size is not None:
-            check_fits_in_memory(len(indices), image_size, source)
+            check_fits_in_memory(len(indices), image_size, 3, source)  # 3: the most a folder decodes to
         arrays, decode_skipped = _decode_all(reader, listing, indices, image_size, progress,
                                              desc=f"decoding {Path(path).name}")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from imgflow.data import cache, cifar10, fashion_mnist
 from imgflow.data.dataset import Dataset, Split
-from imgflow.data.decode import resize_images
+from imgflow.data.decode import check_fits_in_memory, resize_images
 from imgflow.data.folder import dataset_name, read_image_folder
 from imgflow.data.readers import DirReader, is_tar_archive
 from imgflow.errors import UserError
@@ -123,6 +123,8 @@ def _cached(root: Path, digest: str, image_size, build, progress: bool) -> Datas
         if image_size is not None and dataset.image_shape[:2] != image_size:
             # Sources of one fixed size (CIFAR batches, IDX) are resized here; folders resize
             # while decoding.
+            count = len(dataset.train) + (len(dataset.test) if dataset.test is not None else 0)
+            check_fits_in_memory(count, image_size, dataset.image_shape[2], dataset.source or dataset.name)
             dataset = dataclasses.replace(
                 dataset, train=_resized(dataset.train, image_size),
                 test=None if dataset.test is None else _resized(dataset.test, image_size))

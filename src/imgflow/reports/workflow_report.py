@@ -225,7 +225,8 @@ def _step_tune(step: dict, runs: dict, plots: Path, state: dict) -> Markup:
              f"{c['val_acc']:.2%} ± {c['val_acc_std']:.2%}"] for c in candidates]
     if metric != "accuracy":
         headers.append(f"validation {metric}" + over_folds)
-        rows = [row + [f"{c['val_score']:.2%} ± {c['val_score_std']:.2%}"] for row, c in zip(rows, candidates)]
+        rows = [row + ([f"{c['val_score']:.2%} ± {c.get('val_score_std', 0.0):.2%}"] if "val_score" in c else ["—"])
+                for row, c in zip(rows, candidates)]
     headers += ["validation loss", "runs"]
     rows = [row + [f"{c['val_loss']:.4f}", ", ".join(c["runs"])] for row, c in zip(rows, candidates)]
     parts = [table(headers, rows, numeric=list(range(2, len(headers) - 1)), id="candidates-table",

@@ -225,7 +225,11 @@ def _started_config(args: argparse.Namespace) -> "TrainConfig | None":
     path = Path(args.out) / "config.json" if args.out else None
     if path is None or not path.is_file():
         return None
-    return TrainConfig.from_dict(read_json(path, "run config").get("train", {}))
+    started = read_json(path, "run config").get("train")
+    if not isinstance(started, dict) or not {"data", "model"} <= started.keys():
+        raise UserError(f"{path} is damaged (no 'train' settings with data and model): "
+                        "start the run again with --overwrite and its options")
+    return TrainConfig.from_dict(started)
 
 
 def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_int, image_size) -> None:
@@ -293,7 +297,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values["data"] = _absolute_if_path(args.data) if args.data else started.data
         return TrainConfig.from_dict(values).validate()
     if args.data is None:
-        raise UserError("no DATA given: name a data set (cifar10, fashion-mnist) or an image folder/archive")
+        raise UserError("no DATA given: name a data set (cifar10, fashion-mnist) or an image folder/archive"
+                        + ("; or continue a run with --resume --out RUN_DIR" if args.resume else ""))
     config = resolve_config(args.data, overrides, preset=args.preset)
     if args.out is None:
         args.out = f"runs/{config.model}-seed{config.seed}"

@@ -496,8 +496,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower --lr "
-                        f"(now {config.lr}) and start again with --overwrite; the last good checkpoint "
-                        f"is kept in {paths.checkpoint_dir}")
+                        f"(now {config.lr}) and start again with --overwrite")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -524,10 +523,12 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
             if lookahead is not None and global_step == total_steps:
                 lookahead.finish(model)  # the last epoch validates and saves the averaged weights
 
-            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            averaged = ema.state.values() if ema is not None else []
+            if not all(bool(torch.isfinite(t).all()) for t in [*model.state_dict().values(), *averaged]
+                       if t.is_floating_point()):  # weights, BatchNorm statistics, the EMA
                 raise TrainingDiverged(
                     f"the weights became inf/nan in epoch {epoch + 1}: lower --lr (now {config.lr}) and start "
-                    f"again with --overwrite; the last good checkpoint is kept in {paths.checkpoint_dir}")
+                    "again with --overwrite")
             if ema is not None:
                 live = _clean_state(model.state_dict())
                 model.load_state_dict(ema.state)
