@@ -510,3 +510,15 @@ def test_resume_needs_only_the_run_directory(tiny_data, tmp_path, capsys):
     (tmp_path / "damaged" / "config.json").write_text('{"data": {}}')
     code, err = _run_cli(capsys, "train", "--resume", "--out", str(tmp_path / "damaged"))
     assert code == 2 and "is damaged" in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_does_not_repeat_the_data_warnings_of_training(tmp_path, capsys, caplog):
+    data = make_image_folder(tmp_path / "d", per_class=20, size=(8, 8), test=False)
+    (data / "train" / "a" / "broken.png").write_bytes(b"not an image")
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        assert main(["train", str(data), "--model", "seed-baseline", "--epochs", "1", "--out", str(run)]) == 0
+        assert "skipped 1 file" in caplog.text  # training says it
+        caplog.clear()
+        code, err = _run_cli(capsys, "evaluate", str(run))  # no test split: one line, no warnings before it
+    assert code == 2 and "no test split" in err and caplog.records == []

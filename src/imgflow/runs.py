@@ -64,8 +64,12 @@ def read_run_config(run_dir: Path) -> dict:
     return read_json(paths.config, "run config")
 
 
-def load_run_data(train_config: dict, progress: bool = False):
-    """The data set a run was trained on, with the same test hold-out (from config.json's 'train')."""
+def load_run_data(train_config: dict, progress: bool = False, remarks: bool = False):
+    """The data set a run was trained on, with the same test hold-out (from config.json's 'train').
+
+    remarks: warn about skipped files and conversions; off by default, as they were reported
+    when the run trained (and are in its report).
+    """
     from imgflow.data import load_dataset
     from imgflow.data.splits import holdout_test
 
@@ -74,7 +78,7 @@ def load_run_data(train_config: dict, progress: bool = False):
     if Path(spec).is_absolute() and not Path(spec).exists():  # folders are recorded as absolute paths
         raise UserError(f"the run's data {spec} is gone (moved or deleted): put it back there, as "
                         "its config.json records that path")
-    dataset = load_dataset(spec, image_size=image_size, progress=progress)
+    dataset = load_dataset(spec, image_size=image_size, progress=progress, remarks=remarks)
     return holdout_test(dataset, train_config.get("test_split", 0.0))
 
 

@@ -27,7 +27,8 @@ MAX_IMAGE_SIDE = 4096
 
 
 def load_dataset(spec: str, image_size: tuple[int, int] | None = None,
-                 cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Dataset:
+                 cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                 remarks: bool = True) -> Dataset:
     """Load a data set as uint8 (N, H, W, C) splits with int64 labels and its provenance.
 
     spec: `cifar10` (env IMGFLOW_CIFAR10 if set, else the official download), `fashion-mnist`,
@@ -38,6 +39,8 @@ def load_dataset(spec: str, image_size: tuple[int, int] | None = None,
         `imgflow.data.decode`; folder layouts, skipped files, empty classes: `imgflow.data.folder`.
     cache_dir: where decoded arrays are cached; default env IMGFLOW_CACHE or ~/.cache/imgflow.
     progress: show progress bars (on a terminal) while downloading or decoding.
+    remarks: warn about skipped files and conversions (False: only at -v, for a run's data that
+        was reported when the run trained).
     """
     root = cache.cache_root(cache_dir)
     if image_size is not None:
@@ -74,7 +77,7 @@ def load_dataset(spec: str, image_size: tuple[int, int] | None = None,
             raise UserError(f"no data set '{spec}': give cifar10, fashion-mnist, or a path to "
                             "an image folder/.zip/.tar(.gz)")
         dataset = _load_path(path, root, image_size, progress)
-    _log_remarks(dataset)
+    _log_remarks(dataset, logging.WARNING if remarks else logging.INFO)
     return dataset
 
 
@@ -144,13 +147,13 @@ def _resized(split: Split, size: tuple[int, int]) -> Split:
     return Split(resize_images(split.images, size), split.labels)
 
 
-def _log_remarks(dataset: Dataset) -> None:
-    """Warn about what the load had to do, every time (not only when it decoded)."""
+def _log_remarks(dataset: Dataset, level: int) -> None:
+    """Say what the load had to do, every time (not only when it decoded)."""
     for note in dataset.notes:
-        log.warning("%s: %s", dataset.name, note)
+        log.log(level, "%s: %s", dataset.name, note)
     if dataset.skipped:
         shown = "; ".join(f"{s['path']} ({s['reason']})" for s in dataset.skipped[:_SKIPPED_SHOWN])
         more = len(dataset.skipped) - _SKIPPED_SHOWN
-        log.warning("%s: skipped %d file(s) that could not be used: %s%s", dataset.name,
+        log.log(level, "%s: skipped %d file(s) that could not be used: %s%s", dataset.name,
                     len(dataset.skipped), shown, f"; and {more} more" if more > 0 else "")
 

@@ -383,7 +383,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     if progress is None:
         progress = sys.stderr.isatty()
 
-    dataset = load_run_data(config.to_dict(), progress=progress)
+    dataset = load_run_data(config.to_dict(), progress=progress, remarks=True)
     if dataset.num_classes < 2:
         raise UserError(f"{dataset.name} has {dataset.num_classes} class: a classifier needs at least 2 "
                         "(one sub-folder per class)")
