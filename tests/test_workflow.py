@@ -208,12 +208,17 @@ def test_final_run_plan_cuts_epochs_before_images_and_uses_the_budget():
     assert plan(100) == (6, 0)  # fits
     assert plan(1000) == (6, 0)  # never more than validated
     assert plan(30) == (3, 0)  # 3 epochs of everything fit exactly
-    assert plan(34) == (3, 0)  # 3.4: the nearest whole number of epochs, all images
-    assert plan(17) == (2, 8500)  # 1.7: two epochs on 85% beat one on all (70% more training)
-    assert plan(15) == (2, 7500)  # halves round up; the fewest images it keeps beyond one epoch: 3/4
-    assert plan(25) == (3, 8333)
+    assert plan(33) == (3, 0)  # 3.3: all images for 3 epochs leaves 9% of the time unused: fine
+    assert plan(34) == (4, 8500)  # 3.4 would leave 12%: one more epoch, on 85% of the images
+    assert plan(15) == (2, 7500)  # 1.5: 1 epoch would leave a third unused
+    assert plan(11) == (1, 0)  # 1.1: 9% unused
+    assert plan(17) == (2, 8500)
     assert plan(4) == (1, 4000)  # not even one epoch: a subset
     assert plan(0) == (1, 64)  # floor
+    for seconds in range(1, 60):  # every plan uses at least 90% of its time, and never more
+        epochs, subset = plan(seconds)
+        used = epochs * (subset or 10_000) / 1000
+        assert 0.9 * seconds - 1e-9 <= used <= seconds + 1e-9 or subset == 64, seconds
 
 
 def test_plan_epochs_fits_the_budget_or_takes_a_subset():
