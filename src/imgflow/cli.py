@@ -169,6 +169,7 @@ def cmd_workflow(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from imgflow import __version__
+    from imgflow.training.config import THREADS_HELP, add_train_arguments  # no torch: --help stays quick
 
     parser = _Parser(prog="imgflow", description="imgflow: the universal workflow of machine learning "
                      "for image classification, from a data set to a tested, exported model.")
@@ -193,8 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train a model into a run directory")
-    from imgflow.training.config import THREADS_HELP, add_train_arguments
-
     add_train_arguments(p, _positive_int, _non_negative_int, _image_size)
     p.set_defaults(func=cmd_train)
 

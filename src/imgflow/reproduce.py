@@ -4,11 +4,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from imgflow.errors import UserError
 from imgflow.evaluation import evaluate_run
 from imgflow.fileio import atomic_write_text, read_json, write_json
 from imgflow.runs import RunPaths
 from imgflow.training.config import resolve_config
-from imgflow.errors import UserError
 from imgflow.training.engine import config_differences, read_history, train
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,7 @@ def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 
         run_dir = out / name
         paths = RunPaths(run_dir)
         finished = _finished(paths)
-        diff = config_differences(run_dir, config) if run_dir.is_dir() else []
-        if diff:  # a run of other settings (data, seed, epochs ...) must not be reported as this one
+        if diff := config_differences(run_dir, config):  # a run of other settings (data, seed, epochs ...) must not be reported as this one
             raise UserError(f"{run_dir} holds a {name} run with {', '.join(diff)}: use another --out "
                             "(or the same settings to reuse or continue it)")
         if not finished:

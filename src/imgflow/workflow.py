@@ -179,13 +179,11 @@ def _plan_once(ctx: Context, name: str, make: Callable[[], dict[str, Any]]) -> d
 def _train(ctx: Context, name: str, settings: dict[str, Any]):
     """Train one run under OUT/runs/NAME (continuing it if an earlier invocation was interrupted)."""
     from imgflow.training.config import resolve_config
-    from imgflow.training.engine import read_history, train
-
-    from imgflow.training.engine import config_differences
+    from imgflow.training.engine import config_differences, read_history, train
 
     run_dir = ctx.out / "runs" / name
     config = resolve_config(ctx.data, settings)
-    if run_dir.is_dir() and (diff := config_differences(run_dir, config)):
+    if diff := config_differences(run_dir, config):
         # Only a workflow.json from before plans were saved can get here.
         raise UserError(f"{run_dir} was started with other settings ({', '.join(diff)}): delete that "
                         "directory and run the same command again to redo this step")
@@ -336,7 +334,6 @@ def step_baseline(ctx: Context) -> dict:
     balanced = ctx.state["metric"] != "accuracy"
     majority_score = random_acc if balanced else majority_acc
     beats = score > max(majority_score, random_acc)
-    ctx.state["baseline_val_score"] = score
     verdict = ("beats both" if beats else
                "DOES NOT BEAT the common-sense baseline: check the labels and the data before going further")
     metrics = {"majority_baseline_val_acc": majority_acc, "random_baseline_val_acc": random_acc,
@@ -384,9 +381,9 @@ def _scaled_model_and_plan(ctx: Context, n_train: int, n_val: int) -> tuple[str,
     for model in SCALED_MODELS:
         epochs, subset, ips = plan(model, batch_size)
         if subset == 0 or model == SCALED_MODELS[-1]:
-            if _fast_recipe(subset or n_train)["batch_size"] != batch_size:
-                # A small subset trains with small batches, which run at another speed.
-                epochs, subset, ips = plan(model, _fast_recipe(subset or n_train)["batch_size"])
+            trained_batch = _fast_recipe(subset or n_train)["batch_size"]
+            if trained_batch != batch_size:  # a small subset trains with small batches, at another speed
+                epochs, subset, ips = plan(model, trained_batch)
             return model, epochs, subset, ips
     raise AssertionError("unreachable")
 
@@ -403,19 +400,18 @@ def step_overfit(ctx: Context) -> dict:
 
     def plan() -> dict[str, Any]:
         model, epochs, subset, ips = _scaled_model_and_plan(ctx, len(part), len(val))
-        recipe = _fast_recipe(subset or len(part))
-        return {"images_per_second": ips, "recipe": recipe,
-                "settings": {**_base_settings(ctx), **recipe, "model": model, "epochs": epochs,
-                             "train_subset": subset, "warmup_epochs": round(0.2 * epochs, 2),
-                             "augment": "none", "weight_decay": 0.0, "label_smoothing": 0.0}}
+        settings = {**_base_settings(ctx), **_fast_recipe(subset or len(part)), "model": model,
+                    "epochs": epochs, "train_subset": subset, "warmup_epochs": round(0.2 * epochs, 2),
+                    "augment": "none", "weight_decay": 0.0, "label_smoothing": 0.0}
+        return {"images_per_second": ips, "settings": settings}
 
     planned = _plan_once(ctx, "6-overfit", plan)
-    settings, ips, recipe = planned["settings"], planned["images_per_second"], planned["recipe"]
+    settings, ips = planned["settings"], planned["images_per_second"]
     model, epochs, subset = settings["model"], settings["epochs"], settings["train_subset"]
     run_dir, history = _train(ctx, "6-overfit", settings)
     best_epoch = detect_overfitting(history)
     score = max(r["val_acc"] for r in history)
-    ctx.state["scaled"] = {"model": model, "epochs": epochs, "train_subset": subset, "recipe": recipe,
+    ctx.state["scaled"] = {"model": model, "epochs": epochs, "train_subset": subset,
                            "best_epoch": best_epoch, "settings": settings,
                            "run": str(run_dir.relative_to(ctx.out)),
                            "final_val_acc": history[-1]["val_acc"], "final_val_loss": history[-1]["val_loss"],

@@ -141,8 +141,9 @@ THREADS_HELP = ("CPU threads (default: $OMP_NUM_THREADS if set, else one per phy
 # its loss and quotes lr 11.5 / weight decay 0.0153 "per 1024 examples" with momentum 0.85: per
 # step that is lr 11.5 / (1024 * (1 + 1/0.15)) = 1.465e-3 per example, i.e. lr 1.5 for a mean
 # loss at batch 1024 (scaled linearly with the batch), and a decay of 0.002 per step, i.e.
-# PyTorch's coupled weight_decay 0.002 / 1.5 = 1.33e-3 (unchanged by linear lr scaling). airbench's other parts are train options (--bn-lr-scale
-# 64, --lookahead 5, --flip alternate, --lr-floor 0.07) but not preset defaults: on `fast` at 4
+# PyTorch's coupled weight_decay 0.002 / 1.5 = 1.33e-3 (unchanged by linear lr scaling).
+# airbench's other parts are train options (--bn-lr-scale 64, --lookahead 5, --flip
+# alternate, --lr-floor 0.07) but not preset defaults: on `fast` at 4
 # epochs they changed validation accuracy by +0.0005 (seed 0; benchmarks/results/ablation-fast-*),
 # within noise. airbench credits them with cutting ~17 epochs to ~10 for 94% with its large net;
 # until a `best` run shows that here (~2.3 h per run on this project's AVX2 machine), `best`
