@@ -367,6 +367,238 @@ def _evaluate_part(model: torch.nn.Module, part: Split, prep: Preprocessing, pre
     return loss_and_accuracy(logits, part.labels)
 
 
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+class EpochBatches:
+    """The training part as uint8 batches: batch (epoch, step) is the same in every process."""
+
+    def __init__(self, part: Split, config: TrainConfig):
+        self.images = torch.from_numpy(part.images)
+        self.labels = torch.from_numpy(part.labels)
+        self.config = config
+        self.steps = steps_per_epoch(len(part), config.batch_size)
+        self.flip_coins = alternating_flips(len(part), config.seed) if config.flip == "alternate" else None
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its order): drawn once per epoch
+
+    def batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (images, labels) of one step, images augmented as the config says."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.labels), self.config.seed, epoch))
+        size = self.config.batch_size
+        idx = self._order[1][step * size:(step + 1) * size]
+        xb, yb = self.images[idx], self.labels[idx]
+        if self.config.augment != "none":
+            flips = flip_mask(self.flip_coins, idx, epoch) if self.flip_coins is not None else None
+            xb = augment_batch(xb, self.config.augment, step_generator(self.config.seed, epoch, step),
+                               translate=self.config.translate, cutout=self.config.cutout, flip=flips)
+        return xb, yb
+
+
+class Learner:
+    """The model, how its input is prepared, and everything that updates its weights."""
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, prep: Preprocessing, precision: str,
+                 total_steps: int):
+        self.model, self.config, self.prep, self.precision = model, config, prep, precision
+        self.total_steps = total_steps
+        self.optimizer = build_optimizer(model, config)
+        self.ema = WeightEMA(model, config.ema) if config.ema > 0 else None
+        self.lookahead = Lookahead(model, config.lookahead) if config.lookahead > 0 else None
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits, loss) of a uint8 batch, the loss in fp32 whatever the precision."""
+        with autocast(self.precision):
+            logits = self.model(to_model_input(images, self.prep, channels_last=True))
+        return logits, F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        """Take optimiser step number `step` (1-based) down `loss`, then the averaging ones."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if self.lookahead is not None and step % self.lookahead.every == 0:
+            self.lookahead.update(self.model, self.lookahead.decay_at(step, self.total_steps))
+
+    def all_finite(self) -> bool:
+        """True when weights, BatchNorm statistics and the EMA hold no inf or nan."""
+        averaged = self.ema.state.values() if self.ema is not None else []
+        return all(bool(torch.isfinite(t).all()) for t in [*self.model.state_dict().values(), *averaged]
+                   if t.is_floating_point())
+
+    @contextmanager
+    def evaluated_weights(self):
+        """Put the weights that would be saved (the EMA's, if any) in the model for a while."""
+        if self.ema is None:
+            yield
+            return
+        live = _clean_state(self.model.state_dict())
+        self.model.load_state_dict(self.ema.state)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(live)
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        return self.ema.state if self.ema is not None else self.model.state_dict()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state if self.ema is not None else None,
+                "lookahead": self.lookahead.state if self.lookahead is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.state = state["ema"]
+        if self.lookahead is not None:
+            self.lookahead.state = state["lookahead"]
+
+
+def _new_sums() -> dict:
+    return {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+
+
+def _no_best() -> dict:
+    return {"val_loss": math.inf, "epoch": None, "state": None, "bad_epochs": 0}
+
+
+@dataclass
+class LoopState:
+    """Where the loop is and what it has measured: the checkpoint carries all of it."""
+
+    history: list[dict] = field(default_factory=list)  # one row per finished epoch
+    epoch: int = 0  # epochs finished
+    step: int = 0  # steps finished in the current epoch
+    global_step: int = 0  # steps finished in the run: what the lr schedule reads
+    sums: dict = field(default_factory=_new_sums)  # running loss, accuracy and seconds of this epoch
+    best: dict = field(default_factory=_no_best)  # early stopping: best val_loss, its epoch and weights
+    elapsed: float = 0.0  # seconds trained by the processes before this one
+
+
+def save_checkpoint_of(path: Path, learner: Learner, loop: LoopState, seconds_here: float) -> None:
+    """Checkpoint the learner and the loop (seconds_here: trained by this process so far)."""
+    save_checkpoint(path, {**learner.state_dict(), "rng": torch.get_rng_state(),
+                           "history": loop.history, "epoch": loop.epoch, "step": loop.step,
+                           "global_step": loop.global_step, "sums": loop.sums, "best": loop.best,
+                           "elapsed": loop.elapsed + seconds_here})
+
+
+def restore_checkpoint(checkpoint: dict, learner: Learner) -> LoopState:
+    """Load a checkpoint into the learner and the global RNG; return the loop state it holds."""
+    learner.load_state_dict(checkpoint)
+    torch.set_rng_state(checkpoint["rng"])
+    return LoopState(history=checkpoint["history"], epoch=checkpoint["epoch"], step=checkpoint["step"],
+                     global_step=checkpoint["global_step"], sums=checkpoint["sums"], best=checkpoint["best"],
+                     elapsed=checkpoint["elapsed"])
+
+
+def train_one_epoch(learner: Learner, batches: EpochBatches, loop: LoopState, lr_of_step,
+                    after_step, progress: bool) -> dict[str, float]:
+    """Train epoch loop.epoch from step loop.step to its end.
+
+    lr_of_step: the schedule, global step -> lr. after_step: called after every step (it
+    checkpoints when due). Returns the whole epoch's {"train_loss", "train_acc", "seconds"},
+    steps run by an interrupted process included.
+    """
+    config = learner.config
+    epoch, sums = loop.epoch, loop.sums
+    t_epoch = time.perf_counter() - sums["seconds"]
+    bar = tqdm(total=batches.steps, initial=loop.step, desc=f"epoch {epoch + 1}/{config.epochs}",
+               unit="step", disable=not progress, leave=False, dynamic_ncols=True)
+    with bar:
+        for step in range(loop.step, batches.steps):
+            images, labels = batches.batch(epoch, step)
+            set_lr(learner.optimizer, lr_of_step(loop.global_step))
+            logits, loss = learner.loss(images, labels)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower --lr "
+                    f"(now {config.lr}) and start again with --overwrite")
+            learner.update(loss, loop.global_step + 1)
+            loop.global_step += 1
+            loop.step = step + 1
+            sums["loss"] += loss.item() * len(labels)
+            sums["correct"] += int((logits.argmax(1) == labels).sum())
+            sums["seen"] += len(labels)
+            sums["seconds"] = time.perf_counter() - t_epoch
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}",
+                            acc=f"{sums['correct'] / sums['seen']:.3f}",
+                            img_s=f"{sums['seen'] / max(sums['seconds'], 1e-9):.0f}", refresh=False)
+            after_step()
+    return {"train_loss": sums["loss"] / sums["seen"], "train_acc": sums["correct"] / sums["seen"],
+            "seconds": time.perf_counter() - t_epoch}
+
+
+def validate_epoch(learner: Learner, val_part: Split | None, loop: LoopState) -> dict:
+    """Return the epoch's {"val_loss", "val_acc"} (None without a validation part) and update
+    the early-stopping record in loop.best."""
+    config = learner.config
+    if val_part is None:
+        return {"val_loss": None, "val_acc": None}
+    with learner.evaluated_weights():
+        val = _evaluate_part(learner.model, val_part, learner.prep, learner.precision, config.eval_batch_size)
+        if not math.isfinite(val["loss"]):
+            raise TrainingDiverged(
+                f"validation loss became {val['loss']} after epoch {loop.epoch + 1}: lower --lr (now "
+                f"{config.lr}) and start again with --overwrite")
+        if config.early_stopping:
+            if val["loss"] < loop.best["val_loss"]:
+                loop.best = {"val_loss": val["loss"], "epoch": loop.epoch + 1,
+                             "state": _clean_state(learner.model.state_dict()), "bad_epochs": 0}
+            else:
+                loop.best["bad_epochs"] += 1
+    return {"val_loss": val["loss"], "val_acc": val["accuracy"]}
+
+
+def _run_config(config: TrainConfig, dataset: Dataset, train_part: Split, val_part: Split | None,
+                prep: Preprocessing, model: torch.nn.Module, precision: str, threads: int) -> dict:
+    """The config.json of a run: resolved settings, data, preprocessing, model, machine."""
+    H, W, C = dataset.image_shape
+    return {
+        "train": config.to_dict(),
+        "data": {"name": dataset.name, "source": dataset.source, "sha256": dataset.sha256,
+                 "classes": dataset.classes, "image_shape": [H, W, C],
+                 "num_train": len(train_part), "num_val": len(val_part) if val_part else 0,
+                 "num_test": len(dataset.test) if dataset.test is not None else 0,
+                 "skipped": len(dataset.skipped)},
+        "preprocessing": prep.to_dict(),
+        "model": {"name": config.model, "num_classes": dataset.num_classes, "in_channels": C,
+                  "image_size": [H, W], **count_params(model)},
+        "precision": precision, "threads": threads,
+        "steps_per_epoch": steps_per_epoch(len(train_part), config.batch_size),
+        "versions": _versions(), "machine": machine_info(),
+    }
+
+
+def _save_final(paths: RunPaths, config: TrainConfig, learner: Learner, loop: LoopState,
+                stopped_early: bool, seconds: float, n_train: int) -> None:
+    """Save the weights the run ends with and add its result to config.json."""
+    final_row = loop.history[-1] if loop.history else {"val_acc": None}  # the epoch the weights come from
+    final_state = learner.final_state()
+    if config.early_stopping and loop.best["state"] is not None:
+        final_state = loop.best["state"]
+        final_row = loop.history[loop.best["epoch"] - 1]
+        log.info("restoring the best weights, from epoch %d (val_loss %.4f)", loop.best["epoch"],
+                 loop.best["val_loss"])
+    save_weights(paths.weights, final_state, {"model": config.model, "format": "imgflow"})
+    saved = read_json(paths.config, "run config")
+    saved["result"] = {
+        "epochs_run": len(loop.history), "best_epoch": loop.best["epoch"], "stopped_early": stopped_early,
+        "train_seconds": round(seconds, 2),
+        # Images trained per second of the whole run (validation and checkpoints included).
+        "train_images_per_second": round(len(loop.history) * n_train / max(seconds, 1e-9), 1),
+        "final_val_accuracy": final_row["val_acc"],
+    }
+    write_json(paths.config, saved)
+    log.info("saved %s (training took %.1f s)", paths.weights, seconds)
+
+
 def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: bool = False,
           progress: bool | None = None, checkpoint_seconds: float | None = None) -> TrainResult:
     """Train config.model on config.data into run_dir; return the history and where it went.
@@ -392,17 +624,13 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     threads = set_threads(config.threads)
     prep = preprocessing_for(config, dataset, train_part)
     model = prepare_model(config, dataset, train_part, prep, precision)
-    optimizer = build_optimizer(model, config)
-    ema = WeightEMA(model, config.ema) if config.ema > 0 else None
-    lookahead = Lookahead(model, config.lookahead) if config.lookahead > 0 else None
-
-    n_train = len(train_part)
-    batches = steps_per_epoch(n_train, config.batch_size)
-    total_steps = config.epochs * batches
+    batches = EpochBatches(train_part, config)
+    total_steps = config.epochs * batches.steps
+    learner = Learner(model, config, prep, precision, total_steps)
     # At most half the run warms up, so a preset shortened with --epochs still decays.
-    warmup_steps = min(int(round(config.warmup_epochs * batches)), total_steps // 2)
+    warmup_steps = min(int(round(config.warmup_epochs * batches.steps)), total_steps // 2)
 
-    def scheduled_lr(step: int) -> float:
+    def lr_of_step(step: int) -> float:
         return lr_at(step, total_steps, config.lr, config.schedule, warmup_steps, final_fraction=config.lr_floor)
 
     # Everything is validated and loaded: only now touch the run directory.
@@ -416,181 +644,61 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     if overwrite and not resume:
         _clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    counts = count_params(model)
-    H, W, C = dataset.image_shape
-    run_config = {
-        "train": config.to_dict(),
-        "data": {"name": dataset.name, "source": dataset.source, "sha256": dataset.sha256,
-                 "classes": dataset.classes, "image_shape": [H, W, C],
-                 "num_train": n_train, "num_val": len(val_part) if val_part else 0,
-                 "num_test": len(dataset.test) if dataset.test is not None else 0,
-                 "skipped": len(dataset.skipped)},
-        "preprocessing": prep.to_dict(),
-        "model": {"name": config.model, "num_classes": dataset.num_classes, "in_channels": C,
-                  "image_size": [H, W], **counts},
-        "precision": precision, "threads": threads, "steps_per_epoch": batches,
-        "versions": _versions(), "machine": machine_info(),
-    }
+    run_config = _run_config(config, dataset, train_part, val_part, prep, model, precision, threads)
     if not paths.config.is_file():
         write_json(paths.config, run_config)
 
-    # State that the checkpoint carries.
-    history: list[dict] = []
-    start_epoch, start_step, global_step = 0, 0, 0
-    sums = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-    best = {"val_loss": math.inf, "epoch": None, "state": None, "bad_epochs": 0}
-    elapsed_before = 0.0
+    loop = LoopState()
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if ema is not None:
-            ema.state = checkpoint["ema"]
-        if lookahead is not None:
-            lookahead.state = checkpoint["lookahead"]
-        torch.set_rng_state(checkpoint["rng"])
-        history = checkpoint["history"]
-        start_epoch, start_step, global_step = checkpoint["epoch"], checkpoint["step"], checkpoint["global_step"]
-        sums = checkpoint["sums"]
-        best = checkpoint["best"]
-        elapsed_before = checkpoint["elapsed"]
-        log.info("resuming %s at epoch %d, step %d/%d", run_dir, start_epoch + 1, start_step, batches)
-
-    def checkpoint_now(epoch: int, step: int) -> None:
-        save_checkpoint(paths.checkpoint, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "ema": ema.state if ema is not None else None,
-            "lookahead": lookahead.state if lookahead is not None else None,
-            "rng": torch.get_rng_state(),
-            "history": history, "epoch": epoch, "step": step, "global_step": global_step,
-            "sums": sums, "best": best, "elapsed": elapsed_before + (time.perf_counter() - t_start),
-        })
-
-    images = torch.from_numpy(train_part.images)
-    labels = torch.from_numpy(train_part.labels)
-    flip_coins = alternating_flips(n_train, config.seed) if config.flip == "alternate" else None
+        loop = restore_checkpoint(checkpoint, learner)
+        log.info("resuming %s at epoch %d, step %d/%d", run_dir, loop.epoch + 1, loop.step, batches.steps)
     log.info("training %s (%s params) on %s: %d train / %d val images, %d epochs of %d steps, %s, %d threads",
-             config.model, f"{counts['params']:,}", dataset.name, n_train, len(val_part) if val_part else 0,
-             config.epochs, batches, precision, threads)
+             config.model, f"{run_config['model']['params']:,}", dataset.name, len(train_part),
+             len(val_part) if val_part else 0, config.epochs, batches.steps, precision, threads)
     t_start = time.perf_counter()
-    last_checkpoint = time.perf_counter()
+    last_checkpoint = t_start
     stopped_early = False
     model.train()
     with _sigint_as_flag() as stop:
-        for epoch in range(start_epoch, config.epochs):
-            order = epoch_order(n_train, config.seed, epoch)
-            t_epoch = time.perf_counter() - sums["seconds"]
-            bar = tqdm(total=batches, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
-                       unit="step", disable=not progress, leave=False, dynamic_ncols=True)
-            for step in range(start_step, batches):
-                idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-                xb, yb = images[idx], labels[idx]
-                if config.augment != "none":
-                    flips = flip_mask(flip_coins, idx, epoch) if flip_coins is not None else None
-                    xb = augment_batch(xb, config.augment, step_generator(config.seed, epoch, step),
-                                       translate=config.translate, cutout=config.cutout, flip=flips)
-                set_lr(optimizer, scheduled_lr(global_step))
-                with autocast(precision):
-                    logits = model(to_model_input(xb, prep, channels_last=True))
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower --lr "
-                        f"(now {config.lr}) and start again with --overwrite")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if ema is not None:
-                    ema.update(model)
-                global_step += 1
-                if lookahead is not None and global_step % lookahead.every == 0:
-                    lookahead.update(model, lookahead.decay_at(global_step, total_steps))
-                sums["loss"] += loss.item() * len(yb)
-                sums["correct"] += int((logits.argmax(1) == yb).sum())
-                sums["seen"] += len(yb)
-                sums["seconds"] = time.perf_counter() - t_epoch
-                bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}",
-                                acc=f"{sums['correct'] / sums['seen']:.3f}",
-                                img_s=f"{sums['seen'] / max(sums['seconds'], 1e-9):.0f}", refresh=False)
-                if stop.requested or time.perf_counter() - last_checkpoint >= checkpoint_seconds:
-                    checkpoint_now(epoch, step + 1)
-                    last_checkpoint = time.perf_counter()
-                    if stop.requested:
-                        bar.close()
-                        raise KeyboardInterrupt(f"checkpoint saved; continue with --resume --out {run_dir}")
-            bar.close()
-            if lookahead is not None and global_step == total_steps:
-                lookahead.finish(model)  # the last epoch validates and saves the averaged weights
 
-            averaged = ema.state.values() if ema is not None else []
-            if not all(bool(torch.isfinite(t).all()) for t in [*model.state_dict().values(), *averaged]
-                       if t.is_floating_point()):  # weights, BatchNorm statistics, the EMA
-                raise TrainingDiverged(
-                    f"the weights became inf/nan in epoch {epoch + 1}: lower --lr (now {config.lr}) and start "
-                    "again with --overwrite")
-            if ema is not None:
-                live = _clean_state(model.state_dict())
-                model.load_state_dict(ema.state)
-            # The lr of the epoch's last step (from the step count: a resume may land after it).
-            lr = scheduled_lr(global_step - 1)
-            row = {"epoch": epoch + 1, "train_loss": sums["loss"] / sums["seen"],
-                   "train_acc": sums["correct"] / sums["seen"], "val_loss": None, "val_acc": None,
-                   "lr": lr}
-            if val_part is not None:
-                val = _evaluate_part(model, val_part, prep, precision, config.eval_batch_size)
-                if not math.isfinite(val["loss"]):
-                    raise TrainingDiverged(
-                        f"validation loss became {val['loss']} after epoch {epoch + 1}: lower --lr (now "
-                        f"{config.lr}) and start again with --overwrite")
-                row["val_loss"], row["val_acc"] = val["loss"], val["accuracy"]
-                if config.early_stopping:
-                    if val["loss"] < best["val_loss"]:
-                        best = {"val_loss": val["loss"], "epoch": epoch + 1,
-                                "state": _clean_state(model.state_dict()), "bad_epochs": 0}
-                    else:
-                        best["bad_epochs"] += 1
-            if ema is not None:
-                model.load_state_dict(live)
-            row["seconds"] = round(time.perf_counter() - t_epoch, 3)
-            history.append(row)
-            log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %s  val_acc %s  lr %.3g  %.1fs",
-                     epoch + 1, config.epochs, row["train_loss"], row["train_acc"],
-                     "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}",
-                     "-" if row["val_acc"] is None else f"{row['val_acc']:.4f}", lr, row["seconds"])
-            write_history(paths.history, history)
-            start_step = 0
-            sums = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-            if config.early_stopping and best["bad_epochs"] >= config.early_stopping:
-                stopped_early = epoch + 1 < config.epochs
-                checkpoint_now(config.epochs, 0)  # nothing left to do on resume
-                log.info("early stopping: val_loss has not improved for %d epochs", config.early_stopping)
-                break
-            checkpoint_now(epoch + 1, 0)
+        def checkpoint_now() -> None:
+            nonlocal last_checkpoint
+            save_checkpoint_of(paths.checkpoint, learner, loop, time.perf_counter() - t_start)
             last_checkpoint = time.perf_counter()
             if stop.requested:
                 raise KeyboardInterrupt(f"checkpoint saved; continue with --resume --out {run_dir}")
 
-    final_row = history[-1] if history else {"val_acc": None}  # the epoch the saved weights come from
-    if config.early_stopping and best["state"] is not None:
-        final_state = best["state"]
-        final_row = history[best["epoch"] - 1]
-        log.info("restoring the best weights, from epoch %d (val_loss %.4f)", best["epoch"], best["val_loss"])
-    elif ema is not None:
-        final_state = ema.state
-    else:
-        final_state = model.state_dict()
-    seconds = elapsed_before + time.perf_counter() - t_start
-    save_weights(paths.weights, final_state, {"model": config.model, "format": "imgflow"})
-    run_config["result"] = {
-        "epochs_run": len(history), "best_epoch": best["epoch"], "stopped_early": stopped_early,
-        "train_seconds": round(seconds, 2),
-        # Images trained per second of the whole run (validation and checkpoints included).
-        "train_images_per_second": round(len(history) * n_train / max(seconds, 1e-9), 1),
-        "final_val_accuracy": final_row["val_acc"],
-    }
-    saved = read_json(paths.config, "run config")
-    saved["result"] = run_config["result"]
-    write_json(paths.config, saved)
-    log.info("saved %s (training took %.1f s)", paths.weights, seconds)
-    return TrainResult(run_dir, history, best["epoch"], stopped_early, seconds)
+        def after_step() -> None:
+            if stop.requested or time.perf_counter() - last_checkpoint >= checkpoint_seconds:
+                checkpoint_now()
+
+        while loop.epoch < config.epochs:
+            trained = train_one_epoch(learner, batches, loop, lr_of_step, after_step, progress)
+            t_trained = time.perf_counter()
+            if learner.lookahead is not None and loop.global_step == total_steps:
+                learner.lookahead.finish(model)  # the last epoch validates and saves the averaged weights
+            if not learner.all_finite():
+                raise TrainingDiverged(
+                    f"the weights became inf/nan in epoch {loop.epoch + 1}: lower --lr (now {config.lr}) "
+                    "and start again with --overwrite")
+            # The lr of the epoch's last step (from the step count: a resume may land after it).
+            lr = lr_of_step(loop.global_step - 1)
+            row = {"epoch": loop.epoch + 1, "train_loss": trained["train_loss"],
+                   "train_acc": trained["train_acc"], **validate_epoch(learner, val_part, loop), "lr": lr}
+            row["seconds"] = round(trained["seconds"] + time.perf_counter() - t_trained, 3)  # validation too
+            loop.history.append(row)
+            log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %s  val_acc %s  lr %.3g  %.1fs",
+                     row["epoch"], config.epochs, row["train_loss"], row["train_acc"],
+                     "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}",
+                     "-" if row["val_acc"] is None else f"{row['val_acc']:.4f}", lr, row["seconds"])
+            write_history(paths.history, loop.history)
+            loop.epoch, loop.step, loop.sums = loop.epoch + 1, 0, _new_sums()
+            if config.early_stopping and loop.best["bad_epochs"] >= config.early_stopping:
+                stopped_early = loop.epoch < config.epochs
+                loop.epoch = config.epochs  # nothing left to do on resume
+                log.info("early stopping: val_loss has not improved for %d epochs", config.early_stopping)
+            checkpoint_now()
+
+    seconds = loop.elapsed + time.perf_counter() - t_start
+    _save_final(paths, config, learner, loop, stopped_early, seconds, len(train_part))
+    return TrainResult(run_dir, loop.history, loop.best["epoch"], stopped_early, seconds)
