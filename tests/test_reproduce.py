@@ -35,3 +35,19 @@ def test_reproduce_seed_trains_both_models_and_writes_the_table(tiny_data, tmp_p
         err = capsys.readouterr().err.strip()
         assert "use another --out" in err and len(err.splitlines()) == 1
     assert (out / "reproduce.md").read_text() == table
+
+
+def test_seconds_per_epoch_is_the_median_so_a_paused_epoch_does_not_count(tiny_data, tmp_path):
+    from imgflow.reproduce import reproduce_seed
+    from imgflow.training.engine import read_history, write_history
+
+    out = tmp_path / "repro"
+    reproduce_seed(str(tiny_data), out, epochs=3, models=("seed-baseline",), progress=False)
+    history_path = out / "seed-baseline" / "history.csv"
+    history = read_history(history_path)
+    for row, seconds in zip(history, [1.0, 500.0, 2.0]):  # epoch 2 waited out a pause
+        row["seconds"] = seconds
+    write_history(history_path, history)
+    table = reproduce_seed(str(tiny_data), out, epochs=3, models=("seed-baseline",), progress=False)
+    assert json.loads((out / "reproduce.json").read_text())[0]["seconds_per_epoch"] == 2.0
+    assert "| 2.0 |" in table

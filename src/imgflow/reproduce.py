@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 from pathlib import Path
 
 from imgflow.errors import UserError
@@ -45,14 +46,16 @@ def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 
         else:
             metrics = evaluate_run(run_dir, progress=progress)
         run = read_json(paths.config, "run config")
-        history = _last_history_row(paths)
+        history = read_history(paths.history)
         rows.append({
             "model": name, "params": run["model"]["params"], "epochs": run["result"]["epochs_run"],
             "precision": run["precision"], "seed": seed,
             # The notebook's numbers are CIFAR-10's: on other data there is nothing to compare with.
             "notebook_test_accuracy": NOTEBOOK_TEST_ACCURACY.get(name) if run["data"]["name"] == "cifar10" else None,
-            "val_accuracy": history.get("val_acc"), "test_accuracy": metrics["accuracy"],
-            "seconds_per_epoch": run["result"]["train_seconds"] / max(run["result"]["epochs_run"], 1),
+            "val_accuracy": history[-1]["val_acc"] if history else None, "test_accuracy": metrics["accuracy"],
+            # The median: a run continued across sessions or paused for other jobs has a few epochs
+            # that include the waiting, and a mean would charge them to the model.
+            "seconds_per_epoch": statistics.median(row["seconds"] for row in history) if history else None,
             "run_dir": str(run_dir),
         })
     machine = read_json(RunPaths(out / models[0]).config, "run config")["machine"]
@@ -75,20 +78,16 @@ def _finished(paths: RunPaths) -> bool:
         "result" in read_json(paths.config, "run config")
 
 
-def _last_history_row(paths: RunPaths) -> dict:
-    rows = read_history(paths.history)
-    return rows[-1] if rows else {}
-
-
 def format_table(rows: list[dict], machine: str = "") -> str:
     lines = ["| model | params | epochs | precision | seed | notebook test acc | imgflow val acc "
-             "| imgflow test acc | s/epoch |",
+             "| imgflow test acc | s/epoch (median) |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         nb = "-" if r["notebook_test_accuracy"] is None else f"{r['notebook_test_accuracy']:.4f}"
         val = "-" if r["val_accuracy"] is None else f"{r['val_accuracy']:.4f}"
+        seconds = "-" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.1f}"
         lines.append(f"| {r['model']} | {r['params']:,} | {r['epochs']} | {r['precision']} | {r['seed']} "
-                     f"| {nb} | {val} | {r['test_accuracy']:.4f} | {r['seconds_per_epoch']:.1f} |")
+                     f"| {nb} | {val} | {r['test_accuracy']:.4f} | {seconds} |")
     if machine:
         lines.append(f"\nMeasured on: {machine}.")
     return "\n".join(lines)
