@@ -254,6 +254,23 @@ def test_early_stopping_restores_the_best_weights(tiny_data, tmp_path):
     assert config["result"]["final_val_accuracy"] == best["val_acc"]  # of the weights it saved
 
 
+def test_ctrl_c_in_the_epoch_that_stops_early_still_finishes_the_run(tiny_data, tmp_path, monkeypatch):
+    import imgflow.training.engine as engine
+
+    real_record = engine._record_for_early_stopping
+
+    def record_then_ctrl_c(loop, val_loss, model):
+        real_record(loop, val_loss, model)
+        if loop.best["bad_epochs"] >= 1:  # this epoch stops the run: Ctrl-C arrives now
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(engine, "_record_for_early_stopping", record_then_ctrl_c)
+    result = train_tiny(tiny_data, tmp_path / "run", epochs=8, lr=3e-2, early_stopping=1)
+    assert result.stopped_early and len(result.history) < 8
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["result"]["stopped_early"] is True
+
+
 def test_ema_training_learns_and_saves_the_averaged_weights(tiny_data, tmp_path):
     from safetensors.torch import load_file
 

@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,10 +368,6 @@ def _evaluate_part(model: torch.nn.Module, part: Split, prep: Preprocessing, pre
     return loss_and_accuracy(logits, part.labels)
 
 
-# ----------------------------------------------------------------------------------------------
-# the loop
-
-
 class EpochBatches:
     """The training part as uint8 batches: batch (epoch, step) is the same in every process."""
 
@@ -407,7 +404,7 @@ class Learner:
         self.ema = WeightEMA(model, config.ema) if config.ema > 0 else None
         self.lookahead = Lookahead(model, config.lookahead) if config.lookahead > 0 else None
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits_and_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (logits, loss) of a uint8 batch, the loss in fp32 whatever the precision."""
         with autocast(self.precision):
             logits = self.model(to_model_input(images, self.prep, channels_last=True))
@@ -480,7 +477,7 @@ class LoopState:
     elapsed: float = 0.0  # seconds trained by the processes before this one
 
 
-def save_checkpoint_of(path: Path, learner: Learner, loop: LoopState, seconds_here: float) -> None:
+def save_training_state(path: Path, learner: Learner, loop: LoopState, seconds_here: float) -> None:
     """Checkpoint the learner and the loop (seconds_here: trained by this process so far)."""
     save_checkpoint(path, {**learner.state_dict(), "rng": torch.get_rng_state(),
                            "history": loop.history, "epoch": loop.epoch, "step": loop.step,
@@ -497,24 +494,25 @@ def restore_checkpoint(checkpoint: dict, learner: Learner) -> LoopState:
                      elapsed=checkpoint["elapsed"])
 
 
-def train_one_epoch(learner: Learner, batches: EpochBatches, loop: LoopState, lr_of_step,
-                    after_step, progress: bool) -> dict[str, float]:
+def train_one_epoch(learner: Learner, batches: EpochBatches, loop: LoopState,
+                    lr_of_step: Callable[[int], float], after_step: Callable[[], None],
+                    progress: bool) -> dict[str, float]:
     """Train epoch loop.epoch from step loop.step to its end.
 
     lr_of_step: the schedule, global step -> lr. after_step: called after every step (it
-    checkpoints when due). Returns the whole epoch's {"train_loss", "train_acc", "seconds"},
-    steps run by an interrupted process included.
+    checkpoints when due). Returns the whole epoch's {"train_loss", "train_acc"}, steps run by
+    an interrupted process included.
     """
     config = learner.config
     epoch, sums = loop.epoch, loop.sums
-    t_epoch = time.perf_counter() - sums["seconds"]
+    t_epoch = time.perf_counter() - sums["seconds"]  # a resumed epoch counts its earlier seconds
     bar = tqdm(total=batches.steps, initial=loop.step, desc=f"epoch {epoch + 1}/{config.epochs}",
                unit="step", disable=not progress, leave=False, dynamic_ncols=True)
     with bar:
         for step in range(loop.step, batches.steps):
             images, labels = batches.batch(epoch, step)
             set_lr(learner.optimizer, lr_of_step(loop.global_step))
-            logits, loss = learner.loss(images, labels)
+            logits, loss = learner.logits_and_loss(images, labels)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower --lr "
@@ -531,13 +529,12 @@ def train_one_epoch(learner: Learner, batches: EpochBatches, loop: LoopState, lr
                             acc=f"{sums['correct'] / sums['seen']:.3f}",
                             img_s=f"{sums['seen'] / max(sums['seconds'], 1e-9):.0f}", refresh=False)
             after_step()
-    return {"train_loss": sums["loss"] / sums["seen"], "train_acc": sums["correct"] / sums["seen"],
-            "seconds": time.perf_counter() - t_epoch}
+    return {"train_loss": sums["loss"] / sums["seen"], "train_acc": sums["correct"] / sums["seen"]}
 
 
 def validate_epoch(learner: Learner, val_part: Split | None, loop: LoopState) -> dict:
-    """Return the epoch's {"val_loss", "val_acc"} (None without a validation part) and update
-    the early-stopping record in loop.best."""
+    """Return the epoch's {"val_loss", "val_acc"} (None without a validation part), measured on
+    the weights that would be saved; keep them in loop.best when early stopping wants them."""
     config = learner.config
     if val_part is None:
         return {"val_loss": None, "val_acc": None}
@@ -548,12 +545,32 @@ def validate_epoch(learner: Learner, val_part: Split | None, loop: LoopState) ->
                 f"validation loss became {val['loss']} after epoch {loop.epoch + 1}: lower --lr (now "
                 f"{config.lr}) and start again with --overwrite")
         if config.early_stopping:
-            if val["loss"] < loop.best["val_loss"]:
-                loop.best = {"val_loss": val["loss"], "epoch": loop.epoch + 1,
-                             "state": _clean_state(learner.model.state_dict()), "bad_epochs": 0}
-            else:
-                loop.best["bad_epochs"] += 1
+            _record_for_early_stopping(loop, val["loss"], learner.model)
     return {"val_loss": val["loss"], "val_acc": val["accuracy"]}
+
+
+def _record_for_early_stopping(loop: LoopState, val_loss: float, model: torch.nn.Module) -> None:
+    if val_loss < loop.best["val_loss"]:
+        loop.best = {"val_loss": val_loss, "epoch": loop.epoch + 1,
+                     "state": _clean_state(model.state_dict()), "bad_epochs": 0}
+    else:
+        loop.best["bad_epochs"] += 1
+
+
+def finish_epoch(learner: Learner, val_part: Split | None, loop: LoopState, trained: dict,
+                 lr_of_step: Callable[[int], float], total_steps: int) -> dict:
+    """Close the epoch the loop has just trained: check the weights, validate; return its
+    history row (without seconds)."""
+    config = learner.config
+    if learner.lookahead is not None and loop.global_step == total_steps:
+        learner.lookahead.finish(learner.model)  # the last epoch validates and saves the averaged weights
+    if not learner.all_finite():
+        raise TrainingDiverged(
+            f"the weights became inf/nan in epoch {loop.epoch + 1}: lower --lr (now {config.lr}) "
+            "and start again with --overwrite")
+    # The lr of the epoch's last step (from the step count: a resume may land after it).
+    return {"epoch": loop.epoch + 1, **trained, **validate_epoch(learner, val_part, loop),
+            "lr": lr_of_step(loop.global_step - 1)}
 
 
 def _run_config(config: TrainConfig, dataset: Dataset, train_part: Split, val_part: Split | None,
@@ -579,13 +596,14 @@ def _run_config(config: TrainConfig, dataset: Dataset, train_part: Split, val_pa
 def _save_final(paths: RunPaths, config: TrainConfig, learner: Learner, loop: LoopState,
                 stopped_early: bool, seconds: float, n_train: int) -> None:
     """Save the weights the run ends with and add its result to config.json."""
-    final_row = loop.history[-1] if loop.history else {"val_acc": None}  # the epoch the weights come from
-    final_state = learner.final_state()
     if config.early_stopping and loop.best["state"] is not None:
         final_state = loop.best["state"]
         final_row = loop.history[loop.best["epoch"] - 1]
         log.info("restoring the best weights, from epoch %d (val_loss %.4f)", loop.best["epoch"],
                  loop.best["val_loss"])
+    else:
+        final_state = learner.final_state()
+        final_row = loop.history[-1] if loop.history else {"val_acc": None}  # the epoch the weights come from
     save_weights(paths.weights, final_state, {"model": config.model, "format": "imgflow"})
     saved = read_json(paths.config, "run config")
     saved["result"] = {
@@ -661,43 +679,40 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     model.train()
     with _sigint_as_flag() as stop:
 
-        def checkpoint_now() -> None:
+        def save_state() -> None:
             nonlocal last_checkpoint
-            save_checkpoint_of(paths.checkpoint, learner, loop, time.perf_counter() - t_start)
+            save_training_state(paths.checkpoint, learner, loop, time.perf_counter() - t_start)
             last_checkpoint = time.perf_counter()
+
+        def stop_if_asked() -> None:
             if stop.requested:
                 raise KeyboardInterrupt(f"checkpoint saved; continue with --resume --out {run_dir}")
 
         def after_step() -> None:
             if stop.requested or time.perf_counter() - last_checkpoint >= checkpoint_seconds:
-                checkpoint_now()
+                save_state()
+                stop_if_asked()
 
         while loop.epoch < config.epochs:
+            epoch_started = time.perf_counter() - loop.sums["seconds"]  # earlier when resumed mid-epoch
             trained = train_one_epoch(learner, batches, loop, lr_of_step, after_step, progress)
-            t_trained = time.perf_counter()
-            if learner.lookahead is not None and loop.global_step == total_steps:
-                learner.lookahead.finish(model)  # the last epoch validates and saves the averaged weights
-            if not learner.all_finite():
-                raise TrainingDiverged(
-                    f"the weights became inf/nan in epoch {loop.epoch + 1}: lower --lr (now {config.lr}) "
-                    "and start again with --overwrite")
-            # The lr of the epoch's last step (from the step count: a resume may land after it).
-            lr = lr_of_step(loop.global_step - 1)
-            row = {"epoch": loop.epoch + 1, "train_loss": trained["train_loss"],
-                   "train_acc": trained["train_acc"], **validate_epoch(learner, val_part, loop), "lr": lr}
-            row["seconds"] = round(trained["seconds"] + time.perf_counter() - t_trained, 3)  # validation too
+            row = finish_epoch(learner, val_part, loop, trained, lr_of_step, total_steps)
+            row["seconds"] = round(time.perf_counter() - epoch_started, 3)
             loop.history.append(row)
             log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %s  val_acc %s  lr %.3g  %.1fs",
                      row["epoch"], config.epochs, row["train_loss"], row["train_acc"],
                      "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}",
-                     "-" if row["val_acc"] is None else f"{row['val_acc']:.4f}", lr, row["seconds"])
+                     "-" if row["val_acc"] is None else f"{row['val_acc']:.4f}", row["lr"], row["seconds"])
             write_history(paths.history, loop.history)
             loop.epoch, loop.step, loop.sums = loop.epoch + 1, 0, _new_sums()
             if config.early_stopping and loop.best["bad_epochs"] >= config.early_stopping:
                 stopped_early = loop.epoch < config.epochs
                 loop.epoch = config.epochs  # nothing left to do on resume
                 log.info("early stopping: val_loss has not improved for %d epochs", config.early_stopping)
-            checkpoint_now()
+                save_state()
+                break  # finish the run even if Ctrl-C came now: only the weights are left to save
+            save_state()
+            stop_if_asked()
 
     seconds = loop.elapsed + time.perf_counter() - t_start
     _save_final(paths, config, learner, loop, stopped_early, seconds, len(train_part))
