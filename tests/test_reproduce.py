@@ -18,6 +18,9 @@ def test_reproduce_seed_trains_both_models_and_writes_the_table(tiny_data, tmp_p
         metrics = json.loads((out / r["model"] / "metrics.json").read_text())
         assert r["test_accuracy"] == metrics["accuracy"] and r["epochs"] == 1
         assert f"{r['test_accuracy']:.4f}" in printed
+    # BatchNorm statistics re-estimated: an extra column for seed-batchnorm only.
+    assert rows[0]["test_accuracy_precise_bn"] is None and 0 <= rows[1]["test_accuracy_precise_bn"] <= 1
+    assert f"{rows[1]['test_accuracy_precise_bn']:.4f} |" in printed
     # The notebook's CIFAR-10 numbers stand beside ours only on CIFAR-10.
     assert "| 0.6800 |" not in printed and all(r["notebook_test_accuracy"] is None for r in rows)
     assert (out / "reproduce.md").read_text().strip() in printed

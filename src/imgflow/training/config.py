@@ -55,6 +55,7 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None = one per physical core
     early_stopping: int = 0  # patience in epochs on val_loss, best weights restored; 0 = off
     ema: float = 0.0  # exponential moving average of weights, decay per step; 0 = off
+    precise_bn: int = 0  # after training, re-estimate BatchNorm statistics on this many training images; 0 = keep the running averages (Keras)
     eval_batch_size: int = 500  # images per forward pass at evaluation
     preset: str | None = None  # name of the preset the defaults came from, if any
 
@@ -85,6 +86,7 @@ class TrainConfig:
             (not (self.lookahead and self.ema),
              "--lookahead and --ema both average the weights: use one of them"),
             (self.early_stopping >= 0, "--early-stopping must be >= 0"),
+            (self.precise_bn >= 0, f"--precise-bn must be >= 0, got {self.precise_bn}"),
             (self.fold == 0 or self.folds, f"--fold {self.fold} needs --folds K (the number of folds)"),
             (self.folds == 0 or (self.folds >= 2 and 0 <= self.fold < self.folds),
              f"--folds must be >= 2 and --fold in [0, folds), got {self.folds} and {self.fold}"),
@@ -280,6 +282,10 @@ def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_i
     p.add_argument("--early-stopping", type=non_negative_int, metavar="PATIENCE",
                    help="stop when val_loss has not improved for PATIENCE epochs; keep the best")
     p.add_argument("--ema", type=float, help="weight EMA decay per step, e.g. 0.999 (0 = off)")
+    p.add_argument("--precise-bn", type=non_negative_int, metavar="N",
+                   help="after training, re-estimate BatchNorm statistics from the final weights on N "
+                        "training images (e.g. 10000): running averages lag weights that were still "
+                        "moving (0 = off, as in Keras)")
     p.add_argument("--image-size", type=image_size, help="resize images to SIZE or HxW")
 
 
@@ -287,7 +293,7 @@ _OVERRIDE_KEYS = ("model", "epochs", "batch_size", "lr", "optimizer", "momentum"
                   "schedule", "warmup_epochs", "lr_floor", "bn_lr_scale", "lookahead",
                   "label_smoothing", "augment", "flip", "translate", "cutout", "normalize",
                   "val_split", "val_mode", "folds", "fold", "test_split", "train_subset", "val_subset", "seed",
-                  "precision", "threads", "early_stopping", "ema", "image_size")
+                  "precision", "threads", "early_stopping", "ema", "precise_bn", "image_size")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

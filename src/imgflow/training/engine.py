@@ -41,6 +41,7 @@ from imgflow.preprocess import Preprocessing, to_model_input
 from imgflow.runs import RunPaths, load_run_data
 from imgflow.training.augment import (alternating_flips, augment_batch, flip_mask, seeded_generator,
                                       step_generator)
+from imgflow.training.batchnorm import batchnorm_sample, has_batchnorm, reestimate_batchnorm
 from imgflow.training.config import TrainConfig
 from imgflow.training.schedule import lr_at
 
@@ -593,28 +594,39 @@ def _run_config(config: TrainConfig, dataset: Dataset, train_part: Split, val_pa
     }
 
 
-def _save_final(paths: RunPaths, config: TrainConfig, learner: Learner, loop: LoopState,
-                stopped_early: bool, seconds: float, n_train: int) -> None:
-    """Save the weights the run ends with and add its result to config.json."""
+def _final_weights(config: TrainConfig, learner: Learner, loop: LoopState) -> tuple[dict, float | None]:
+    """(state, its validation accuracy) the run ends with: the best epoch's, the EMA's, or the last."""
     if config.early_stopping and loop.best["state"] is not None:
-        final_state = loop.best["state"]
-        final_row = loop.history[loop.best["epoch"] - 1]
         log.info("restoring the best weights, from epoch %d (val_loss %.4f)", loop.best["epoch"],
                  loop.best["val_loss"])
-    else:
-        final_state = learner.final_state()
-        final_row = loop.history[-1] if loop.history else {"val_acc": None}  # the epoch the weights come from
-    save_weights(paths.weights, final_state, {"model": config.model, "format": "imgflow"})
+        return loop.best["state"], loop.history[loop.best["epoch"] - 1]["val_acc"]
+    return learner.final_state(), loop.history[-1]["val_acc"] if loop.history else None
+
+
+def _with_precise_bn(learner: Learner, state: dict, train_part: Split, val_part: Split | None,
+                     val_acc: float | None) -> tuple[dict, dict]:
+    """`state` with BatchNorm statistics re-estimated on config.precise_bn training images;
+    and what that did ({"images", "val_accuracy_before", "val_accuracy"})."""
+    config, model = learner.config, learner.model
+    model.load_state_dict(state)
+    idx = batchnorm_sample(len(train_part), config.precise_bn, config.seed)
+    reestimate_batchnorm(model, train_part.images[idx], learner.prep, learner.precision, config.eval_batch_size)
+    done = {"images": len(idx), "val_accuracy_before": val_acc, "val_accuracy": None}
+    if val_part is not None:
+        done["val_accuracy"] = _evaluate_part(model, val_part, learner.prep, learner.precision,
+                                              config.eval_batch_size)["accuracy"]
+        log.info("BatchNorm statistics re-estimated on %d training images: val accuracy %.4f -> %.4f",
+                 len(idx), val_acc, done["val_accuracy"])
+    return _clean_state(model.state_dict()), done
+
+
+def _save_final(paths: RunPaths, config: TrainConfig, state: dict, loop: LoopState, result: dict) -> None:
+    """Save the weights the run ends with and add its result to config.json."""
+    save_weights(paths.weights, state, {"model": config.model, "format": "imgflow"})
     saved = read_json(paths.config, "run config")
-    saved["result"] = {
-        "epochs_run": len(loop.history), "best_epoch": loop.best["epoch"], "stopped_early": stopped_early,
-        "train_seconds": round(seconds, 2),
-        # Images trained per second of the whole run (validation and checkpoints included).
-        "train_images_per_second": round(len(loop.history) * n_train / max(seconds, 1e-9), 1),
-        "final_val_accuracy": final_row["val_acc"],
-    }
+    saved["result"] = result
     write_json(paths.config, saved)
-    log.info("saved %s (training took %.1f s)", paths.weights, seconds)
+    log.info("saved %s (training took %.1f s)", paths.weights, result["train_seconds"])
 
 
 def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: bool = False,
@@ -714,6 +726,18 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
             save_state()
             stop_if_asked()
 
+    state, val_acc = _final_weights(config, learner, loop)
+    precise_bn = None
+    if config.precise_bn and has_batchnorm(model):
+        state, precise_bn = _with_precise_bn(learner, state, train_part, val_part, val_acc)
+        val_acc = precise_bn["val_accuracy"]
     seconds = loop.elapsed + time.perf_counter() - t_start
-    _save_final(paths, config, learner, loop, stopped_early, seconds, len(train_part))
+    _save_final(paths, config, state, loop, {
+        "epochs_run": len(loop.history), "best_epoch": loop.best["epoch"], "stopped_early": stopped_early,
+        "train_seconds": round(seconds, 2),
+        # Images trained per second of the whole run (validation and checkpoints included).
+        "train_images_per_second": round(len(loop.history) * len(train_part) / max(seconds, 1e-9), 1),
+        "final_val_accuracy": val_acc,  # of the weights saved
+        "precise_bn": precise_bn,
+    })
     return TrainResult(run_dir, loop.history, loop.best["epoch"], stopped_early, seconds)

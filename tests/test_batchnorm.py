@@ -1,0 +1,86 @@
+"""Precise BatchNorm: statistics re-estimated from the final weights, in the engine and in reproduce-seed."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from conftest import train_tiny
+from imgflow.cli import main
+from imgflow.preprocess import Preprocessing, to_model_input
+from imgflow.training.batchnorm import batchnorm_sample, has_batchnorm, reestimate_batchnorm
+
+
+def _tiny_bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Dropout(0.5), nn.BatchNorm2d(4, momentum=0.01),
+                         nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+
+
+def test_reestimated_statistics_are_the_exact_averages_over_the_images_with_dropout_off():
+    net = _tiny_bn_net()
+    bn = net[3]
+    images = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    prep = Preprocessing((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (8, 8), 3)
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "tracked" not in k}
+    net.train()
+
+    reestimate_batchnorm(net, images, prep, batch_size=16)  # 4 equal batches
+
+    with torch.no_grad():
+        inputs = net[:2](to_model_input(torch.from_numpy(images), prep))  # dropout off: conv, relu only
+    batches = inputs.split(16)
+    expected_mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    expected_var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    torch.testing.assert_close(bn.running_mean, expected_mean)
+    torch.testing.assert_close(bn.running_var, expected_var)
+    assert bn.momentum == 0.01 and net.training and bn.training  # as it was
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in weights.items())  # weights untouched
+
+
+def test_batchnorm_sample_is_seeded_and_never_larger_than_the_data():
+    assert np.array_equal(batchnorm_sample(100, 10, seed=3), batchnorm_sample(100, 10, seed=3))
+    assert not np.array_equal(batchnorm_sample(100, 10, seed=3), batchnorm_sample(100, 10, seed=4))
+    assert np.array_equal(batchnorm_sample(5, 10, seed=0), np.arange(5))
+    assert has_batchnorm(_tiny_bn_net()) and not has_batchnorm(nn.Linear(2, 2))
+
+
+def test_train_with_precise_bn_saves_the_reestimated_statistics(tiny_data, tmp_path):
+    from imgflow.inference import loss_and_accuracy, predict_logits
+    from imgflow.runs import load_run_data, load_trained_model
+    from imgflow.training.config import TrainConfig
+    from imgflow.training.engine import split_for_training
+
+    train_tiny(tiny_data, tmp_path / "run", model="seed-batchnorm", epochs=2, precise_bn=50)
+    run = json.loads((tmp_path / "run" / "config.json").read_text())
+    done = run["result"]["precise_bn"]
+    assert done["images"] == 50 and run["train"]["precise_bn"] == 50
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    last = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=True)["model"]
+    running = [k for k in saved if k.endswith("running_mean")]
+    assert running and all(not torch.equal(saved[k], last[k]) for k in running)
+    assert all(torch.equal(saved[k], last[k]) for k in saved if k.endswith(".weight"))  # only statistics changed
+    # final_val_accuracy is that of the weights saved.
+    model, config = load_trained_model(tmp_path / "run")
+    _, val_part = split_for_training(load_run_data(config["train"]).train, TrainConfig.from_dict(config["train"]))
+    logits = predict_logits(model, val_part.images, Preprocessing.from_dict(config["preprocessing"]))
+    assert run["result"]["final_val_accuracy"] == pytest.approx(loss_and_accuracy(logits, val_part.labels)["accuracy"])
+    assert done["val_accuracy"] == run["result"]["final_val_accuracy"]
+
+
+def test_precise_bn_leaves_a_model_without_batchnorm_alone(tiny_data, tmp_path):
+    train_tiny(tiny_data, tmp_path / "run", model="seed-baseline", epochs=1, precise_bn=50)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["result"]["precise_bn"] is None
+
+
+def test_negative_precise_bn_is_refused(tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # argparse's own exit, or main's return value
+        raise SystemExit(main(["train", str(tiny_data), "--model", "seed-batchnorm", "--precise-bn", "-1",
+                               "--out", str(tmp_path / "run")]))
+    assert exc.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
