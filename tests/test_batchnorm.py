@@ -13,6 +13,7 @@ from conftest import train_tiny
 from imgflow.cli import main
 from imgflow.preprocess import Preprocessing, to_model_input
 from imgflow.training.batchnorm import batchnorm_sample, has_batchnorm, reestimate_batchnorm
+from imgflow.training.engine import read_history
 
 
 def _tiny_bn_net() -> nn.Module:
@@ -42,11 +43,25 @@ def test_reestimated_statistics_are_the_exact_averages_over_the_images_with_drop
     assert all(torch.equal(net.state_dict()[k], v) for k, v in weights.items())  # weights untouched
 
 
-def test_batchnorm_sample_is_seeded_and_never_larger_than_the_data():
+def test_batchnorm_sample_is_seeded_shuffled_and_never_larger_than_the_data():
     assert np.array_equal(batchnorm_sample(100, 10, seed=3), batchnorm_sample(100, 10, seed=3))
     assert not np.array_equal(batchnorm_sample(100, 10, seed=3), batchnorm_sample(100, 10, seed=4))
-    assert np.array_equal(batchnorm_sample(5, 10, seed=0), np.arange(5))
+    everything = batchnorm_sample(100, 500, seed=0)
+    # All images, in random order: a class-ordered training part must not give one-class batches.
+    assert sorted(everything) == list(range(100)) and list(everything) != list(range(100))
     assert has_batchnorm(_tiny_bn_net()) and not has_batchnorm(nn.Linear(2, 2))
+
+
+def test_a_remainder_of_one_image_does_not_break_batchnorm1d():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 3, 4), nn.BatchNorm1d(4))
+    images = np.random.default_rng(0).integers(0, 256, (33, 8, 8, 3), dtype=np.uint8)
+    prep = Preprocessing((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (8, 8), 3)
+    net.eval()
+    reestimate_batchnorm(net, images, prep, batch_size=16)  # 11 + 11 + 11, not 16 + 16 + 1
+    with torch.no_grad():
+        features = net[:2](to_model_input(torch.from_numpy(images), prep))
+    torch.testing.assert_close(net[2].running_mean, features.mean(0))
+    assert not net.training  # back in eval mode, as it came
 
 
 def test_train_with_precise_bn_saves_the_reestimated_statistics(tiny_data, tmp_path):
@@ -70,6 +85,30 @@ def test_train_with_precise_bn_saves_the_reestimated_statistics(tiny_data, tmp_p
     logits = predict_logits(model, val_part.images, Preprocessing.from_dict(config["preprocessing"]))
     assert run["result"]["final_val_accuracy"] == pytest.approx(loss_and_accuracy(logits, val_part.labels)["accuracy"])
     assert done["val_accuracy"] == run["result"]["final_val_accuracy"]
+
+
+def test_precise_bn_starts_from_the_kept_weights_and_is_redone_identically_on_resume(tiny_data, tmp_path):
+    train_tiny(tiny_data, tmp_path / "run", model="seed-batchnorm", epochs=3, lr=3e-2, early_stopping=1,
+               precise_bn=50)
+    run_dir = tmp_path / "run"
+    result = json.loads((run_dir / "config.json").read_text())["result"]
+    history = read_history(run_dir / "history.csv")
+    # With early stopping on, the kept weights are the best epoch's: re-estimation starts from them.
+    assert result["precise_bn"]["val_accuracy_before"] == history[result["best_epoch"] - 1]["val_acc"]
+    saved = load_file(str(run_dir / "model.safetensors"))
+
+    # Killed after the last checkpoint, before the weights were saved: --resume redoes the end.
+    (run_dir / "model.safetensors").unlink()
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["result"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    train_tiny(tiny_data, run_dir, resume=True, model="seed-batchnorm", epochs=3, lr=3e-2, early_stopping=1,
+               precise_bn=50)
+    again = load_file(str(run_dir / "model.safetensors"))
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+    resumed = json.loads((run_dir / "config.json").read_text())["result"]
+    assert resumed["stopped_early"] == result["stopped_early"]
+    assert resumed["final_val_accuracy"] == result["final_val_accuracy"]
 
 
 def test_precise_bn_leaves_a_model_without_batchnorm_alone(tiny_data, tmp_path):

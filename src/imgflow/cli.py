@@ -149,7 +149,8 @@ def cmd_reproduce_seed(args: argparse.Namespace) -> int:
 
     table = reproduce_seed(args.data, Path(args.out), precision=args.precision,
                            epochs=args.epochs, models=args.models, seed=args.seed,
-                           resume=args.resume, threads=args.threads, precise_bn=args.precise_bn)
+                           resume=args.resume, threads=args.threads,
+                           **({} if args.precise_bn is None else {"precise_bn": args.precise_bn}))
     print(table)
     return 0
 
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=["seed-baseline", "seed-batchnorm"])
     p.add_argument("--resume", action="store_true", help="continue interrupted runs")
     p.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
-    p.add_argument("--precise-bn", type=_non_negative_int, default=10_000, metavar="N",
+    p.add_argument("--precise-bn", type=_non_negative_int, metavar="N",
                    help="also test BatchNorm models with their statistics re-estimated on N training "
                         "images (default 10000; 0 = don't); the runs themselves stay as Keras trains them")
     p.set_defaults(func=cmd_reproduce_seed)

@@ -10,8 +10,9 @@ from imgflow.evaluation import evaluate_run
 from imgflow.fileio import atomic_write_text, read_json, write_json
 from imgflow.inference import loss_and_accuracy, predict_logits
 from imgflow.preprocess import Preprocessing
-from imgflow.runs import RunPaths, load_run_data, load_trained_model
-from imgflow.training.batchnorm import batchnorm_sample, has_batchnorm, reestimate_batchnorm
+from imgflow.precision import set_threads
+from imgflow.runs import RunPaths, is_finished, load_run_data, load_trained_model
+from imgflow.training.batchnorm import has_batchnorm, reestimate_on_training_part
 from imgflow.training.config import TrainConfig, resolve_config
 from imgflow.training.engine import config_differences, read_history, split_for_training, train
 
@@ -43,7 +44,7 @@ def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 
                                        "seed": seed, "threads": threads}, preset="notebook")
         run_dir = out / name
         paths = RunPaths(run_dir)
-        finished = _finished(paths)
+        finished = is_finished(run_dir)
         if diff := config_differences(run_dir, config):  # a run of other settings (data, seed, epochs ...) must not be reported as this one
             raise UserError(f"{run_dir} holds a {name} run with {', '.join(diff)}: use another --out "
                             "(or the same settings to reuse or continue it)")
@@ -88,22 +89,19 @@ def _test_accuracy_with_precise_bn(run_dir: Path, images: int) -> float | None:
     if not has_batchnorm(model):
         return None
     config = TrainConfig.from_dict(run["train"])
+    set_threads(config.threads)
     dataset = load_run_data(run["train"])
+    if dataset.test is None:  # evaluate_run has refused such data before this is reached
+        raise UserError(f"data set {dataset.name} has no test split")
     train_part, _ = split_for_training(dataset.train, config)
     prep = Preprocessing.from_dict(run["preprocessing"])
-    idx = batchnorm_sample(len(train_part), images, config.seed)
-    reestimate_batchnorm(model, train_part.images[idx], prep, run["precision"], config.eval_batch_size)
+    used = reestimate_on_training_part(model, train_part, images, config.seed, prep, run["precision"],
+                                       config.eval_batch_size)
     logits = predict_logits(model, dataset.test.images, prep, run["precision"], config.eval_batch_size)
     accuracy = loss_and_accuracy(logits, dataset.test.labels)["accuracy"]
     log.info("%s with BatchNorm statistics re-estimated on %d training images: test accuracy %.4f",
-             run_dir, len(idx), accuracy)
+             run_dir, used, accuracy)
     return accuracy
-
-
-def _finished(paths: RunPaths) -> bool:
-    """A run is finished once its weights are saved and config.json holds its result."""
-    return paths.weights.is_file() and paths.config.is_file() and \
-        "result" in read_json(paths.config, "run config")
 
 
 def format_table(rows: list[dict], machine: str = "") -> str:
@@ -114,7 +112,7 @@ def format_table(rows: list[dict], machine: str = "") -> str:
         nb = "-" if r["notebook_test_accuracy"] is None else f"{r['notebook_test_accuracy']:.4f}"
         val = "-" if r["val_accuracy"] is None else f"{r['val_accuracy']:.4f}"
         seconds = "-" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.1f}"
-        precise = "-" if r.get("test_accuracy_precise_bn") is None else f"{r['test_accuracy_precise_bn']:.4f}"
+        precise = "-" if r["test_accuracy_precise_bn"] is None else f"{r['test_accuracy_precise_bn']:.4f}"
         lines.append(f"| {r['model']} | {r['params']:,} | {r['epochs']} | {r['precision']} | {r['seed']} "
                      f"| {nb} | {val} | {r['test_accuracy']:.4f} | {precise} | {seconds} |")
     if machine:

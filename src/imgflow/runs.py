@@ -64,6 +64,12 @@ def read_run_config(run_dir: Path) -> dict:
     return read_json(paths.config, "run config")
 
 
+def is_finished(run_dir: Path) -> bool:
+    """A run is finished once its weights are saved and config.json holds its result."""
+    paths = RunPaths(Path(run_dir))
+    return paths.weights.is_file() and paths.config.is_file() and "result" in read_run_config(run_dir)
+
+
 def load_run_data(train_config: dict, progress: bool = False, remarks: bool = False):
     """The data set a run was trained on, with the same test hold-out (from config.json's 'train').
 

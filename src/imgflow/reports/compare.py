@@ -71,7 +71,8 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
             name, config["model"]["name"], f"{config['model']['params']:,}", len(history),
             config.get("precision", "?"), duration(seconds),
             f"{result['train_images_per_second']:,.0f}" if result.get("train_images_per_second") else "—",
-            f"{val[-1]:.2%}" if val else "—", f"{max(val):.2%}" if val else "—",
+            _percent(result.get("final_val_accuracy", val[-1] if val else None)),
+            f"{max(val):.2%}" if val else "—",
             number(acc, f"{acc:.2%}" + (" (TTA)" if metrics.get("tta") else ""), id=f"test-accuracy-{i}"),
             f"{metrics['loss']:.4f}",
         ])
@@ -79,7 +80,9 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
 
     parts = [table(COLUMNS, rows, numeric=[2, 3, 6, 7, 8, 9, 10], row_classes=row_classes,
                    id="comparison-table"),
-             paragraph("Wall time is the training time (validation included, test evaluation not); "
+             paragraph("Final val acc is that of the saved weights (the best epoch's with early stopping; "
+                       "after re-estimating BatchNorm statistics with --precise-bn). "
+                       "Wall time is the training time (validation included, test evaluation not); "
                        "the best test accuracy is highlighted; (TTA) marks a test evaluated with "
                        "test-time augmentation ('imgflow evaluate --tta').", class_="muted")]
     data = {r["config"]["data"]["sha256"] for r in runs.values()}
@@ -101,3 +104,7 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     atomic_write_text(path, html)
     log.info("comparison written to %s", path)
     return path
+
+
+def _percent(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2%}"

@@ -314,6 +314,15 @@ def _image_sections(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, c
                               "-log p(true)."), [grid, top]
 
 
+def _precise_bn_text(done: dict | None) -> str:
+    if not done:
+        return "running averages from training"
+    text = f"re-estimated from the final weights on {done['images']:,} training images"
+    if done.get("val_accuracy") is not None:
+        text += f" (val accuracy {done['val_accuracy_before']:.2%} → {done['val_accuracy']:.2%})"
+    return text
+
+
 def _run_section(config: dict, history: list[dict], run_dir: Path) -> Markup:
     result = config.get("result", {})
     model, data = config["model"], config["data"]
@@ -329,6 +338,7 @@ def _run_section(config: dict, history: list[dict], run_dir: Path) -> Markup:
                        if result.get("train_images_per_second") else "—"),
         "mean epoch time": f"{np.mean(epoch_seconds):.1f} s (incl. validation)" if epoch_seconds else "—",
         "steps per epoch": config.get("steps_per_epoch"),
+        "BatchNorm statistics": _precise_bn_text(result.get("precise_bn")),
         "precision": config.get("precision"),
         "threads": config.get("threads"),
     }

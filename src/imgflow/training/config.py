@@ -55,7 +55,7 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None = one per physical core
     early_stopping: int = 0  # patience in epochs on val_loss, best weights restored; 0 = off
     ema: float = 0.0  # exponential moving average of weights, decay per step; 0 = off
-    precise_bn: int = 0  # after training, re-estimate BatchNorm statistics on this many training images; 0 = keep the running averages (Keras)
+    precise_bn: int = 0  # re-estimate BatchNorm statistics on N training images at the end; 0 = Keras' running averages
     eval_batch_size: int = 500  # images per forward pass at evaluation
     preset: str | None = None  # name of the preset the defaults came from, if any
 

@@ -38,10 +38,10 @@ from imgflow.inference import loss_and_accuracy, predict_logits
 from imgflow.models import count_params, create_model
 from imgflow.precision import autocast, resolve_precision, set_threads
 from imgflow.preprocess import Preprocessing, to_model_input
-from imgflow.runs import RunPaths, load_run_data
+from imgflow.runs import RunPaths, is_finished, load_run_data
 from imgflow.training.augment import (alternating_flips, augment_batch, flip_mask, seeded_generator,
                                       step_generator)
-from imgflow.training.batchnorm import batchnorm_sample, has_batchnorm, reestimate_batchnorm
+from imgflow.training.batchnorm import has_batchnorm, reestimate_on_training_part
 from imgflow.training.config import TrainConfig
 from imgflow.training.schedule import lr_at
 
@@ -606,17 +606,19 @@ def _final_weights(config: TrainConfig, learner: Learner, loop: LoopState) -> tu
 def _with_precise_bn(learner: Learner, state: dict, train_part: Split, val_part: Split | None,
                      val_acc: float | None) -> tuple[dict, dict]:
     """`state` with BatchNorm statistics re-estimated on config.precise_bn training images;
-    and what that did ({"images", "val_accuracy_before", "val_accuracy"})."""
+    and what that did ({"images", "seconds", "val_accuracy_before", "val_accuracy"})."""
     config, model = learner.config, learner.model
+    started = time.perf_counter()
     model.load_state_dict(state)
-    idx = batchnorm_sample(len(train_part), config.precise_bn, config.seed)
-    reestimate_batchnorm(model, train_part.images[idx], learner.prep, learner.precision, config.eval_batch_size)
-    done = {"images": len(idx), "val_accuracy_before": val_acc, "val_accuracy": None}
+    images = reestimate_on_training_part(model, train_part, config.precise_bn, config.seed, learner.prep,
+                                         learner.precision, config.eval_batch_size)
+    done = {"images": images, "seconds": None, "val_accuracy_before": val_acc, "val_accuracy": None}
     if val_part is not None:
         done["val_accuracy"] = _evaluate_part(model, val_part, learner.prep, learner.precision,
                                               config.eval_batch_size)["accuracy"]
         log.info("BatchNorm statistics re-estimated on %d training images: val accuracy %.4f -> %.4f",
-                 len(idx), val_acc, done["val_accuracy"])
+                 images, val_acc, done["val_accuracy"])
+    done["seconds"] = round(time.perf_counter() - started, 2)
     return _clean_state(model.state_dict()), done
 
 
@@ -668,7 +670,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     if resume and paths.checkpoint.is_file():
         checkpoint = load_checkpoint(paths.checkpoint)
     finished = checkpoint is None or checkpoint["epoch"] >= config.epochs
-    if resume and finished and paths.weights.is_file() and paths.history.is_file():
+    if resume and finished and is_finished(run_dir):
         log.info("%s has already finished; nothing to resume", run_dir)
         return TrainResult(run_dir, read_history(paths.history))
     if overwrite and not resume:
@@ -687,7 +689,6 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
              len(val_part) if val_part else 0, config.epochs, batches.steps, precision, threads)
     t_start = time.perf_counter()
     last_checkpoint = t_start
-    stopped_early = False
     model.train()
     with _sigint_as_flag() as stop:
 
@@ -718,7 +719,6 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
             write_history(paths.history, loop.history)
             loop.epoch, loop.step, loop.sums = loop.epoch + 1, 0, _new_sums()
             if config.early_stopping and loop.best["bad_epochs"] >= config.early_stopping:
-                stopped_early = loop.epoch < config.epochs
                 loop.epoch = config.epochs  # nothing left to do on resume
                 log.info("early stopping: val_loss has not improved for %d epochs", config.early_stopping)
                 save_state()
@@ -726,12 +726,16 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
             save_state()
             stop_if_asked()
 
+    seconds = loop.elapsed + time.perf_counter() - t_start  # training time, as the epochs count it
+    # From the history, not a flag: a run resumed after its last checkpoint must say it too.
+    stopped_early = len(loop.history) < config.epochs
     state, val_acc = _final_weights(config, learner, loop)
     precise_bn = None
     if config.precise_bn and has_batchnorm(model):
         state, precise_bn = _with_precise_bn(learner, state, train_part, val_part, val_acc)
         val_acc = precise_bn["val_accuracy"]
-    seconds = loop.elapsed + time.perf_counter() - t_start
+    elif config.precise_bn:
+        log.info("--precise-bn: %s has no BatchNorm layer, nothing to re-estimate", config.model)
     _save_final(paths, config, state, loop, {
         "epochs_run": len(loop.history), "best_epoch": loop.best["epoch"], "stopped_early": stopped_early,
         "train_seconds": round(seconds, 2),
