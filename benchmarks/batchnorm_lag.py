@@ -1,0 +1,113 @@
+"""How far a run's BatchNorm running averages are from statistics re-estimated from its weights.
+
+    python benchmarks/batchnorm_lag.py RUN_DIR [--checkpoint] [--images 5000] [--val-images 2000]
+
+Scores the run's validation part (never test) with the weights of model.safetensors, or of
+checkpoint/state.pt with --checkpoint (a run still training), three ways: with the running
+averages the weights came with; with BatchNorm statistics re-estimated on --images training images
+with dropout off (imgflow.training.batchnorm, what `train --precise-bn` does); and the same with
+dropout on. A large gap between the first and the others says the running averages lag the
+weights; a gap between the last two would say dropout shifts the variances BatchNorm sees.
+Prints a table and appends it to benchmarks/results/batchnorm-lag-<cpu>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from throughput import RESULTS, machine_info, machine_slug
+
+from imgflow.fileio import read_json, write_json
+from imgflow.inference import loss_and_accuracy, predict_logits
+from imgflow.precision import set_threads
+from imgflow.preprocess import Preprocessing, to_model_input
+from imgflow.runs import load_run_data, load_trained_model, read_run_config
+from imgflow.training.batchnorm import batchnorm_sample, reestimate_batchnorm
+from imgflow.training.config import TrainConfig
+from imgflow.training.engine import load_checkpoint, split_for_training
+
+log = logging.getLogger("benchmarks.batchnorm_lag")
+
+
+def _weights(run_dir: Path, from_checkpoint: bool):
+    """(model, run config, where the weights came from)."""
+    if not from_checkpoint:
+        model, run = load_trained_model(run_dir)
+        return model, run, "model.safetensors"
+    from imgflow.models import create_model
+
+    run = read_run_config(run_dir)
+    m = run["model"]
+    model = create_model(m["name"], num_classes=m["num_classes"], in_channels=m["in_channels"],
+                         image_size=tuple(m["image_size"]))
+    state = load_checkpoint(run_dir / "checkpoint" / "state.pt")
+    model.load_state_dict(state["model"])
+    return model, run, f"checkpoint after {state['epoch']} epochs and {state['step']} steps"
+
+
+@torch.no_grad()
+def _reestimate_with_dropout(model, images, prep, batch_size: int) -> None:
+    """Like reestimate_batchnorm but in train mode, dropout on (seeded)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for start in range(0, len(images), batch_size):
+            model(to_model_input(torch.from_numpy(images[start:start + batch_size]), prep, channels_last=True))
+    model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--checkpoint", action="store_true", help="use checkpoint/state.pt (a run in progress)")
+    parser.add_argument("--images", type=int, default=5000, help="training images to re-estimate on")
+    parser.add_argument("--val-images", type=int, default=2000, help="validation images to score (0 = all)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    threads = set_threads(args.threads)
+
+    model, run, source = _weights(args.run_dir, args.checkpoint)
+    config = TrainConfig.from_dict(run["train"])
+    train_part, val_part = split_for_training(load_run_data(run["train"]).train, config)
+    if val_part is None:
+        raise SystemExit(f"{args.run_dir} trained without a validation part: nothing to score on")
+    val_images = val_part.images[:args.val_images or None]
+    val_labels = val_part.labels[:args.val_images or None]
+    prep = Preprocessing.from_dict(run["preprocessing"])
+    sample = train_part.images[batchnorm_sample(len(train_part), args.images, config.seed)]
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def val_accuracy() -> float:
+        model.eval()
+        return loss_and_accuracy(predict_logits(model, val_images, prep), val_labels)["accuracy"]
+
+    scores = {"running averages": val_accuracy()}
+    reestimate_batchnorm(model, sample, prep)
+    scores["re-estimated, dropout off"] = val_accuracy()
+    model.load_state_dict(original)
+    _reestimate_with_dropout(model, sample, prep, batch_size=500)
+    scores["re-estimated, dropout on"] = val_accuracy()
+
+    print(f"{args.run_dir} ({run['model']['name']}, {source}); validation accuracy on {len(val_labels):,} images:")
+    for name, accuracy in scores.items():
+        print(f"  {name:<28} {accuracy:.4f}")
+    machine = machine_info(threads)
+    path = RESULTS / f"batchnorm-lag-{machine_slug(machine)}.json"
+    results = read_json(path, "results") if path.is_file() else []
+    results.append({"run": str(args.run_dir), "model": run["model"]["name"], "weights": source,
+                    "seed": config.seed, "train_images": len(sample), "val_images": len(val_labels),
+                    "val_accuracy": scores, "machine": machine,
+                    "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    write_json(path, results)
+
+
+if __name__ == "__main__":
+    main()
