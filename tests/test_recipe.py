@@ -370,6 +370,17 @@ def test_make_tables_writes_markdown_from_result_files(benchmark_modules, tmp_pa
     assert "0.8318" in text  # the notebook's number stands beside ours
 
 
+def test_make_tables_shows_the_batchnorm_lag_results(benchmark_modules, tmp_path):
+    make_tables, _ = benchmark_modules
+    (tmp_path / "batchnorm-lag-test.json").write_text(json.dumps([{
+        "run": "runs/x", "model": "seed-batchnorm", "weights": "model.safetensors", "seed": 0,
+        "train_images": 5000, "val_images": 2000,
+        "val_accuracy": {"running averages": 0.75, "re-estimated, dropout off": 0.83,
+                         "re-estimated, dropout on": 0.829}}]))
+    text = make_tables.build(tmp_path)
+    assert "| seed-batchnorm | model.safetensors | 0 | 0.7500 | 0.8300 | 0.8290 | 5,000 / 2,000 |" in text
+
+
 def test_ablation_variants_parse_and_summarise_and_tabulate(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import ablation
