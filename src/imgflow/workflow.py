@@ -622,6 +622,31 @@ STEPS: list[Callable[[Context], dict]] = [step_data, step_metric, step_protocol,
 # driver
 
 
+def _record_to_continue(record_path: Path, data: str, seed: int, budget_minutes: float,
+                        progress: bool) -> dict:
+    """The workflow.json to continue (the same DATA, seed and budget), or a new one."""
+    out = record_path.parent
+    record = {"data": data, "seed": seed, "budget_minutes": budget_minutes, "steps": [], "state": {},
+              "elapsed_minutes": 0.0}
+    if not record_path.is_file():
+        from imgflow.data import load_dataset
+
+        load_dataset(data, progress=progress)  # a bad DATA fails here, before anything is written
+        return record
+    saved = read_json(record_path, "workflow record")
+    if (saved.get("data"), saved.get("seed")) != (data, seed):
+        raise UserError(f"{out} holds a workflow for data {saved.get('data')!r} seed {saved.get('seed')}: "
+                        "use the same DATA and --seed to continue it, or another --out")
+    saved_budget = saved.get("budget_minutes", budget_minutes)
+    if saved_budget != budget_minutes:  # the plans so far were cut to the first budget
+        raise UserError(f"{out} holds a workflow with a {saved_budget:g}-minute budget: "
+                        f"continue it with --budget-minutes {saved_budget:g}, or use another --out")
+    record.update(steps=saved["steps"], state=saved["state"], elapsed_minutes=saved["elapsed_minutes"])
+    if len(record["steps"]) < len(STEPS):
+        log.info("continuing the workflow in %s after step %d", out, len(record["steps"]))
+    return record
+
+
 def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int = 0,
                  progress: bool | None = None, threads: int | None = None) -> dict:
     """Run (or continue) the eight steps into `out`; return the workflow.json content."""
@@ -633,24 +658,7 @@ def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int =
     if progress is None:
         progress = sys.stderr.isatty()
     record_path = out / "workflow.json"
-    record = {"data": data, "seed": seed, "budget_minutes": budget_minutes, "steps": [], "state": {},
-              "elapsed_minutes": 0.0}
-    if record_path.is_file():
-        saved = read_json(record_path, "workflow record")
-        if (saved.get("data"), saved.get("seed")) != (data, seed):
-            raise UserError(f"{out} holds a workflow for data {saved.get('data')!r} seed {saved.get('seed')}: "
-                            "use the same DATA and --seed to continue it, or another --out")
-        saved_budget = saved.get("budget_minutes", budget_minutes)
-        if saved_budget != budget_minutes:  # the plans so far were cut to the first budget
-            raise UserError(f"{out} holds a workflow with a {saved_budget:g}-minute budget: "
-                            f"continue it with --budget-minutes {saved_budget:g}, or use another --out")
-        record.update(steps=saved["steps"], state=saved["state"], elapsed_minutes=saved["elapsed_minutes"])
-        if len(record["steps"]) < len(STEPS):
-            log.info("continuing the workflow in %s after step %d", out, len(record["steps"]))
-    else:
-        from imgflow.data import load_dataset
-
-        load_dataset(data, progress=progress)  # a bad DATA fails here, before anything is written
+    record = _record_to_continue(record_path, data, seed, budget_minutes, progress)
     out.mkdir(parents=True, exist_ok=True)
 
     ctx = Context(data=data, out=out, seed=seed, budget_seconds=budget_minutes * 60,
