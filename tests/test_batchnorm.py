@@ -123,3 +123,14 @@ def test_negative_precise_bn_is_refused(tiny_data, tmp_path, capsys):
     assert exc.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_the_run_report_says_what_happened_to_the_batchnorm_statistics():
+    from imgflow.reports.run_report import _precise_bn_text
+
+    with_bn, without_bn = {"non_trainable_params": 1792}, {"non_trainable_params": 0}
+    assert _precise_bn_text(None, without_bn) == "— (no BatchNorm)"
+    assert _precise_bn_text(None, with_bn) == "running averages from training"
+    text = _precise_bn_text({"images": 10000, "seconds": 60.0, "val_accuracy_before": 0.75,
+                             "val_accuracy": 0.8275}, with_bn)
+    assert "10,000 training images" in text and "75.00% → 82.75%" in text

@@ -314,7 +314,9 @@ def _image_sections(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, c
                               "-log p(true)."), [grid, top]
 
 
-def _precise_bn_text(done: dict | None) -> str:
+def _precise_bn_text(done: dict | None, model: dict) -> str:
+    if not model.get("non_trainable_params"):  # Keras' count: BatchNorm's running mean and variance
+        return "— (no BatchNorm)"
     if not done:
         return "running averages from training"
     text = f"re-estimated from the final weights on {done['images']:,} training images"
@@ -338,7 +340,7 @@ def _run_section(config: dict, history: list[dict], run_dir: Path) -> Markup:
                        if result.get("train_images_per_second") else "—"),
         "mean epoch time": f"{np.mean(epoch_seconds):.1f} s (incl. validation)" if epoch_seconds else "—",
         "steps per epoch": config.get("steps_per_epoch"),
-        "BatchNorm statistics": _precise_bn_text(result.get("precise_bn")),
+        "BatchNorm statistics": _precise_bn_text(result.get("precise_bn"), model),
         "precision": config.get("precision"),
         "threads": config.get("threads"),
     }
