@@ -121,12 +121,13 @@ def ablation_table(result: dict) -> str:
 def batchnorm_lag_table(results: list[dict]) -> str:
     lines = ["Validation accuracy of the same weights with BatchNorm's running averages and with "
              "statistics re-estimated on training images (`benchmarks/batchnorm_lag.py`; test not used).", "",
-             "| run | weights | seed | running averages | re-estimated, dropout off | re-estimated, dropout on "
+             "| run | model | weights | seed | running averages | re-estimated, dropout off | re-estimated, dropout on "
              "| train / val images |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             "|---|---|---|---:|---:|---:|---:|---|"]
     for r in results:
         acc = r["val_accuracy"]
-        lines.append(f"| {r['model']} | {r['weights']} | {r['seed']} | {acc['running averages']:.4f} "
+        run = "/".join(Path(r["run"]).parts[-2:])  # e.g. runs/7-augment: the run, not the whole path
+        lines.append(f"| {run} | {r['model']} | {r['weights']} | {r['seed']} | {acc['running averages']:.4f} "
                      f"| {acc['re-estimated, dropout off']:.4f} | {acc['re-estimated, dropout on']:.4f} "
                      f"| {r['train_images']:,} / {r['val_images']:,} |")
     return "\n".join(lines)
