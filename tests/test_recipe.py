@@ -378,7 +378,7 @@ def test_make_tables_shows_the_batchnorm_lag_results(benchmark_modules, tmp_path
         "val_accuracy": {"running averages": 0.75, "re-estimated, dropout off": 0.83,
                          "re-estimated, dropout on": 0.829}}]))
     text = make_tables.build(tmp_path)
-    assert "| runs/x | seed-batchnorm | model.safetensors | 0 | 0.7500 | 0.8300 | 0.8290 | 5,000 / 2,000 |" in text
+    assert "| runs/x | seed-batchnorm | model.safetensors | 0 | 0.7500 | 0.8300 | 0.8290 | 5,000 / 2,000 | - |" in text
 
 
 def test_ablation_variants_parse_and_summarise_and_tabulate(monkeypatch, tmp_path):
