@@ -26,8 +26,8 @@ from throughput import RESULTS, machine_info, machine_slug
 from imgflow.fileio import read_json, write_json
 from imgflow.inference import loss_and_accuracy, predict_logits
 from imgflow.precision import set_threads
-from imgflow.preprocess import Preprocessing, to_model_input
-from imgflow.runs import load_run_data, load_trained_model, read_run_config
+from imgflow.preprocess import Preprocessing
+from imgflow.runs import create_run_model, load_run_data, load_trained_model, read_run_config
 from imgflow.training.batchnorm import batchnorm_sample, reestimate_batchnorm
 from imgflow.training.config import TrainConfig
 from imgflow.training.engine import load_checkpoint, split_for_training
@@ -40,30 +40,11 @@ def _weights(run_dir: Path, from_checkpoint: bool):
     if not from_checkpoint:
         model, run = load_trained_model(run_dir)
         return model, run, "model.safetensors"
-    from imgflow.models import create_model
-
     run = read_run_config(run_dir)
-    m = run["model"]
-    model = create_model(m["name"], num_classes=m["num_classes"], in_channels=m["in_channels"],
-                         image_size=tuple(m["image_size"]))
+    model = create_run_model(run)
     state = load_checkpoint(run_dir / "checkpoint" / "state.pt")
     model.load_state_dict(state["model"])
     return model, run, f"checkpoint after {state['epoch']} epochs and {state['step']} steps"
-
-
-@torch.no_grad()
-def _reestimate_with_dropout(model, images, prep, batch_size: int) -> None:
-    """Like reestimate_batchnorm but in train mode, dropout on (seeded)."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        for start in range(0, len(images), batch_size):
-            model(to_model_input(torch.from_numpy(images[start:start + batch_size]), prep, channels_last=True))
-    model.eval()
 
 
 def main() -> None:
@@ -109,7 +90,9 @@ def main() -> None:
     if args.test:
         test["re-estimated, dropout off"] = test_accuracy()
     model.load_state_dict(original)
-    _reestimate_with_dropout(model, sample, prep, batch_size=500)
+    with torch.random.fork_rng():  # dropout's draws, seeded, without touching the caller's RNG
+        torch.manual_seed(0)
+        reestimate_batchnorm(model, sample, prep, dropout=True)
     scores["re-estimated, dropout on"] = val_accuracy()
 
     print(f"{args.run_dir} ({run['model']['name']}, {source}); validation accuracy on {len(val_labels):,} images:")

@@ -145,12 +145,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce_seed(args: argparse.Namespace) -> int:
-    from imgflow.reproduce import reproduce_seed
+    from imgflow.reproduce import PRECISE_BN_IMAGES, reproduce_seed
 
     table = reproduce_seed(args.data, Path(args.out), precision=args.precision,
                            epochs=args.epochs, models=args.models, seed=args.seed,
                            resume=args.resume, threads=args.threads,
-                           **({} if args.precise_bn is None else {"precise_bn": args.precise_bn}))
+                           precise_bn=PRECISE_BN_IMAGES if args.precise_bn is None else args.precise_bn)
     print(table)
     return 0
 

@@ -88,21 +88,26 @@ def load_run_data(train_config: dict, progress: bool = False, remarks: bool = Fa
     return holdout_test(dataset, train_config.get("test_split", 0.0))
 
 
+def create_run_model(config: dict):
+    """The untrained model a run's config.json describes (architecture, classes, input)."""
+    from imgflow.models import create_model
+
+    m = config["model"]
+    return create_model(m["name"], num_classes=m["num_classes"], in_channels=m["in_channels"],
+                        image_size=tuple(m["image_size"]))
+
+
 def load_trained_model(run_dir: Path):
     """(model in eval mode, config dict) from a finished run's config.json and model.safetensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from imgflow.models import create_model
 
     config = read_run_config(run_dir)
     weights = RunPaths(Path(run_dir)).weights
     if not weights.is_file():
         raise UserError(f"{run_dir} has no model.safetensors: the run has not finished "
                         f"(continue it with 'imgflow train ... --out {run_dir} --resume')")
-    m = config["model"]
-    model = create_model(m["name"], num_classes=m["num_classes"], in_channels=m["in_channels"],
-                         image_size=tuple(m["image_size"]))
+    model = create_run_model(config)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -111,6 +116,6 @@ def load_trained_model(run_dir: Path):
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise UserError(f"{weights} does not match model {m['name']}: {first}") from None
+        raise UserError(f"{weights} does not match model {config['model']['name']}: {first}") from None
     model.eval()
     return model, config

@@ -27,20 +27,21 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, images: np.ndarray, prep: Preprocessing,
-                         precision: str = "fp32", batch_size: int = 500) -> None:
+                         precision: str = "fp32", batch_size: int = 500, dropout: bool = False) -> None:
     """Replace every BatchNorm layer's running mean and variance by their average over `images`
-    (uint8, N x H x W x C, N >= 2), computed with the model's current weights and dropout off.
+    (uint8, N x H x W x C, N >= 2), computed with the model's current weights.
 
-    The images go in as the model sees them at inference: unaugmented, dropout off. Weights are
-    untouched; the model comes back in the mode it was in (num_batches_tracked then counts the
-    re-estimation's batches).
+    The images go in as the model sees them at inference: unaugmented, dropout off (dropout=True,
+    for comparison, keeps it on and draws from torch's global RNG). Weights are untouched; the
+    model comes back in the mode it was in (num_batches_tracked then counts the re-estimation's
+    batches).
     """
     assert images.dtype == np.uint8, f"expected uint8 images, got {images.dtype}"
     assert len(images) >= 2, f"BatchNorm statistics need at least 2 images, got {len(images)}"
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     was_training, momenta = model.training, [m.momentum for m in norms]
     model.to(memory_format=torch.channels_last)  # as in training and predict_logits: same kernels
-    model.eval()
+    model.train(dropout)
     try:
         for m in norms:
             m.reset_running_stats()

@@ -559,11 +559,11 @@ def _record_for_early_stopping(loop: LoopState, val_loss: float, model: torch.nn
 
 
 def finish_epoch(learner: Learner, val_part: Split | None, loop: LoopState, trained: dict,
-                 lr_of_step: Callable[[int], float], total_steps: int) -> dict:
+                 lr_of_step: Callable[[int], float]) -> dict:
     """Close the epoch the loop has just trained: check the weights, validate; return its
     history row (without seconds)."""
     config = learner.config
-    if learner.lookahead is not None and loop.global_step == total_steps:
+    if learner.lookahead is not None and loop.global_step == learner.total_steps:
         learner.lookahead.finish(learner.model)  # the last epoch validates and saves the averaged weights
     if not learner.all_finite():
         raise TrainingDiverged(
@@ -622,7 +622,7 @@ def _with_precise_bn(learner: Learner, state: dict, train_part: Split, val_part:
     return _clean_state(model.state_dict()), done
 
 
-def _save_final(paths: RunPaths, config: TrainConfig, state: dict, loop: LoopState, result: dict) -> None:
+def _save_final(paths: RunPaths, config: TrainConfig, state: dict, result: dict) -> None:
     """Save the weights the run ends with and add its result to config.json."""
     save_weights(paths.weights, state, {"model": config.model, "format": "imgflow"})
     saved = read_json(paths.config, "run config")
@@ -709,7 +709,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
         while loop.epoch < config.epochs:
             epoch_started = time.perf_counter() - loop.sums["seconds"]  # earlier when resumed mid-epoch
             trained = train_one_epoch(learner, batches, loop, lr_of_step, after_step, progress)
-            row = finish_epoch(learner, val_part, loop, trained, lr_of_step, total_steps)
+            row = finish_epoch(learner, val_part, loop, trained, lr_of_step)
             row["seconds"] = round(time.perf_counter() - epoch_started, 3)
             loop.history.append(row)
             log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %s  val_acc %s  lr %.3g  %.1fs",
@@ -736,7 +736,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
         val_acc = precise_bn["val_accuracy"]
     elif config.precise_bn:
         log.info("--precise-bn: %s has no BatchNorm layer, nothing to re-estimate", config.model)
-    _save_final(paths, config, state, loop, {
+    _save_final(paths, config, state, {
         "epochs_run": len(loop.history), "best_epoch": loop.best["epoch"], "stopped_early": stopped_early,
         "train_seconds": round(seconds, 2),
         # Images trained per second of the whole run (validation and checkpoints included).
