@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from throughput import RESULTS, machine_info, machine_slug
 
+from imgflow.errors import UserError
 from imgflow.fileio import read_json, write_json
 from imgflow.inference import loss_and_accuracy, predict_logits
 from imgflow.precision import set_threads
@@ -114,4 +116,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as exc:  # a wrong run directory, a damaged file: one line, exit 2
+        print(f"batchnorm_lag: error: {exc}", file=sys.stderr)
+        sys.exit(2)
