@@ -97,6 +97,8 @@ def time_to_accuracy_table(result: dict) -> str:
             notes.append("`" + " ".join(s["extra"]) + "`")
         if s.get("data") not in (None, "cifar10"):
             notes.append(f"data {s['data']}")
+        if s.get("resumed"):
+            notes.append(f"{s['resumed']} run(s) continued across sessions: training loop time")
         if s.get("target"):
             notes.append(f"target {s['target']}")
         lines.append(f"| `{s['preset']}` | {s['model']} | {s['epochs']} "

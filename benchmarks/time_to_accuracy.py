@@ -13,6 +13,9 @@ so seeds can be added run by run; the summary gives mean +- std per preset.
     python benchmarks/time_to_accuracy.py --presets fast --seeds 0,1,2
     python benchmarks/time_to_accuracy.py --presets best --seeds 0 --extra="--epochs 10"
 A full-data `best` run takes ~30 min on a 2-core Zen 4 with bf16 and several hours without it.
+With --resume an interrupted run continues (`imgflow train --resume`) instead of starting over;
+its time is then the training loop's own count, which adds up the sessions' epochs (config.json's
+train_seconds) and leaves out the interrupted sessions' start-up (seconds, against hours).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from throughput import RESULTS, machine_info, machine_slug
 
 from imgflow.fileio import read_json, write_json
 from imgflow.precision import default_threads
+from imgflow.runs import RunPaths, is_finished
 from imgflow.training.config import PRESET_INFO, PRESETS
 
 log = logging.getLogger("benchmarks.time_to_accuracy")
@@ -40,28 +44,45 @@ def _imgflow(*args: str) -> list[str]:
     return [sys.executable, "-m", "imgflow", *args]
 
 
-def run_one(data: str, preset: str, seed: int, runs_dir: Path, tta: bool, extra: list[str]) -> dict:
+def _train_mode(run_dir: Path, resume: bool) -> str:
+    """'fresh' (start over), 'resume' (continue from a checkpoint) or 'done' (only evaluate)."""
+    if not resume or not (run_dir / "config.json").is_file():
+        return "fresh"
+    if is_finished(run_dir):
+        return "done"
+    return "resume" if RunPaths(run_dir).checkpoint.is_file() else "fresh"
+
+
+def run_one(data: str, preset: str, seed: int, runs_dir: Path, tta: bool, extra: list[str],
+            resume: bool = False) -> dict:
     """Train and evaluate one (preset, seed) in subprocesses; return the timed record."""
     run_dir = runs_dir / f"{preset}-seed{seed}"
+    mode = _train_mode(run_dir, resume)
     t0 = time.perf_counter()
-    subprocess.run(_imgflow("train", data, "--preset", preset, "--seed", str(seed),
-                            "--out", str(run_dir), "--overwrite", *extra), check=True)
+    if mode != "done":
+        subprocess.run(_imgflow("train", data, "--preset", preset, "--seed", str(seed), "--out", str(run_dir),
+                                "--resume" if mode == "resume" else "--overwrite", *extra), check=True)
     t1 = time.perf_counter()
     out = subprocess.run(_imgflow("-q", "evaluate", str(run_dir), *(["--tta"] if tta else []), "--json"),
                          check=True, capture_output=True, text=True).stdout
     t2 = time.perf_counter()
     metrics = json.loads(out)
     config = read_json(run_dir / "config.json", "run config")
+    engine_seconds = config["result"]["train_seconds"]
+    # A run finished in this process is timed by the clock; one continued across processes by the
+    # loop's own count of all its sessions (this process alone would miss the earlier ones).
+    train_seconds = round(t1 - t0, 2) if mode == "fresh" else engine_seconds
     return {
         "preset": preset, "seed": seed, "extra": extra, "data": data,
         "model": config["train"]["model"], "epochs": config["result"]["epochs_run"],
         "batch_size": config["train"]["batch_size"], "precision": config["precision"],
         "threads": config["threads"], "num_train": config["data"]["num_train"],
         "tta": tta, "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"],
-        "train_seconds": round(t1 - t0, 2),  # whole process: start-up, data load, training, saving
-        "engine_train_seconds": config["result"]["train_seconds"],  # the loop alone
+        "train_seconds": train_seconds,  # fresh: whole process (start-up, data, training, saving)
+        "engine_train_seconds": engine_seconds,  # the loop alone, summed over sessions
+        "resumed": mode != "fresh",
         "evaluate_seconds": round(t2 - t1, 2),
-        "total_seconds": round(t2 - t0, 2),
+        "total_seconds": round(train_seconds + t2 - t1, 2),
         "run_dir": str(run_dir),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -95,6 +116,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         rows.append({"preset": preset, "extra": list(extra), "data": data, "model": rs[0]["model"],
                      "epochs": rs[0]["epochs"], "n": len(rs), "tta": rs[0]["tta"],
                      "precision": rs[0]["precision"],
+                     "resumed": sum(bool(r.get("resumed")) for r in rs),
                      "test_accuracy_mean": round(acc, 4), "test_accuracy_std": round(acc_sd, 4),
                      "total_seconds_mean": round(sec, 1), "total_seconds_std": round(sec_sd, 1),
                      "target": PRESET_INFO.get(preset, {}).get("target")})
@@ -123,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="evaluate with test-time augmentation (default: as the preset says)")
     tta.add_argument("--no-tta", dest="tta", action="store_false")
     p.add_argument("--extra", default="", help='more train options, e.g. --extra="--epochs 3"')
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same preset and seed instead of starting over")
     p.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/time_to_accuracy-<cpu>.json)")
     return p.parse_args(argv)
 
@@ -147,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         tta = PRESET_INFO.get(preset, {}).get("tta", False) if args.tta is None else args.tta
         for seed in seeds:
             log.info("%s seed %d: training and evaluating%s ...", preset, seed, " (TTA)" if tta else "")
-            record = run_one(args.data, preset, seed, args.runs_dir, tta, extra)
+            record = run_one(args.data, preset, seed, args.runs_dir, tta, extra, args.resume)
             log.info("%s seed %d: test accuracy %.4f in %.1f s (train %.1f s, evaluate %.1f s)",
                      preset, seed, record["test_accuracy"], record["total_seconds"],
                      record["train_seconds"], record["evaluate_seconds"])

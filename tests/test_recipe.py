@@ -347,6 +347,22 @@ def test_time_to_accuracy_merges_per_preset_and_seed_and_summarises(benchmark_mo
     assert summary[("--epochs", "1")]["n"] == 1
 
 
+def test_time_to_accuracy_resumes_only_an_unfinished_run_with_a_checkpoint(benchmark_modules, tmp_path):
+    _, tta = benchmark_modules
+    run = tmp_path / "best-seed0"
+    assert tta._train_mode(run, resume=True) == "fresh"  # nothing there yet
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": {}}))
+    assert tta._train_mode(run, resume=True) == "fresh"  # started, but no checkpoint to continue
+    (run / "checkpoint").mkdir()
+    (run / "checkpoint" / "state.pt").write_bytes(b"x")
+    assert tta._train_mode(run, resume=True) == "resume"
+    assert tta._train_mode(run, resume=False) == "fresh"  # without --resume: start over
+    (run / "model.safetensors").write_bytes(b"x")
+    (run / "config.json").write_text(json.dumps({"train": {}, "result": {"train_seconds": 1.0}}))
+    assert tta._train_mode(run, resume=True) == "done"
+
+
 def test_make_tables_writes_markdown_from_result_files(benchmark_modules, tmp_path):
     make_tables, _ = benchmark_modules
     machine = {"cpu": "Test CPU", "logical_cpus": 2, "flags": {"avx2": True}, "native_bf16": False,
