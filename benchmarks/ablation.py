@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from throughput import RESULTS, machine_info, machine_slug
+from time_to_accuracy import run_to_end
 
 from imgflow.fileio import read_json, write_json
 from imgflow.precision import default_threads
@@ -48,7 +49,7 @@ def run_one(data: str, preset: str, variant: str, options: list[str], seed: int,
                "--out", str(run_dir), *options]
     if run_dir.is_dir():
         command.append("--resume")  # finished: nothing to do; interrupted: continue; other options: refused
-    subprocess.run(command, check=True)
+    run_to_end(command)
     history = read_history(run_dir / "history.csv")
     config = read_json(run_dir / "config.json", "run config")
     last = history[-1]

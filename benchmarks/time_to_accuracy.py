@@ -44,6 +44,23 @@ def _imgflow(*args: str) -> list[str]:
     return [sys.executable, "-m", "imgflow", *args]
 
 
+def run_to_end(command: list[str]) -> None:
+    """subprocess.run(command, check=True), except that a Ctrl-C lets the child finish.
+
+    The child is in our process group and gets the same Ctrl-C: `imgflow train` then saves a
+    checkpoint and exits. subprocess.run would kill it after a quarter of a second instead,
+    losing the work since its last checkpoint.
+    """
+    with subprocess.Popen(command) as child:
+        try:
+            returncode = child.wait()
+        except KeyboardInterrupt:
+            child.wait()
+            raise
+    if returncode:
+        raise subprocess.CalledProcessError(returncode, command)
+
+
 def _train_mode(run_dir: Path, resume: bool) -> str:
     """'fresh' (start over), 'resume' (continue from a checkpoint) or 'done' (only evaluate)."""
     if not resume or not (run_dir / "config.json").is_file():
@@ -60,8 +77,8 @@ def run_one(data: str, preset: str, seed: int, runs_dir: Path, tta: bool, extra:
     mode = _train_mode(run_dir, resume)
     t0 = time.perf_counter()
     if mode != "done":
-        subprocess.run(_imgflow("train", data, "--preset", preset, "--seed", str(seed), "--out", str(run_dir),
-                                "--resume" if mode == "resume" else "--overwrite", *extra), check=True)
+        run_to_end(_imgflow("train", data, "--preset", preset, "--seed", str(seed), "--out", str(run_dir),
+                            "--resume" if mode == "resume" else "--overwrite", *extra))
     t1 = time.perf_counter()
     out = subprocess.run(_imgflow("-q", "evaluate", str(run_dir), *(["--tta"] if tta else []), "--json"),
                          check=True, capture_output=True, text=True).stdout

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -525,3 +529,32 @@ def test_airbench_options_train_end_to_end(tiny_data, tmp_path):
     assert (config["bn_lr_scale"], config["lookahead"], config["flip"], config["lr_floor"]) == (64, 2, "alternate", 0.07)
     rows = (run_dir / "history.csv").read_text().splitlines()[1:]
     assert len(rows) == 2 and all(math.isfinite(float(v)) for r in rows for v in r.split(",")[1:6])
+
+
+def test_benchmark_ctrl_c_lets_the_training_child_save_its_checkpoint(tmp_path):
+    # The benchmark and its child share a process group, so both get the Ctrl-C; the child
+    # (here a stand-in for `imgflow train`) needs a moment to save, which subprocess.run
+    # would not give it.
+    saved = tmp_path / "saved"
+    child = ("import signal, sys, time, pathlib\n"
+             "def stop(*_):\n"
+             "    time.sleep(1.0)\n"
+             f"    pathlib.Path({str(saved)!r}).write_text('checkpoint')\n"
+             "    sys.exit(130)\n"
+             "signal.signal(signal.SIGINT, stop)\n"
+             "print('ready', flush=True)\n"
+             "time.sleep(60)\n")
+    parent = (f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r})\n"
+              "from time_to_accuracy import run_to_end\n"
+              f"run_to_end([sys.executable, '-c', {child!r}])\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err  # the benchmark stops...
+    assert saved.read_text() == "checkpoint"  # ...after its child has saved
