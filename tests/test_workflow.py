@@ -184,7 +184,7 @@ def test_k_fold_reuses_the_step_6_run_as_fold_0_of_the_reference(tmp_path, monke
     # 3 folds x (3 + 2 x 1 s) = 15 s per candidate; the reference's 2 extra folds cost 10 s.
     ctx = wf.Context(data="x", out=tmp_path, seed=0, budget_seconds=25 / wf.BUDGET_SHARE["tune"],
                      started=time.perf_counter(), elapsed_before=0.0, progress=False,
-                     state={"scaled": scaled, "protocol": {"kind": "k-fold", "folds": 3}, "metric": "accuracy"})
+                     state={"scaled": scaled, "protocol": {"kind": "k-fold", "folds": 3, "scored_images": 30}, "metric": "accuracy"})
     step = wf.step_tune(ctx)
     assert ("7-none-fold0", 0) not in trained  # fold 0 of the reference is the step-6 run
     assert [n for n, _ in trained if n.startswith("7-none")] == ["7-none-fold1", "7-none-fold2"]
@@ -201,6 +201,23 @@ def test_k_fold_reuses_the_step_6_run_as_fold_0_of_the_reference(tmp_path, monke
 
 # ---------------------------------------------------------------------------------------------
 # decisions and budget logic on their own
+
+
+def test_candidates_within_one_standard_error_go_to_the_more_regularised_one():
+    def result(name, score, loss=1.0):
+        return {"name": name, "val_score": score, "val_loss": loss}
+
+    # 5,000 images at 0.70: standard error 0.0065
+    assert wf.score_standard_error(0.70, 5000) == pytest.approx(0.00648, abs=1e-5)
+    tie = [result("none", 0.7012), result("augment", 0.7010)]
+    chosen, se = wf.choose_candidate(tie, 5000)
+    assert chosen["name"] == "augment" and se == pytest.approx(0.0065, abs=1e-4)
+    clear = [result("none", 0.7212), result("augment", 0.7386), result("more", 0.7200)]
+    assert wf.choose_candidate(clear, 5000)[0]["name"] == "augment"  # 'more' is 1.9 points behind
+    assert wf.choose_candidate(clear, 10)[0]["name"] == "more"  # on 10 images, everything is noise
+    exact = [result("none", 0.7, loss=0.9), result("augment", 0.7, loss=0.8)]
+    assert wf.choose_candidate(exact, 10**9)[0]["name"] == "augment"
+    assert wf.choose_candidate([result("none", 0.7)], 100)[0]["name"] == "none"
 
 
 def test_final_run_plan_cuts_epochs_before_images_and_uses_the_budget():
@@ -249,7 +266,7 @@ def test_small_data_gets_k_fold_and_imbalanced_data_balanced_accuracy(tmp_path):
     data = make_image_folder(tmp_path / "small", per_class=12, size=(8, 8))
     ctx = _context(tmp_path, data, test_split=0.0, balance_ratio=3.0, classes=["a", "b", "c"])
     assert wf.step_protocol(ctx)["metrics"]["kind"] == "k-fold"
-    assert ctx.state["protocol"] == {"kind": "k-fold", "folds": 5}
+    assert ctx.state["protocol"] == {"kind": "k-fold", "folds": 5, "scored_images": 36}
     assert wf.step_metric(ctx)["decision"] == "measure success by balanced accuracy"
 
 
@@ -258,7 +275,7 @@ def test_a_large_hold_out_is_scored_on_a_fixed_stratified_part_during_exploratio
     ctx = _context(tmp_path, data, test_split=0.0, balance_ratio=1.0, classes=["a", "b", "c"])
     monkeypatch.setattr(wf, "VALIDATION_CAP", 15)
     step = wf.step_protocol(ctx)
-    assert ctx.state["protocol"] == {"kind": "hold-out", "val_split": 0.2, "val_subset": 15}
+    assert ctx.state["protocol"] == {"kind": "hold-out", "val_split": 0.2, "val_subset": 15, "scored_images": 15}
     assert "same stratified 15" in step["decision"]
     part, val = wf._protocol_split(ctx)
     assert len(val) == 15 and sorted(set(val.labels.tolist())) == [0, 1, 2]
@@ -266,6 +283,7 @@ def test_a_large_hold_out_is_scored_on_a_fixed_stratified_part_during_exploratio
     monkeypatch.setattr(wf, "VALIDATION_CAP", 1000)  # a hold-out under the cap is used whole
     wf.step_protocol(ctx)
     assert "val_subset" not in ctx.state["protocol"] and len(wf._protocol_split(ctx)[1]) == 36
+    assert ctx.state["protocol"]["scored_images"] == 36 == wf._scored_images(ctx)
 
 
 def test_data_without_test_split_gets_one_held_out(tmp_path):
