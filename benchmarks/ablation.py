@@ -23,8 +23,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from run_command import run_to_end
 from throughput import RESULTS, machine_info, machine_slug
-from time_to_accuracy import run_to_end
 
 from imgflow.fileio import read_json, write_json
 from imgflow.precision import default_threads

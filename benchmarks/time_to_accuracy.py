@@ -13,9 +13,11 @@ so seeds can be added run by run; the summary gives mean +- std per preset.
     python benchmarks/time_to_accuracy.py --presets fast --seeds 0,1,2
     python benchmarks/time_to_accuracy.py --presets best --seeds 0 --extra="--epochs 10"
 A full-data `best` run takes ~30 min on a 2-core Zen 4 with bf16 and several hours without it.
-With --resume an interrupted run continues (`imgflow train --resume`) instead of starting over;
-its time is then the training loop's own count, which adds up the sessions' epochs (config.json's
-train_seconds) and leaves out the interrupted sessions' start-up (seconds, against hours).
+With --resume an interrupted run continues (`imgflow train --resume`) instead of starting over,
+and a (preset, seed) already in the results file is kept. A continued run's time is the training
+loop's own count, which adds up the sessions' epochs (config.json's train_seconds) and leaves out
+the interrupted sessions' start-up (seconds, against hours). Ctrl-C lets the training save a
+checkpoint first.
 """
 from __future__ import annotations
 
@@ -30,11 +32,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from run_command import run_to_end
 from throughput import RESULTS, machine_info, machine_slug
 
 from imgflow.fileio import read_json, write_json
 from imgflow.precision import default_threads
-from imgflow.runs import RunPaths, is_finished
 from imgflow.training.config import PRESET_INFO, PRESETS
 
 log = logging.getLogger("benchmarks.time_to_accuracy")
@@ -44,41 +46,19 @@ def _imgflow(*args: str) -> list[str]:
     return [sys.executable, "-m", "imgflow", *args]
 
 
-def run_to_end(command: list[str]) -> None:
-    """subprocess.run(command, check=True), except that a Ctrl-C lets the child finish.
-
-    The child is in our process group and gets the same Ctrl-C: `imgflow train` then saves a
-    checkpoint and exits. subprocess.run would kill it after a quarter of a second instead,
-    losing the work since its last checkpoint.
-    """
-    with subprocess.Popen(command) as child:
-        try:
-            returncode = child.wait()
-        except KeyboardInterrupt:
-            child.wait()
-            raise
-    if returncode:
-        raise subprocess.CalledProcessError(returncode, command)
-
-
-def _train_mode(run_dir: Path, resume: bool) -> str:
-    """'fresh' (start over), 'resume' (continue from a checkpoint) or 'done' (only evaluate)."""
-    if not resume or not (run_dir / "config.json").is_file():
-        return "fresh"
-    if is_finished(run_dir):
-        return "done"
-    return "resume" if RunPaths(run_dir).checkpoint.is_file() else "fresh"
+def _train_option(run_dir: Path, resume: bool) -> str:
+    """--resume to continue a run started earlier (imgflow refuses one with other options), else --overwrite."""
+    return "--resume" if resume and (run_dir / "config.json").is_file() else "--overwrite"
 
 
 def run_one(data: str, preset: str, seed: int, runs_dir: Path, tta: bool, extra: list[str],
             resume: bool = False) -> dict:
     """Train and evaluate one (preset, seed) in subprocesses; return the timed record."""
     run_dir = runs_dir / f"{preset}-seed{seed}"
-    mode = _train_mode(run_dir, resume)
+    option = _train_option(run_dir, resume)
     t0 = time.perf_counter()
-    if mode != "done":
-        run_to_end(_imgflow("train", data, "--preset", preset, "--seed", str(seed), "--out", str(run_dir),
-                            "--resume" if mode == "resume" else "--overwrite", *extra))
+    run_to_end(_imgflow("train", data, "--preset", preset, "--seed", str(seed), "--out", str(run_dir),
+                        option, *extra))
     t1 = time.perf_counter()
     out = subprocess.run(_imgflow("-q", "evaluate", str(run_dir), *(["--tta"] if tta else []), "--json"),
                          check=True, capture_output=True, text=True).stdout
@@ -88,16 +68,17 @@ def run_one(data: str, preset: str, seed: int, runs_dir: Path, tta: bool, extra:
     engine_seconds = config["result"]["train_seconds"]
     # A run finished in this process is timed by the clock; one continued across processes by the
     # loop's own count of all its sessions (this process alone would miss the earlier ones).
-    train_seconds = round(t1 - t0, 2) if mode == "fresh" else engine_seconds
+    continued = option == "--resume"
+    train_seconds = engine_seconds if continued else round(t1 - t0, 2)
     return {
         "preset": preset, "seed": seed, "extra": extra, "data": data,
         "model": config["train"]["model"], "epochs": config["result"]["epochs_run"],
         "batch_size": config["train"]["batch_size"], "precision": config["precision"],
         "threads": config["threads"], "num_train": config["data"]["num_train"],
         "tta": tta, "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"],
-        "train_seconds": train_seconds,  # fresh: whole process (start-up, data, training, saving)
+        "train_seconds": train_seconds,  # not resumed: whole process (start-up, data, training, saving)
         "engine_train_seconds": engine_seconds,  # the loop alone, summed over sessions
-        "resumed": mode != "fresh",
+        "resumed": continued,
         "evaluate_seconds": round(t2 - t1, 2),
         "total_seconds": round(train_seconds + t2 - t1, 2),
         "run_dir": str(run_dir),
@@ -187,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     for preset in presets:
         tta = PRESET_INFO.get(preset, {}).get("tta", False) if args.tta is None else args.tta
         for seed in seeds:
+            key = _key({"preset": preset, "seed": seed, "extra": extra, "data": args.data})
+            if args.resume and any(_key(r) == key for r in previous.get("runs", [])):
+                log.info("%s seed %d: already measured in %s; kept", preset, seed, out)
+                continue
             log.info("%s seed %d: training and evaluating%s ...", preset, seed, " (TTA)" if tta else "")
             record = run_one(args.data, preset, seed, args.runs_dir, tta, extra, args.resume)
             log.info("%s seed %d: test accuracy %.4f in %.1f s (train %.1f s, evaluate %.1f s)",

@@ -176,7 +176,8 @@ def test_k_fold_reuses_the_step_6_run_as_fold_0_of_the_reference(tmp_path, monke
     monkeypatch.setattr(wf, "_train", lambda ctx, name, settings: (
         trained.append((name, settings.get("fold"))),
         (ctx.out / "runs" / name, [{"val_acc": 0.5, "val_loss": 1.0}]))[1])
-    monkeypatch.setattr(wf, "_val_score", lambda ctx, run_dir, history: 0.5)
+    # the reference scores 0.52, the candidate 0.50: a tie on 30 images (standard error ~0.09)
+    monkeypatch.setattr(wf, "_val_score", lambda ctx, run_dir, history: 0.5 if "augment" in str(run_dir) else 0.52)
     monkeypatch.setattr(engine, "read_history", lambda path: [{"val_acc": 0.4, "val_loss": 1.1}])
     settings = {"model": "fast-small", "epochs": 2, "folds": 3, "fold": 0, "lr": 0.1}
     scaled = {"epochs": 2, "seconds_per_epoch": 1.0, "settings": settings, "run": "runs/6-overfit",
@@ -184,13 +185,16 @@ def test_k_fold_reuses_the_step_6_run_as_fold_0_of_the_reference(tmp_path, monke
     # 3 folds x (3 + 2 x 1 s) = 15 s per candidate; the reference's 2 extra folds cost 10 s.
     ctx = wf.Context(data="x", out=tmp_path, seed=0, budget_seconds=25 / wf.BUDGET_SHARE["tune"],
                      started=time.perf_counter(), elapsed_before=0.0, progress=False,
-                     state={"scaled": scaled, "protocol": {"kind": "k-fold", "folds": 3, "scored_images": 30}, "metric": "accuracy"})
+                     state={"scaled": scaled, "metric": "accuracy",
+                            "protocol": {"kind": "k-fold", "folds": 3, "scored_per_class": [10, 10, 10]}})
     step = wf.step_tune(ctx)
     assert ("7-none-fold0", 0) not in trained  # fold 0 of the reference is the step-6 run
     assert [n for n, _ in trained if n.startswith("7-none")] == ["7-none-fold1", "7-none-fold2"]
     none = step["candidates"][0]
     assert none["runs"][0] == "runs/6-overfit" and len(none["runs"]) == 3
     assert len(step["candidates"]) == 2  # 25 s pays the reference's 10 s and one 15-s candidate
+    assert ctx.state["chosen"]["name"] == "augment" and "one-standard-error rule" in step["why"]
+    assert step["metrics"]["scored_images"] == 30 and 0.08 < step["metrics"]["standard_error"] < 0.1
 
     trained.clear()  # 9 s pays not even the reference's other folds: nothing more is trained
     ctx.budget_seconds = 9 / wf.BUDGET_SHARE["tune"]
@@ -203,21 +207,42 @@ def test_k_fold_reuses_the_step_6_run_as_fold_0_of_the_reference(tmp_path, monke
 # decisions and budget logic on their own
 
 
-def test_candidates_within_one_standard_error_go_to_the_more_regularised_one():
-    def result(name, score, loss=1.0):
-        return {"name": name, "val_score": score, "val_loss": loss}
+def test_standard_error_of_accuracy_and_of_balanced_accuracy():
+    # 5,000 images at 0.70: about 0.0065 (Agresti-Coull moves it in the 5th decimal)
+    assert wf.score_standard_error(0.70, [500] * 10, balanced=False) == pytest.approx(0.00648, abs=1e-5)
+    # balanced classes: balanced accuracy has the same error as accuracy
+    assert wf.score_standard_error(0.70, [500] * 10, balanced=True) == pytest.approx(
+        wf.score_standard_error(0.70, [500] * 10, balanced=False))
+    # uneven classes: each recall rests on fewer images, so the mean of recalls is noisier
+    uneven = [1000, 100]
+    assert wf.score_standard_error(0.7, uneven, balanced=True) > 1.5 * wf.score_standard_error(0.7, uneven, False)
+    assert wf.score_standard_error(1.0, [20, 20], balanced=False) > 0.02  # a perfect score is not exact
+    assert wf.score_standard_error(0.5, [], balanced=False) == 0.0
 
-    # 5,000 images at 0.70: standard error 0.0065
-    assert wf.score_standard_error(0.70, 5000) == pytest.approx(0.00648, abs=1e-5)
-    tie = [result("none", 0.7012), result("augment", 0.7010)]
-    chosen, se = wf.choose_candidate(tie, 5000)
-    assert chosen["name"] == "augment" and se == pytest.approx(0.0065, abs=1e-4)
-    clear = [result("none", 0.7212), result("augment", 0.7386), result("more", 0.7200)]
-    assert wf.choose_candidate(clear, 5000)[0]["name"] == "augment"  # 'more' is 1.9 points behind
-    assert wf.choose_candidate(clear, 10)[0]["name"] == "more"  # on 10 images, everything is noise
-    exact = [result("none", 0.7, loss=0.9), result("augment", 0.7, loss=0.8)]
-    assert wf.choose_candidate(exact, 10**9)[0]["name"] == "augment"
-    assert wf.choose_candidate([result("none", 0.7)], 100)[0]["name"] == "none"
+
+def test_one_standard_error_rule_takes_the_most_regularised_of_the_tied_candidates():
+    def result(name, score, regularisation, loss=1.0):
+        return {"name": name, "val_score": score, "regularisation": regularisation, "val_loss": loss}
+
+    def choose(results, se):
+        return wf.choose_candidate(results, lambda score: se)[0]["name"]
+
+    tie = [result("none", 0.7012, 0), result("augment", 0.7010, 1)]
+    assert choose(tie, 0.0065) == "augment"
+    assert choose(tie, 0.0001) == "none"  # 0.0002 behind is more than one standard error here
+    exactly_one_se = [result("none", 0.75, 0), result("augment", 0.5, 1)]  # binary fractions: exact
+    assert choose(exactly_one_se, 0.25) == "augment"  # at most one standard error behind: tied
+    assert choose(exactly_one_se, 0.2499) == "none"
+    clear = [result("none", 0.7212, 0), result("augment", 0.7386, 1), result("more", 0.7200, 2)]
+    assert choose(clear, 0.0065) == "augment"  # 'more' is 1.9 points behind
+    assert choose(clear, 0.05) == "more"  # on few images, everything is noise
+    # a learning-rate change is no more regularisation: among equals, the better score wins...
+    same = [result("none", 0.70, 0), result("decay", 0.69, 2), result("decay+half-lr", 0.695, 2)]
+    assert choose(same, 0.05) == "decay+half-lr"
+    # ...then the lower validation loss
+    assert choose([result("a", 0.7, 1, loss=0.9), result("b", 0.7, 1, loss=0.8)], 0.0) == "b"
+    assert choose([result("a", 0.7, 1, loss=0.8), result("b", 0.7, 1, loss=0.9)], 0.0) == "a"
+    assert choose([result("none", float("nan"), 0)], 0.01) == "none"
 
 
 def test_final_run_plan_cuts_epochs_before_images_and_uses_the_budget():
@@ -266,7 +291,7 @@ def test_small_data_gets_k_fold_and_imbalanced_data_balanced_accuracy(tmp_path):
     data = make_image_folder(tmp_path / "small", per_class=12, size=(8, 8))
     ctx = _context(tmp_path, data, test_split=0.0, balance_ratio=3.0, classes=["a", "b", "c"])
     assert wf.step_protocol(ctx)["metrics"]["kind"] == "k-fold"
-    assert ctx.state["protocol"] == {"kind": "k-fold", "folds": 5, "scored_images": 36}
+    assert ctx.state["protocol"] == {"kind": "k-fold", "folds": 5, "scored_per_class": [12, 12, 12]}
     assert wf.step_metric(ctx)["decision"] == "measure success by balanced accuracy"
 
 
@@ -275,7 +300,8 @@ def test_a_large_hold_out_is_scored_on_a_fixed_stratified_part_during_exploratio
     ctx = _context(tmp_path, data, test_split=0.0, balance_ratio=1.0, classes=["a", "b", "c"])
     monkeypatch.setattr(wf, "VALIDATION_CAP", 15)
     step = wf.step_protocol(ctx)
-    assert ctx.state["protocol"] == {"kind": "hold-out", "val_split": 0.2, "val_subset": 15, "scored_images": 15}
+    assert ctx.state["protocol"] == {"kind": "hold-out", "val_split": 0.2, "val_subset": 15,
+                                     "scored_per_class": [5, 5, 5]}
     assert "same stratified 15" in step["decision"]
     part, val = wf._protocol_split(ctx)
     assert len(val) == 15 and sorted(set(val.labels.tolist())) == [0, 1, 2]
@@ -283,7 +309,9 @@ def test_a_large_hold_out_is_scored_on_a_fixed_stratified_part_during_exploratio
     monkeypatch.setattr(wf, "VALIDATION_CAP", 1000)  # a hold-out under the cap is used whole
     wf.step_protocol(ctx)
     assert "val_subset" not in ctx.state["protocol"] and len(wf._protocol_split(ctx)[1]) == 36
-    assert ctx.state["protocol"]["scored_images"] == 36 == wf._scored_images(ctx)
+    assert ctx.state["protocol"]["scored_per_class"] == [12, 12, 12]
+    del ctx.state["protocol"]["scored_per_class"]  # a workflow.json from before step 3 recorded it
+    assert wf._scored_class_counts(ctx) == [12, 12, 12]
 
 
 def test_data_without_test_split_gets_one_held_out(tmp_path):

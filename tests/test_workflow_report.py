@@ -53,7 +53,7 @@ def workflow_out(tmp_path_factory) -> Path:
     ctx = wf.Context(data=str(data), out=out, seed=0, budget_seconds=18, started=time.perf_counter(),
                      elapsed_before=0.0, progress=False, state={})
     steps = [wf.step_data(ctx), wf.step_metric(ctx), wf.step_protocol(ctx), wf.step_prepare(ctx)]
-    assert ctx.state["protocol"] == {"kind": "k-fold", "folds": FOLDS}
+    assert ctx.state["protocol"]["kind"] == "k-fold" and ctx.state["protocol"]["folds"] == FOLDS
 
     runs = out / "runs"
     final = runs / "8-final"
@@ -86,7 +86,8 @@ def workflow_out(tmp_path_factory) -> Path:
                   for i, c in enumerate(CANDIDATES)]
     ctx.state["chosen"] = candidates[0]
     steps.append(wf._step(wf.STEP_NAMES[6], f"chose '{CANDIDATES[0]}'", "validation only",
-                          {"candidates": {c["name"]: c["val_acc"] for c in candidates}, "epochs": 2},
+                          {"candidates": {c["name"]: c["val_acc"] for c in candidates}, "epochs": 2,
+                           "standard_error": 0.0913, "scored_images": 60},
                           runs=[r for c in candidates for r in c["runs"]], candidates=candidates))
     steps.append(wf._step(wf.STEP_NAMES[7], "retrained and tested once", "test once",
                           {"test_accuracy": metrics["accuracy"],
@@ -115,6 +116,7 @@ def test_the_eight_steps_appear_in_order_then_the_budget(report):
                         + ["What the budget allowed and what more time would buy"])
     assert "overfit after epoch 3 of 5" in report  # the budget section reads step 6's detection
     assert "mean ± std over 5 folds" in report  # the k-fold candidate table
+    assert "9.13% here (60 validation images)" in report and "one-standard-error rule" in report
     assert "fewer than the 3 validated" in report  # step 8 cut epochs to keep all the images
 
 

@@ -35,11 +35,13 @@ BALANCE_LIMIT = 1.5  # max/min class count up to which plain accuracy is a fair 
 HOLDOUT_MIN_PER_CLASS = 50  # fewer training images in a class -> k-fold (a 20% hold-out would leave < 10)
 K_FOLDS = 5
 TEST_HOLDOUT = 0.2  # share of the data held out as the test split when the source has none
-# Share of the budget each training step may spend; the rest goes to data, evaluation, reports.
-# Exploration (steps 5-7) takes about half, and whatever it leaves goes to the final run: what
-# the user deploys gains more from a further epoch than the exploration does from more images.
-# (CIFAR-10, 15 minutes, seed 0: with 0.08/0.22/0.35 the final run got 3 epochs and tested
-# 0.8193, with these shares 4 epochs and 0.8299; Fashion-MNIST, 5 minutes: 0.9147 -> 0.9231.)
+# Share of the budget each exploration step (5-7) may spend. They take about half; the final
+# run gets whatever they leave, less FINAL_RESERVE ("final" is only its floor, a quarter of it,
+# when earlier steps overran). What the user deploys gains more from a further epoch than the
+# exploration does from more images. One seed each (0), CIFAR-10 in 15 minutes: the earlier
+# 0.08/0.22/0.35 gave the final run 3 epochs and 0.8193; these give it 4, and 0.8299 once step 7
+# chose augmentation (0.8158 in a run that kept 'none' on a 0.0002 lead, before the
+# one-standard-error rule). Fashion-MNIST in 5 minutes: 0.9147 -> 0.9231.
 BUDGET_SHARE = {"baseline": 0.06, "overfit": 0.16, "tune": 0.26, "final": 0.25}
 SMALL_MODEL = "seed-baseline"
 SCALED_MODELS = ("fast-large", "fast-medium", "fast-small")  # largest first: take what the budget allows
@@ -284,7 +286,6 @@ def step_protocol(ctx: Context) -> dict:
         why = (f"Every class has at least {HOLDOUT_MIN_PER_CLASS} training images ({n_min} in the "
                "smallest), so a 20% hold-out gives a usable validation estimate at the cost of one training run.")
         n_val = len(split_train_val(train, protocol["val_split"], "stratified", ctx.seed)[1])
-        protocol["scored_images"] = min(n_val, VALIDATION_CAP)
         if n_val > VALIDATION_CAP:
             protocol["val_subset"] = VALIDATION_CAP
             decision += f" (of {n_val}, each epoch is scored on the same stratified {VALIDATION_CAP})"
@@ -293,11 +294,12 @@ def step_protocol(ctx: Context) -> dict:
                     "the other held-out images are used by no run but the final one.")
     else:
         folds = max(2, min(K_FOLDS, n_min))
-        protocol = {"kind": "k-fold", "folds": folds, "scored_images": len(train)}
+        protocol = {"kind": "k-fold", "folds": folds}
         decision = f"{folds}-fold cross-validation (stratified)"
         why = (f"The smallest class has only {n_min} training images (< {HOLDOUT_MIN_PER_CLASS}): a "
                f"single hold-out would be too noisy, so each candidate is scored on {folds} folds.")
     ctx.state["protocol"] = protocol
+    protocol["scored_per_class"] = _scored_per_class(ctx, protocol)
     return _step(STEP_NAMES[2], decision + "; the test split is used once, at the end", why,
                  {"smallest_class_train_images": n_min, **protocol})
 
@@ -437,19 +439,21 @@ def step_overfit(ctx: Context) -> dict:
                  runs=[str(run_dir.relative_to(ctx.out))])
 
 
-# Each candidate adds regularisation to the one before it ("none", the step-6 run, comes first):
-# the order is what the one-standard-error rule (choose_candidate) prefers on a tie.
+# (name, description, changes to the step-6 settings, how much it regularises). The last field
+# ranks candidates for the one-standard-error rule (choose_candidate): "none", the step-6 run, is
+# 0; each regulariser added counts, a learning-rate change does not (with weight decay coupled
+# to the learning rate, halving it even halves the decay per step).
 CANDIDATES = [
     ("augment", "flip + 2-pixel translations",
-     {"augment": "flip+translate"}),
+     {"augment": "flip+translate"}, 1),
     ("augment+smooth+decay", "augmentation, label smoothing 0.1, weight decay 5e-4",
-     {"augment": "flip+translate", "label_smoothing": 0.1, "weight_decay": 5e-4}),
+     {"augment": "flip+translate", "label_smoothing": 0.1, "weight_decay": 5e-4}, 2),
     ("augment+smooth+decay+half-lr", "the same at half the learning rate",
-     {"augment": "flip+translate", "label_smoothing": 0.1, "weight_decay": 5e-4, "lr_scale": 0.5}),
+     {"augment": "flip+translate", "label_smoothing": 0.1, "weight_decay": 5e-4, "lr_scale": 0.5}, 2),
 ]
 
 
-def _train_candidate(ctx: Context, name: str, label: str, settings: dict[str, Any],
+def _train_candidate(ctx: Context, name: str, label: str, settings: dict[str, Any], regularisation: int,
                      trained: dict[int, str] | None = None) -> dict:
     """Train one candidate (on every fold under k-fold) and score it on validation.
 
@@ -471,42 +475,58 @@ def _train_candidate(ctx: Context, name: str, label: str, settings: dict[str, An
         scores.append(_val_score(ctx, run_dir, history))
         losses.append(history[-1]["val_loss"])
         runs.append(str(run_dir.relative_to(ctx.out)))
-    return {"name": name, "description": label, "settings": settings,
+    return {"name": name, "description": label, "settings": settings, "regularisation": regularisation,
             "val_acc": float(np.mean(accs)), "val_acc_std": float(np.std(accs)),
             "val_score": float(np.mean(scores)), "val_score_std": float(np.std(scores)),
             "val_loss": float(np.mean(losses)), "runs": runs, "run": runs[0]}
 
 
-def _scored_images(ctx: Context) -> int:
-    """How many images a candidate's validation score averages over (step 3 records it)."""
+def _scored_class_counts(ctx: Context) -> list[int]:
+    """Images per class that a candidate's validation score averages over (step 3 records them)."""
     protocol = ctx.state["protocol"]
-    if "scored_images" in protocol:
-        return protocol["scored_images"]
-    # A workflow.json from before step 3 recorded it: hold-out scores the same validation
-    # images every time; k-fold scores every training image once.
-    return len(_train_part(ctx)) if protocol["kind"] == "k-fold" else len(_protocol_split(ctx)[1])
+    if "scored_per_class" not in protocol:  # a workflow.json from before step 3 recorded it
+        protocol["scored_per_class"] = _scored_per_class(ctx, protocol)
+    return protocol["scored_per_class"]
 
 
-def score_standard_error(score: float, n_images: int) -> float:
-    """Sampling standard error of a validation score that is a proportion over n images.
+def _scored_per_class(ctx: Context, protocol: dict) -> list[int]:
+    # Hold-out scores the same validation images every time; k-fold every training image once.
+    labels = _train_part(ctx).labels if protocol["kind"] == "k-fold" else _protocol_split(ctx)[1].labels
+    return np.bincount(labels, minlength=len(ctx.state.get("classes") or [])).tolist()
 
-    Exact for accuracy; for balanced accuracy it is the same order (a mean of per-class recalls).
+
+def score_standard_error(score: float, class_counts: list[int], balanced: bool) -> float:
+    """Sampling standard error of a validation accuracy, or of a balanced accuracy (mean of recalls).
+
+    Binomial, with the Agresti-Coull adjustment ((k + 2) / (n + 4)) so that a score of 0 or 1 is
+    not taken as exact. A balanced accuracy averages C recalls over n_c images each: its variance
+    is p(1 - p) / C * mean(1 / n_c), larger than accuracy's p(1 - p) / n when classes are uneven.
     """
-    return math.sqrt(max(score * (1 - score), 0.0) / max(n_images, 1))
+    counts = np.asarray([c for c in class_counts if c > 0], dtype=float)
+    n = float(counts.sum())
+    if n == 0:
+        return 0.0
+    p = (score * n + 2) / (n + 4)
+    if not balanced:
+        return math.sqrt(p * (1 - p) / n)
+    return math.sqrt(p * (1 - p) * float(np.mean(1 / counts)) / len(counts))
 
 
-def choose_candidate(results: list[dict], n_images: int) -> tuple[dict, float]:
-    """(chosen, standard error): the most regularised candidate within one standard error of the best.
+def choose_candidate(results: list[dict], standard_error: Callable[[float], float]) -> tuple[dict, float]:
+    """(chosen, standard error of the best score): the one-standard-error rule.
 
-    The one-standard-error rule (Hastie, Tibshirani & Friedman, The Elements of Statistical
-    Learning, 7.10): a score difference below the validation set's sampling noise does not say
-    which candidate is better, so prefer the one that regularises more. `results` are ordered
-    from least to most regularised; validation loss breaks an exact tie in the order.
+    Hastie, Tibshirani & Friedman, The Elements of Statistical Learning, 7.10: a candidate at most
+    one standard error below the best score is as good as far as the validation data can tell,
+    and among those the one that regularises most is the safer choice. ESL takes the standard
+    error from the spread across folds; a single hold-out has no such spread, so here it is the
+    score's sampling error on the images it averages over (the same for every candidate).
+    Ties in regularisation go to the better score, then the lower validation loss.
     """
     best = max(results, key=lambda r: (r["val_score"], -r["val_loss"]))
-    se = score_standard_error(best["val_score"], n_images)
-    within = [r for r in results if r["val_score"] >= best["val_score"] - se]
-    return within[-1], se
+    se = standard_error(best["val_score"])
+    tied = [r for r in results if r["val_score"] >= best["val_score"] - se] or [best]  # NaN ties with nothing
+    chosen = max(tied, key=lambda r: (r.get("regularisation", 0), r["val_score"], -r["val_loss"]))
+    return chosen, se
 
 
 def _reference_score(ctx: Context, scaled: dict) -> float:
@@ -536,20 +556,21 @@ def step_tune(ctx: Context) -> dict:
     results = []
     if folds == 1 or n_candidates == 0:  # the step-6 run is the reference, already trained and scored
         results.append({"name": "none", "description": "no regularisation (the step-6 run)",
-                        "settings": scaled["settings"], "val_acc": scaled["final_val_acc"],
+                        "settings": scaled["settings"], "regularisation": 0, "val_acc": scaled["final_val_acc"],
                         "val_acc_std": 0.0, "val_score": _reference_score(ctx, scaled), "val_score_std": 0.0,
                         "val_loss": scaled["final_val_loss"], "runs": [scaled["run"]], "run": scaled["run"]})
     else:
         results.append(_train_candidate(ctx, "none", "no regularisation (fold 0 is the step-6 run)",
-                                        scaled["settings"], trained={0: scaled["run"]}))
-    for name, label, changes in CANDIDATES[:n_candidates]:
+                                        scaled["settings"], 0, trained={0: scaled["run"]}))
+    for name, label, changes, regularisation in CANDIDATES[:n_candidates]:
         changes = dict(changes)
         lr_scale = changes.pop("lr_scale", 1.0)
         settings = {**scaled["settings"], **changes, "lr": scaled["settings"]["lr"] * lr_scale}
-        results.append(_train_candidate(ctx, name, label, settings))
-    n_scored = _scored_images(ctx)
-    best, se = choose_candidate(results, n_scored)
-    top = max(r["val_score"] for r in results)
+        results.append(_train_candidate(ctx, name, label, settings, regularisation))
+    counts = _scored_class_counts(ctx)
+    balanced = ctx.state["metric"] != "accuracy"
+    best, se = choose_candidate(results, lambda score: score_standard_error(score, counts, balanced))
+    top = max(results, key=lambda r: (r["val_score"], -r["val_loss"]))
     ctx.state["chosen"] = best
     table = {r["name"]: round(r["val_score"], 4) for r in results}
     skipped = len(CANDIDATES) - n_candidates
@@ -564,16 +585,17 @@ def step_tune(ctx: Context) -> dict:
         why = (f"{n_candidates} regularised candidate{'s' if n_candidates > 1 else ''} trained like the step-6 "
                f"run ({epochs} epochs) and compared with it on validation only"
                + (f"; {skipped} more did not fit the budget" if skipped else "") + ".")
-        if best["val_score"] < top:
-            why += (f" The best score, {top:.4f}, is within one standard error ({se:.4f} on {n_scored} "
-                    f"images) of '{best['name']}', which regularises more: a difference that small is "
-                    "noise, so the one-standard-error rule takes the more regularised candidate.")
+        if best is not top:
+            why += (f" '{top['name']}' scored best ({top['val_score']:.4f}), but '{best['name']}' is at most "
+                    f"one standard error ({se:.4f} on {sum(counts)} images) behind it and regularises more: "
+                    "a difference that small is noise, so the one-standard-error rule takes the more "
+                    "regularised candidate.")
     return _step(
         STEP_NAMES[6],
         f"chose '{best['name']}' ({best['description']}): validation {_metric_name(ctx)} {best['val_score']:.4f}",
         why,
         {"candidates": table, "metric": ctx.state["metric"], "epochs": epochs,
-         "standard_error": round(se, 4), "scored_images": n_scored},
+         "standard_error": round(se, 4), "scored_images": sum(counts)},
         runs=[run for r in results for run in r["runs"]], candidates=results)
 
 

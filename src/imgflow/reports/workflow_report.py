@@ -212,6 +212,19 @@ def _step_overfit(step: dict, runs: dict, plots: Path) -> Markup:
     return Markup("".join(parts))
 
 
+def _choice_rule(metric: str, metrics: dict) -> str:
+    """How step 7 picked its candidate, in words (workflow.choose_candidate)."""
+    se = metrics.get("standard_error")
+    if se is None:  # a workflow.json from before the one-standard-error rule
+        return (f"Candidates are ranked by validation {metric} (step 2's measure), ties broken by "
+                "validation loss; the chosen one is highlighted. The test split is not touched.")
+    return (f"Candidates are compared by validation {metric} (step 2's measure). One standard error of "
+            f"the best score is {se:.2%} here ({metrics.get('scored_images', '?')} validation images): "
+            "a candidate at most that far behind counts as tied, and of the tied candidates the one "
+            "that regularises most is chosen (the one-standard-error rule). The chosen one is "
+            "highlighted. The test split is not touched.")
+
+
 def _step_tune(step: dict, runs: dict, plots: Path, state: dict) -> Markup:
     candidates = step.get("candidates", [])
     if not candidates:
@@ -231,9 +244,7 @@ def _step_tune(step: dict, runs: dict, plots: Path, state: dict) -> Markup:
     rows = [row + [f"{c['val_loss']:.4f}", ", ".join(c["runs"])] for row, c in zip(rows, candidates)]
     parts = [table(headers, rows, numeric=list(range(2, len(headers) - 1)), id="candidates-table",
                    row_classes=["best" if c["name"] == chosen else None for c in candidates]),
-             paragraph(f"Candidates are ranked by validation {metric} (step 2's measure), ties broken "
-                       "by validation loss; the chosen one is highlighted. The test split is not touched.",
-                       class_="muted")]
+             paragraph(_choice_rule(metric, step.get("metrics", {})), class_="muted")]
     histories = {}
     for c in candidates:
         folds_read = [runs.get(r) for r in c["runs"]]
