@@ -73,29 +73,25 @@ def main() -> None:
     sample = train_part.images[batchnorm_sample(len(train_part), args.images, config.seed)]
     original = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def val_accuracy() -> float:
-        model.eval()
-        return loss_and_accuracy(predict_logits(model, val_images, prep), val_labels)["accuracy"]
-
     tta = "flip" in config.augment
+    scores, test = {}, {}
 
-    def test_accuracy() -> float:
+    def score(name: str, on_test: bool) -> None:
+        """Validation accuracy of the model as it is now, and test accuracy if asked."""
         model.eval()
-        return loss_and_accuracy(predict_logits(model, dataset.test.images, prep, tta=tta),
-                                 dataset.test.labels)["accuracy"]
+        scores[name] = loss_and_accuracy(predict_logits(model, val_images, prep), val_labels)["accuracy"]
+        if on_test:
+            test[name] = loss_and_accuracy(predict_logits(model, dataset.test.images, prep, tta=tta),
+                                           dataset.test.labels)["accuracy"]
 
-    scores, test = {"running averages": val_accuracy()}, {}
-    if args.test:
-        test["running averages"] = test_accuracy()
+    score("running averages", args.test)
     reestimate_batchnorm(model, sample, prep)
-    scores["re-estimated, dropout off"] = val_accuracy()
-    if args.test:
-        test["re-estimated, dropout off"] = test_accuracy()
+    score("re-estimated, dropout off", args.test)
     model.load_state_dict(original)
     with torch.random.fork_rng():  # dropout's draws, seeded, without touching the caller's RNG
         torch.manual_seed(0)
         reestimate_batchnorm(model, sample, prep, dropout=True)
-    scores["re-estimated, dropout on"] = val_accuracy()
+    score("re-estimated, dropout on", on_test=False)
 
     print(f"{args.run_dir} ({run['model']['name']}, {source}); validation accuracy on {len(val_labels):,} images:")
     for name, accuracy in scores.items():

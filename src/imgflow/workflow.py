@@ -299,7 +299,7 @@ def step_protocol(ctx: Context) -> dict:
         decision = f"{folds}-fold cross-validation (stratified)"
         why = (f"The smallest class has only {n_min} training images (< {HOLDOUT_MIN_PER_CLASS}): a "
                f"single hold-out would be too noisy, so each candidate is scored on {folds} folds.")
-    ctx.state["protocol"] = protocol
+    ctx.state["protocol"] = protocol  # first: the hold-out split below reads it from the state
     protocol["scored_per_class"] = _scored_per_class(ctx, protocol)
     return _step(STEP_NAMES[2], decision + "; the test split is used once, at the end", why,
                  {"smallest_class_train_images": n_min, **protocol})
@@ -513,8 +513,8 @@ def score_standard_error(score: float, class_counts: list[int], balanced: bool) 
     return math.sqrt(p * (1 - p) * float(np.mean(1 / counts)) / len(counts))
 
 
-def choose_candidate(results: list[dict], standard_error: Callable[[float], float]) -> tuple[dict, float]:
-    """(chosen, standard error of the best score): the one-standard-error rule.
+def choose_candidate(results: list[dict], standard_error: Callable[[float], float]) -> tuple[dict, dict, float]:
+    """(chosen, best-scoring, standard error of the best score): the one-standard-error rule.
 
     Hastie, Tibshirani & Friedman, The Elements of Statistical Learning, 7.10: a candidate at most
     one standard error below the best score is as good as far as the validation data can tell,
@@ -527,7 +527,7 @@ def choose_candidate(results: list[dict], standard_error: Callable[[float], floa
     se = standard_error(best["val_score"])
     tied = [r for r in results if r["val_score"] >= best["val_score"] - se] or [best]  # NaN ties with nothing
     chosen = max(tied, key=lambda r: (r.get("regularisation", 0), r["val_score"], -r["val_loss"]))
-    return chosen, se
+    return chosen, best, se
 
 
 def _reference_score(ctx: Context, scaled: dict) -> float:
@@ -570,8 +570,7 @@ def step_tune(ctx: Context) -> dict:
         results.append(_train_candidate(ctx, name, label, settings, regularisation))
     counts = _scored_class_counts(ctx)
     balanced = ctx.state["metric"] != "accuracy"
-    best, se = choose_candidate(results, lambda score: score_standard_error(score, counts, balanced))
-    top = max(results, key=lambda r: (r["val_score"], -r["val_loss"]))
+    best, top, se = choose_candidate(results, lambda score: score_standard_error(score, counts, balanced))
     ctx.state["chosen"] = best
     table = {r["name"]: round(r["val_score"], 4) for r in results}
     skipped = len(CANDIDATES) - n_candidates
