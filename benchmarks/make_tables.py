@@ -97,6 +97,8 @@ def time_to_accuracy_table(result: dict) -> str:
             notes.append("`" + " ".join(s["extra"]) + "`")
         if s.get("data") not in (None, "cifar10"):
             notes.append(f"data {s['data']}")
+        if s.get("median_epoch_seconds"):
+            notes.append(f"median epoch {s['median_epoch_seconds']:,.0f} s")
         if s.get("resumed"):
             notes.append(f"{s['resumed']} run(s) continued across sessions: training loop time")
         if s.get("target"):

@@ -38,6 +38,7 @@ from throughput import RESULTS, machine_info, machine_slug
 from imgflow.fileio import read_json, write_json
 from imgflow.precision import default_threads
 from imgflow.training.config import PRESET_INFO, PRESETS
+from imgflow.training.engine import read_history
 
 log = logging.getLogger("benchmarks.time_to_accuracy")
 
@@ -69,6 +70,8 @@ def run_one(data: str, preset: str, seed: int, runs_dir: Path, tta: bool, extra:
     # A run finished in this process is timed by the clock; one continued across processes by the
     # loop's own count of all its sessions (this process alone would miss the earlier ones).
     continued = option == "--resume"
+    # Robust to an epoch slowed by another job, unlike the total (which a resumed run sums).
+    epoch_seconds = [row["seconds"] for row in read_history(run_dir / "history.csv")]
     train_seconds = engine_seconds if continued else round(t1 - t0, 2)
     return {
         "preset": preset, "seed": seed, "extra": extra, "data": data,
@@ -79,6 +82,7 @@ def run_one(data: str, preset: str, seed: int, runs_dir: Path, tta: bool, extra:
         "train_seconds": train_seconds,  # not resumed: whole process (start-up, data, training, saving)
         "engine_train_seconds": engine_seconds,  # the loop alone, summed over sessions
         "resumed": continued,
+        "median_epoch_seconds": round(statistics.median(epoch_seconds), 1) if epoch_seconds else None,
         "evaluate_seconds": round(t2 - t1, 2),
         "total_seconds": round(train_seconds + t2 - t1, 2),
         "run_dir": str(run_dir),
@@ -98,6 +102,12 @@ def merge(existing: list[dict], new: list[dict]) -> list[dict]:
     return sorted(by_key.values(), key=lambda r: (r["preset"], " ".join(r.get("extra") or ()), r["seed"]))
 
 
+def _median_of(values: list[float | None]) -> float | None:
+    """Median of the runs that recorded one (records from before the field have None)."""
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 1) if known else None
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -115,6 +125,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                      "epochs": rs[0]["epochs"], "n": len(rs), "tta": rs[0]["tta"],
                      "precision": rs[0]["precision"],
                      "resumed": sum(bool(r.get("resumed")) for r in rs),
+                     "median_epoch_seconds": _median_of([r.get("median_epoch_seconds") for r in rs]),
                      "test_accuracy_mean": round(acc, 4), "test_accuracy_std": round(acc_sd, 4),
                      "total_seconds_mean": round(sec, 1), "total_seconds_std": round(sec_sd, 1),
                      "target": PRESET_INFO.get(preset, {}).get("target")})

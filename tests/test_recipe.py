@@ -334,21 +334,25 @@ def benchmark_modules(monkeypatch):
     return make_tables, time_to_accuracy
 
 
-def _record(preset, seed, acc, seconds, extra=()):
+def _record(preset, seed, acc, seconds, extra=(), epoch_seconds=None):
     return {"preset": preset, "seed": seed, "extra": list(extra), "data": "cifar10", "model": "fast-small",
-            "epochs": 5, "precision": "fp32", "tta": True, "test_accuracy": acc, "total_seconds": seconds}
+            "epochs": 5, "precision": "fp32", "tta": True, "test_accuracy": acc, "total_seconds": seconds,
+            "median_epoch_seconds": epoch_seconds}
 
 
 def test_time_to_accuracy_merges_per_preset_and_seed_and_summarises(benchmark_modules):
     _, tta = benchmark_modules
-    runs = tta.merge([_record("fast", 0, 0.80, 100), _record("fast", 1, 0.84, 120)],
-                     [_record("fast", 0, 0.82, 110), _record("fast", 0, 0.5, 10, extra=["--epochs", "1"])])
+    runs = tta.merge([_record("fast", 0, 0.80, 100), _record("fast", 1, 0.84, 120, epoch_seconds=21.0)],
+                     [_record("fast", 0, 0.82, 110, epoch_seconds=20.0),
+                      _record("fast", 0, 0.5, 10, extra=["--epochs", "1"])])
     assert len(runs) == 3
     summary = {tuple(r["extra"]): r for r in tta.summarise(runs)}
     full = summary[()]
     assert full["n"] == 2 and full["test_accuracy_mean"] == pytest.approx(0.83)
     assert full["test_accuracy_std"] == pytest.approx(np.std([0.82, 0.84], ddof=1), abs=1e-4)
+    assert full["median_epoch_seconds"] == pytest.approx(20.5)
     assert summary[("--epochs", "1")]["n"] == 1
+    assert summary[("--epochs", "1")]["median_epoch_seconds"] is None  # a record from before the field
 
 
 def test_time_to_accuracy_resumes_a_run_it_started_before(benchmark_modules, tmp_path):
@@ -377,11 +381,13 @@ def test_make_tables_writes_markdown_from_result_files(benchmark_modules, tmp_pa
         "machine": machine, "summary": [{"preset": "fast", "extra": [], "data": "cifar10", "model": "fast-small",
                                          "epochs": 5, "n": 3, "tta": True, "precision": "fp32",
                                          "test_accuracy_mean": 0.85, "test_accuracy_std": 0.004,
-                                         "total_seconds_mean": 600, "total_seconds_std": 30, "target": 0.832}]}))
+                                         "total_seconds_mean": 600, "total_seconds_std": 30, "target": 0.832,
+                                         "median_epoch_seconds": 101.4}]}))
     assert make_tables.main(["--results", str(tmp_path)]) == 0
     text = (tmp_path / "TABLES.md").read_text()
     assert "Test CPU" in text and "| fast-small | fp32 | 2 | 39.8 | 250 | 29.9 (60%) | 700 |" in text
     assert "| `fast` | fast-small | 5 | 10.0 ± 0.5 min | 0.8500 ± 0.0040 | 3 |" in text
+    assert "median epoch 101 s" in text
     assert "0.8318" in text  # the notebook's number stands beside ours
 
 
