@@ -148,8 +148,8 @@ THREADS_HELP = ("CPU threads (default: $OMP_NUM_THREADS if set, else one per phy
 # alternate, --lr-floor 0.07) but not preset defaults: on `fast` at 4
 # epochs they changed validation accuracy by +0.0005 (seed 0; benchmarks/results/ablation-fast-*),
 # within noise. airbench credits them with cutting ~17 epochs to ~10 for 94% with its large net;
-# until a `best` run shows that here (~2.3 h per run on this project's AVX2 machine), `best`
-# keeps 15 epochs. The whitening-bias freeze after 3 epochs is not implemented.
+# unmeasured on `best` (2.6 h per run on this project's AVX2 machine; 15 epochs without them
+# tested 0.9079, seed 0), so `best` keeps 15 epochs. The whitening-bias freeze after 3 epochs is not implemented.
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference notebook, as it ran: pixels/255, Adam 1e-3, batch 128, 20 epochs.
     "notebook": dict(model="seed-batchnorm", epochs=20, batch_size=128, optimizer="adam", lr=1e-3,
@@ -164,7 +164,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  label_smoothing=0.2, augment="flip+translate", translate=2,
                  normalize="standardize", val_split=0.2, val_mode="last", ema=0.0,
                  precision="auto"),
-    # 94% within 30 minutes on a 2-core Zen 4 with bf16 (110 s per 50k-image epoch of
+    # Aims at 94% within 30 minutes on a 2-core Zen 4 with bf16 (110 s per 50k-image epoch of
     # fast-large measured there): airbench94's net and hyperparameters at batch 1024, 15 epochs
     # on all 50k training images (val_split 0: the final fit; the test set is touched once).
     # No EMA: with a schedule that decays to 0, averaging adds little and its copied BatchNorm
@@ -183,7 +183,7 @@ PRESET_INFO: dict[str, dict[str, Any]] = {
     "fast": {"tta": True, "target": 0.832,
              "summary": "fast-small, 5 epochs, airbench recipe: the notebook's 83% in minutes"},
     "best": {"tta": True, "target": 0.94,
-             "summary": "fast-large (airbench94 layout), 15 epochs on all 50k images: 94%"},
+             "summary": "fast-large (airbench94 layout), 15 epochs on all 50k images; aims at 94%"},
 }
 
 
