@@ -149,7 +149,8 @@ THREADS_HELP = ("CPU threads (default: $OMP_NUM_THREADS if set, else one per phy
 # epochs they changed validation accuracy by +0.0005 (seed 0; benchmarks/results/ablation-fast-*),
 # within noise. airbench credits them with cutting ~17 epochs to ~10 for 94% with its large net;
 # unmeasured on `best` (2.6 h per run on this project's AVX2 machine; 15 epochs without them
-# tested 0.9079, seed 0), so `best` keeps 15 epochs. The whitening-bias freeze after 3 epochs is not implemented.
+# tested 0.9079, seed 0), so `best` keeps 15 epochs. The whitening-bias freeze after 3 epochs
+# is not implemented.
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference notebook, as it ran: pixels/255, Adam 1e-3, batch 128, 20 epochs.
     "notebook": dict(model="seed-batchnorm", epochs=20, batch_size=128, optimizer="adam", lr=1e-3,
