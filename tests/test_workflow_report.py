@@ -21,7 +21,7 @@ import imgflow.workflow as wf
 from conftest import train_tiny
 from datagen import make_image_folder
 from imgflow.errors import UserError
-from imgflow.reports.workflow_report import FIGURES, FINAL_FIGURES, write_workflow_report
+from imgflow.reports.workflow_report import FIGURES, FINAL_FIGURES, _exploration_split, write_workflow_report
 
 CLASSES = ("a", "b", "<c&d>")  # a class name that would be markup if not escaped
 CANDIDATES = ("augment", "augment+smooth+decay")
@@ -173,3 +173,23 @@ def test_missing_workflow_json_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"no workflow\.json.*imgflow workflow DATA --out"):
         write_workflow_report(tmp_path)
     assert not (tmp_path / "report.html").exists()
+
+
+def test_final_model_sentence_counts_the_whole_training_split(workflow_out, report):
+    record = json.loads((workflow_out / "workflow.json").read_text())
+    card = record["steps"][0]["card"]
+    used = json.loads((workflow_out / "runs" / "8-final" / "config.json").read_text())["data"]["num_train"]
+    total = card["splits"]["train"]["count"]
+    assert f"retrained on {used:,} of the {total:,} training and validation images" in report
+
+
+def test_exploration_split_is_the_training_part_and_all_of_validation():
+    # A hold-out scores its epochs on a fixed subset (5,000 of CIFAR-10's 10,000 held out);
+    # the split is still 40,000 + 10,000.
+    card = {"splits": {"train": {"count": 50_000}}}
+    steps = [wf._step(name, "", "") for name in wf.STEP_NAMES[:4]]
+    assert _exploration_split(steps[:3], card, {}) == (50_000, 0)  # before step 4 made a split
+    steps[3]["metrics"]["images_used_for_statistics"] = 40_000
+    assert _exploration_split(steps, card, {}) == (40_000, 10_000)
+    steps[3]["metrics"]["images_used_for_statistics"] = 32_000  # the source had no test split
+    assert _exploration_split(steps, card, {"test_split": 0.2}) == (32_000, 8_000)

@@ -72,20 +72,17 @@ def _mean_history(histories: list[list[dict]]) -> list[dict]:
     return rows
 
 
-def _exploration_split(steps: list[dict], runs: dict, card: dict, state: dict) -> tuple[int, int]:
-    """(training, validation) images of the split steps 4-7 used, as far as the workflow got.
+def _exploration_split(steps: list[dict], card: dict, state: dict) -> tuple[int, int]:
+    """(training part, validation part) of the split steps 4-7 used, as far as the workflow got.
 
-    The training part is what step 4 measured; the validation part is the baseline run's
-    (validation is never subsetted).
+    The training part is what step 4 measured; validation is the rest of the training split (all
+    of it, though a hold-out's epochs may be scored on a fixed subset: runs record that subset).
     """
     n_train = round(card["splits"]["train"]["count"] * (1 - state.get("test_split", 0.0)))
     n_part = _metric(steps, 3, "images_used_for_statistics")
     if n_part is None:  # interrupted before step 4: no validation split made yet
         return n_train, 0
-    baseline = _first_run(runs, steps, 4)
-    if baseline is None:  # interrupted before step 5: the rest of the training part
-        return n_part, n_train - n_part
-    return n_part, baseline["config"]["data"]["num_val"]
+    return n_part, n_train - n_part
 
 
 def _metric(steps: list[dict], index: int, key: str):
@@ -432,7 +429,7 @@ def write_workflow_report(out_dir: Path) -> Path:
     plots = out / "plots"
     runs = {relative: _run(out, relative) for step in steps for relative in step.get("runs", [])}
     card = steps[0].get("card") if steps else None
-    split = _exploration_split(steps, runs, card, state) if card else None
+    split = _exploration_split(steps, card, state) if card else None
     for name in FIGURES:  # an earlier report's figures: a step that draws none now leaves none
         (plots / name).unlink(missing_ok=True)
 
