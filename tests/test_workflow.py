@@ -272,6 +272,30 @@ def test_plan_epochs_fits_the_budget_or_takes_a_subset():
     assert epochs == 6 and subset == 5000  # 30 s buys 30k images: 6 epochs of 5k
 
 
+def test_observed_throughput_is_a_runs_median_pace_by_the_plans_cost_model(tmp_path):
+    from types import SimpleNamespace
+
+    run = tmp_path / "runs" / "7-augment"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data": {"num_train": 900, "num_val": 300}}))
+    rows = "\n".join(f"{i},1.0,0.5,1.0,0.5,0.1,{s}" for i, s in enumerate([2.0, 100.0, 2.0], 1))
+    (run / "history.csv").write_text("epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds\n" + rows + "\n")
+    ctx = SimpleNamespace(out=tmp_path)
+    # (900 training + 300 validation images at 3x the speed) / the median 2 s; the 100 s epoch
+    # (a moment of load) does not move it.
+    assert wf._observed_throughput(ctx, "runs/7-augment") == pytest.approx(500.0)
+    assert wf._observed_throughput(ctx, "runs/7-missing") is None
+
+
+def test_final_run_is_planned_at_the_chosen_candidates_observed_pace(finished_workflow):
+    from types import SimpleNamespace
+
+    out, record, _ = finished_workflow
+    state = record["state"]
+    observed = wf._observed_throughput(SimpleNamespace(out=out), state["chosen"]["run"])
+    assert observed and state["plans"]["8-final"]["images_per_second"] == pytest.approx(observed)
+
+
 @pytest.mark.parametrize("val_losses, expected", [
     ([1.0, 0.8, 0.7, 0.75, 0.8], 3),  # rises twice after epoch 3
     ([1.0, 0.8, 0.7, 0.6, 0.5], None),  # still improving

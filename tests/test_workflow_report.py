@@ -118,6 +118,7 @@ def test_the_eight_steps_appear_in_order_then_the_budget(report):
     assert "mean ± std over 5 folds" in report  # the k-fold candidate table
     assert "9.13% here (60 validation images)" in report and "one-standard-error rule" in report
     assert "fewer than the 3 validated" in report  # step 8 cut epochs to keep all the images
+    assert "2 regularised candidates trained 2 epochs each" in report  # "none" would not count
 
 
 def test_every_figure_is_embedded_from_its_file(workflow_out, report):

@@ -153,6 +153,27 @@ def _measure_throughput(ctx: Context, model: str, batch_size: int) -> float:
     return batch / float(np.median(times[1:]))
 
 
+def _observed_throughput(ctx: Context, run: str) -> float | None:
+    """Training images per second that run `run` (relative to OUT) sustained, by _plan_epochs' cost model.
+
+    A finished run's median epoch time counts everything a probe leaves out (batch assembly,
+    augmentation, the optimiser on every step, validation), and a median is not thrown by a
+    moment's load on a shared machine the way a probe of a few steps is: on CIFAR-10 at the
+    15-minute budget, probes of fast-small read 429-505 images/s, its runs 437-470.
+    """
+    from imgflow.training.engine import read_history
+
+    run_dir = ctx.out / run
+    try:
+        data = read_json(run_dir / "config.json", "run config")["data"]
+        seconds = float(np.median([r["seconds"] for r in read_history(run_dir / "history.csv")]))
+    except (UserError, KeyError, TypeError, ValueError):  # no such run, or one without timings
+        return None
+    if not seconds > 0:
+        return None
+    return (data["num_train"] + data["num_val"] / 3) / seconds
+
+
 def _plan_epochs(seconds: float, images_per_second: float, n_train: int, n_val: int,
                  max_epochs: int, min_epochs: int = 1) -> tuple[int, int]:
     """(epochs, train_subset) that fit `seconds`; train on a subset when not even min_epochs fit.
@@ -642,7 +663,10 @@ def step_final(ctx: Context) -> dict:
         # CIFAR-10 with TTA on this project's 2-core machine; 54 s at the default 15-minute budget).
         seconds = max(ctx.remaining() - FINAL_RESERVE * ctx.budget_seconds,
                       0.25 * BUDGET_SHARE["final"] * ctx.budget_seconds)
-        ips = _measure_throughput(ctx, settings["model"], settings["batch_size"])
+        # The chosen candidate's own run trained this model at this batch with this augmentation:
+        # its pace predicts the final run's better than a probe does.
+        ips = (_observed_throughput(ctx, chosen["run"])
+               or _measure_throughput(ctx, settings["model"], settings["batch_size"]))
         epochs, subset = plan_final_run(seconds, ips, len(train), validated)
         if epochs != validated:
             # The schedule keeps its shape: the same fraction of the run warms up.

@@ -387,9 +387,10 @@ def _budget(record: dict, steps: list[dict], runs: dict, split: tuple[int, int] 
                             "to regularise.")
     if len(steps) > 6:
         tune_epochs, overfit_epochs = steps[6]["metrics"].get("epochs"), _metric(steps, 5, "epochs")
-        n = len(steps[6].get("candidates", []))
-        sentence = (f"{n} regularisation candidate{'s' if n != 1 else ''} trained {tune_epochs} "
-                    "epochs each")
+        # The candidates include "none", the unregularised reference (the step-6 run).
+        n = sum(1 for c in steps[6].get("candidates", []) if c["name"] != "none")
+        sentence = (f"{n} regularised candidate{'s' if n != 1 else ''} trained {tune_epochs} "
+                    "epochs each, compared with the unregularised reference")
         if tune_epochs and overfit_epochs and tune_epochs < overfit_epochs:
             sentence += (f", fewer than the {overfit_epochs} of the overfitting run: regularisation "
                          "pays off late, so longer candidate runs could rank them differently")
