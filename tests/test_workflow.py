@@ -245,6 +245,22 @@ def test_one_standard_error_rule_takes_the_most_regularised_of_the_tied_candidat
     assert choose([result("none", float("nan"), 0)], 0.01) == "none"
 
 
+def test_first_candidate_decays_weights_per_image_as_the_fast_preset_does():
+    from imgflow.training.config import PRESETS
+
+    def decay_per_image(lr, weight_decay, momentum, batch_size):
+        return lr * weight_decay / (1 - momentum) / batch_size
+
+    fast = PRESETS["fast"]
+    for n_train in (500, 50_000):  # step 6 picks a smaller batch for small data
+        recipe = wf._fast_recipe(n_train)
+        name, _, changes, _ = wf.CANDIDATES[0]
+        ours = decay_per_image(recipe["lr"], changes["weight_decay"], recipe["momentum"], recipe["batch_size"])
+        theirs = decay_per_image(fast["lr"], fast["weight_decay"], fast["momentum"], fast["batch_size"])
+        assert ours == pytest.approx(theirs, rel=0.05), name
+        assert changes["label_smoothing"] == fast["label_smoothing"] and changes["augment"] == fast["augment"]
+
+
 def test_final_run_plan_cuts_epochs_before_images_and_uses_the_budget():
     plan = lambda seconds: wf.plan_final_run(wf.RUN_OVERHEAD_SECONDS + seconds, 1000, 10_000, 6)  # noqa: E731
     assert plan(100) == (6, 0)  # fits
