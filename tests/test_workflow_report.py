@@ -194,3 +194,15 @@ def test_exploration_split_is_the_training_part_and_all_of_validation():
     assert _exploration_split(steps, card, {}) == (40_000, 10_000)
     steps[3]["metrics"]["images_used_for_statistics"] = 32_000  # the source had no test split
     assert _exploration_split(steps, card, {"test_split": 0.2}) == (32_000, 8_000)
+
+
+def test_a_single_hold_out_shows_no_spread_in_the_candidate_table(tmp_path):
+    # One run per candidate: a "± 0.00%" would read as an exact score.
+    from imgflow.reports.workflow_report import _step_tune
+
+    candidates = [{"name": name, "description": name, "settings": {"epochs": 6}, "val_acc": acc,
+                   "val_acc_std": 0.0, "val_score": acc, "val_score_std": 0.0, "val_loss": 0.9,
+                   "runs": [f"runs/{name}"]} for name, acc in (("none", 0.698), ("augment", 0.7022))]
+    state = {"metric": "balanced_accuracy", "chosen": candidates[1]}
+    html = str(_step_tune({"candidates": candidates, "metrics": {}}, {}, tmp_path, state))
+    assert "70.22%" in html and "±" not in html

@@ -230,12 +230,17 @@ def _step_tune(step: dict, runs: dict, plots: Path, state: dict) -> Markup:
     metric = state.get("metric", "accuracy").replace("_", " ")
     folds = max(len(c["runs"]) for c in candidates)
     over_folds = f" (mean ± std over {folds} folds)" if folds > 1 else ""
+
+    def mean_std(mean: float, std: float) -> str:
+        # One hold-out has no spread to show: a "± 0.00%" would read as an exact score.
+        return f"{mean:.2%} ± {std:.2%}" if folds > 1 else f"{mean:.2%}"
+
     headers = ["candidate", "what it changes", "epochs", "validation accuracy" + over_folds]
     rows = [[c["name"], c["description"], f"{c['settings'].get('epochs', '—')}",
-             f"{c['val_acc']:.2%} ± {c['val_acc_std']:.2%}"] for c in candidates]
+             mean_std(c["val_acc"], c["val_acc_std"])] for c in candidates]
     if metric != "accuracy":
         headers.append(f"validation {metric}" + over_folds)
-        rows = [row + ([f"{c['val_score']:.2%} ± {c.get('val_score_std', 0.0):.2%}"] if "val_score" in c else ["—"])
+        rows = [row + ([mean_std(c["val_score"], c.get("val_score_std", 0.0))] if "val_score" in c else ["—"])
                 for row, c in zip(rows, candidates)]
     headers += ["validation loss", "runs"]
     rows = [row + [f"{c['val_loss']:.4f}", ", ".join(c["runs"])] for row, c in zip(rows, candidates)]
