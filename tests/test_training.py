@@ -420,14 +420,86 @@ def test_existing_run_is_never_overwritten_without_a_flag(tiny_run, tiny_data, t
     assert (run_dir / "model.safetensors").read_bytes() == before
 
 
+def _with_derived_artifacts(run_dir: Path) -> Path:
+    """A run directory as export and report leave it, plus a file of the user's."""
+    (run_dir / "export").mkdir()
+    (run_dir / "export" / "model.json").write_text("{}")
+    (run_dir / "plots").mkdir()
+    (run_dir / "plots" / "curves.png").write_bytes(b"png")
+    (run_dir / "report.html").write_text("<html></html>")
+    (run_dir / "notes.txt").write_text("mine")
+    return run_dir
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its content (None for directories)."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
 def test_overwrite_replaces_a_run(tiny_run, tiny_data, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run, run_dir)
+    run_dir = _with_derived_artifacts(shutil.copytree(tiny_run, tmp_path / "run"))
     code, _ = _run_cli(capsys, "-q", "train", str(tiny_data), "--model", "seed-baseline", "--epochs", "1",
                        "--out", str(run_dir), "--overwrite")
     assert code == 0
     assert len(read_history(run_dir / "history.csv")) == 1
-    assert not (run_dir / "metrics.json").exists()  # the old run's test metrics went with it
+    # What was made from the old model went with it; the user's own file stays.
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoint", "config.json", "history.csv", "model.safetensors", "notes.txt"]
+
+
+def test_a_failed_overwrite_keeps_the_earlier_run(tiny_run, tiny_data, tmp_path, capsys):
+    run_dir = _with_derived_artifacts(shutil.copytree(tiny_run, tmp_path / "run"))
+    before = _snapshot(run_dir)
+    code, err = _run_cli(capsys, "-q", "train", str(tiny_data), "--model", "seed-baseline", "--epochs", "1",
+                         "--out", str(run_dir), "--overwrite", "--lr", "1e308")
+    assert code == 2 and "lower --lr" in err and len(err.splitlines()) == 1
+    assert _snapshot(run_dir) == before
+
+
+def test_ctrl_c_during_an_overwrite_keeps_the_earlier_run(tiny_run, tiny_data, tmp_path, monkeypatch, capsys):
+    import imgflow.training.engine as engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run_dir = _with_derived_artifacts(shutil.copytree(tiny_run, tmp_path / "run"))
+    before = _snapshot(run_dir)
+    monkeypatch.setattr(engine, "write_history", interrupted)  # at the end of the first epoch
+    code, err = _run_cli(capsys, "-q", "train", str(tiny_data), "--model", "seed-baseline", "--epochs", "1",
+                         "--out", str(run_dir), "--overwrite")
+    assert code == 130 and "keeps its earlier run" in err
+    assert _snapshot(run_dir) == before
+
+
+def test_a_killed_overwrite_leaves_the_earlier_run_and_the_next_one_cleans_up(tiny_run, tiny_data, tmp_path,
+                                                                              capsys):
+    from imgflow.training.engine import OVERWRITE_STAGING
+
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    (run_dir / OVERWRITE_STAGING / "checkpoint").mkdir(parents=True)  # as a kill -9 mid-overwrite leaves it
+    (run_dir / OVERWRITE_STAGING / "config.json").write_text("{}")
+    code, _ = _run_cli(capsys, "-q", "train", str(tiny_data), "--model", "seed-baseline", "--epochs", "1",
+                       "--out", str(run_dir), "--overwrite")
+    assert code == 0 and len(read_history(run_dir / "history.csv")) == 1
+    assert not (run_dir / OVERWRITE_STAGING).exists()
+
+
+def test_a_run_that_diverged_is_not_advised_to_resume(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, _ = _run_cli(capsys, "-q", "train", str(tiny_data), "--model", "seed-baseline", "--epochs", "1",
+                       "--out", str(run_dir), "--lr", "1e308")
+    assert code == 2 and not (run_dir / "checkpoint").exists()
+    assert "lower --lr" in json.loads((run_dir / "config.json").read_text())["diverged"]
+    for command in ("report", "evaluate", "export"):
+        code, err = _run_cli(capsys, command, str(run_dir))
+        assert code == 2 and "diverged" in err and "--overwrite" in err and "--resume" not in err, err
+    # A run stopped before its first checkpoint (killed early) has nothing to resume either.
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["diverged"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    code, err = _run_cli(capsys, "report", str(run_dir))
+    assert code == 2 and "no finished epoch" in err and "--overwrite" in err and "--resume" not in err
 
 
 def test_resume_on_a_missing_directory_is_an_error(tiny_data, tmp_path, capsys):

@@ -50,6 +50,22 @@ class RunPaths:
     def report(self) -> Path:
         return self.root / "report.html"
 
+    @property
+    def export(self) -> Path:
+        return self.root / "export"  # `imgflow export`'s default --out
+
+    def artifacts(self) -> list[Path]:
+        """Everything imgflow writes into a run directory, all derived from its model: what
+        `train --overwrite` replaces (files the user put there stay)."""
+        return [self.config, self.history, self.weights, self.checkpoint_dir, self.metrics,
+                self.predictions, self.plots, self.report, self.export]
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True when run_dir holds a training run, finished or not (what `train` refuses to clobber)."""
+    paths = RunPaths(Path(run_dir))
+    return any(p.exists() for p in (paths.config, paths.history, paths.weights, paths.checkpoint))
+
 
 def read_run_config(run_dir: Path) -> dict:
     """config.json of a run; a missing directory or file is a UserError saying what to do."""
@@ -62,6 +78,23 @@ def read_run_config(run_dir: Path) -> dict:
     if not paths.config.is_file():
         raise UserError(f"{run_dir} is not an imgflow run directory: config.json is missing")
     return read_json(paths.config, "run config")
+
+
+def unfinished_run_advice(run_dir: Path) -> str:
+    """Why a run has no model yet and what to do, as its files tell it (ends a message).
+
+    --resume is only advised when it can get further: a run that diverged would diverge again at
+    the same step (same seed, same options), and one without a checkpoint has nothing to resume.
+    """
+    paths = RunPaths(Path(run_dir))
+    config = read_json(paths.config, "run config") if paths.config.is_file() else {}
+    diverged = config.get("diverged") if isinstance(config, dict) else None
+    if diverged:
+        return f"its training diverged: {diverged}"
+    if paths.checkpoint.is_file():
+        return f"the run has not finished: continue it with 'imgflow train --resume --out {run_dir}'"
+    return (f"the run has no finished epoch: train it again with 'imgflow train ... --out {run_dir} "
+            "--overwrite' (with a lower --lr if its loss became nan or inf)")
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -105,8 +138,7 @@ def load_trained_model(run_dir: Path):
     config = read_run_config(run_dir)
     weights = RunPaths(Path(run_dir)).weights
     if not weights.is_file():
-        raise UserError(f"{run_dir} has no model.safetensors: the run has not finished "
-                        f"(continue it with 'imgflow train ... --out {run_dir} --resume')")
+        raise UserError(f"{run_dir} has no model.safetensors: {unfinished_run_advice(run_dir)}")
     model = create_run_model(config)
     try:
         state = load_file(str(weights))

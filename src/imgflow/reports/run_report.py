@@ -17,7 +17,7 @@ from imgflow.fileio import atomic_write_text, read_json
 from imgflow.reports import figures
 from imgflow.reports.html import (Markup, figures as side_by_side, image, key_values, note, number,
                                   page, paragraph, table, tag)
-from imgflow.runs import RunPaths, read_run_config
+from imgflow.runs import RunPaths, read_run_config, unfinished_run_advice
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,9 @@ def require_run_files(run_dir: Path) -> dict:
     config = read_run_config(run_dir)
     paths = RunPaths(Path(run_dir))
     if not paths.history.is_file():
-        raise UserError(f"{run_dir} has no history.csv: the run has not finished an epoch "
-                        f"(continue it with 'imgflow train ... --out {run_dir} --resume')")
+        raise UserError(f"{run_dir} has no history.csv: {unfinished_run_advice(run_dir)}")
     if not paths.weights.is_file():
-        raise UserError(f"{run_dir} has no model.safetensors: the run has not finished "
-                        f"(continue it with 'imgflow train ... --out {run_dir} --resume')")
+        raise UserError(f"{run_dir} has no model.safetensors: {unfinished_run_advice(run_dir)}")
     return config
 
 

@@ -11,6 +11,7 @@ Exact resume rests on three rules:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -38,7 +39,7 @@ from imgflow.inference import loss_and_accuracy, predict_logits
 from imgflow.models import count_params, create_model
 from imgflow.precision import autocast, resolve_precision, set_threads
 from imgflow.preprocess import Preprocessing, to_model_input
-from imgflow.runs import RunPaths, is_finished, load_run_data
+from imgflow.runs import RunPaths, holds_run, is_finished, load_run_data
 from imgflow.training.augment import (alternating_flips, augment_batch, flip_mask, seeded_generator,
                                       step_generator)
 from imgflow.training.batchnorm import has_batchnorm, reestimate_on_training_part
@@ -263,7 +264,6 @@ def config_differences(run_dir: Path, config: TrainConfig) -> list[str]:
 
 def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber a run; make sure --resume continues the same configuration."""
-    paths = RunPaths(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file, not a directory: choose another path")
     if resume:
@@ -274,18 +274,61 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: 
             raise UserError(f"{run_dir} was started with {', '.join(diff)}; resume with the same options "
                             "or use --overwrite to start again")
         return
-    holds_run = any(p.exists() for p in (paths.config, paths.history, paths.weights, paths.checkpoint))
-    if holds_run and not overwrite:
+    if holds_run(run_dir) and not overwrite:
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, "
                         "--overwrite to replace it, or choose another --out")
 
 
-def _clear_run_dir(run_dir: Path) -> None:
-    paths = RunPaths(run_dir)
-    for p in (paths.config, paths.history, paths.weights, paths.metrics, paths.predictions, paths.report):
-        p.unlink(missing_ok=True)
-    for d in (paths.checkpoint_dir, paths.plots):
-        shutil.rmtree(d, ignore_errors=True)
+# --overwrite trains the new run here, inside the run directory (so on its file system: the swap
+# is a handful of renames), and moves the old run's files here just before deleting them.
+OVERWRITE_STAGING = ".overwrite-new"
+OVERWRITE_TRASH = ".overwrite-old"
+
+
+def _swap_in(staging: Path, run_dir: Path) -> None:
+    """Replace the run in run_dir by the finished one in staging.
+
+    Every artifact of the old run goes, the ones made from its model too (export/, metrics,
+    report, plots): they would describe a model that no longer exists. Files the user put in
+    the directory stay. The old files are renamed aside before the new ones are renamed in, so
+    only a crash within these few renames could leave the directory without a run.
+    """
+    trash = run_dir / OVERWRITE_TRASH
+    shutil.rmtree(trash, ignore_errors=True)
+    trash.mkdir()
+    for path in RunPaths(run_dir).artifacts():
+        if path.exists() or path.is_symlink():
+            os.replace(path, trash / path.name)
+    for path in staging.iterdir():
+        os.replace(path, run_dir / path.name)
+    staging.rmdir()
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _train_replacing(config: TrainConfig, run_dir: Path, progress: bool | None,
+                     checkpoint_seconds: float) -> TrainResult:
+    """--overwrite: train into a staging directory, and swap it in only once the run has finished.
+
+    Any failure (divergence, bad data, Ctrl-C, a crash) leaves the earlier run as it was. This
+    beats moving the old run aside and restoring it on failure: a kill -9 or a power cut runs
+    no restore, and would leave the old run hidden and half a new one in its place; here it
+    leaves only the staging directory, which the next --overwrite deletes first. The price:
+    an interrupted overwrite cannot be resumed; it starts again.
+    """
+    staging = run_dir / OVERWRITE_STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # left behind by a killed overwrite
+    try:
+        result = _train_into(config, staging, False, progress, checkpoint_seconds)
+    except KeyboardInterrupt:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise KeyboardInterrupt(f"{run_dir} keeps its earlier run; run the same command again to "
+                                "replace it") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_in(staging, run_dir)
+    log.info("replaced the earlier run in %s", run_dir)
+    return dataclasses.replace(result, run_dir=run_dir)
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
@@ -358,6 +401,19 @@ def _sigint_as_flag():
         yield stop
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _recording_divergence(paths: RunPaths):
+    """A run stopped by the NaN/inf guard says so in its config.json: `report`, `evaluate` and
+    the others then advise retraining with a lower --lr, not a --resume that would diverge again."""
+    try:
+        yield
+    except TrainingDiverged as exc:
+        saved = read_json(paths.config, "run config")
+        saved["diverged"] = str(exc)
+        write_json(paths.config, saved)
+        raise
 
 
 def _evaluate_part(model: torch.nn.Module, part: Split, prep: Preprocessing, precision: str,
@@ -642,8 +698,16 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
         checkpoint_seconds = float(os.environ.get("IMGFLOW_CHECKPOINT_SECONDS", 60))
     config.validate()
     run_dir = Path(run_dir)
-    paths = RunPaths(run_dir)
     _check_run_dir(run_dir, config, resume, overwrite)
+    if overwrite and not resume and run_dir.is_dir():
+        return _train_replacing(config, run_dir, progress, checkpoint_seconds)
+    return _train_into(config, run_dir, resume, progress, checkpoint_seconds)
+
+
+def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
+                checkpoint_seconds: float) -> TrainResult:
+    """train(), once the run directory is known to be free (or resumed): load, train, save."""
+    paths = RunPaths(run_dir)
     if progress is None:
         progress = sys.stderr.isatty()
 
@@ -673,8 +737,6 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     if resume and finished and is_finished(run_dir):
         log.info("%s has already finished; nothing to resume", run_dir)
         return TrainResult(run_dir, read_history(paths.history))
-    if overwrite and not resume:
-        _clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_config = _run_config(config, dataset, train_part, val_part, prep, model, precision, threads)
     if not paths.config.is_file():
@@ -690,7 +752,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     t_start = time.perf_counter()
     last_checkpoint = t_start
     model.train()
-    with _sigint_as_flag() as stop:
+    with _sigint_as_flag() as stop, _recording_divergence(paths):
 
         def save_state() -> None:
             nonlocal last_checkpoint
