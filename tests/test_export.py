@@ -172,6 +172,57 @@ def test_predict_onnx_errors_are_exit_2(exported, tiny_run, tiny_data, tmp_path,
         assert err.startswith("imgflow: error: ") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("edit", ["image_size", "channels", "mean", "classes", "more_classes"])
+def test_predict_onnx_refuses_a_model_json_of_another_model(exported, tiny_data, tmp_path, capsys, edit):
+    """A model.json that does not fit the graph: one line and exit 2, not a traceback or
+    wrongly labelled scores."""
+    out, _ = exported
+    card = json.loads((out / "model.json").read_text())
+    changes = {"image_size": ("input", "image_size", [12, 12]), "channels": ("input", "channels", 1),
+               "mean": ("input", "mean", [0.0, 0.0]), "classes": (None, "classes", ["a", "b"]),
+               "more_classes": (None, "classes", ["a", "b", "c", "d", "e"])}
+    section, key, value = changes[edit]
+    (card[section] if section else card)[key] = value
+    (tmp_path / "model.onnx").write_bytes((out / "model.onnx").read_bytes())
+    (tmp_path / "model.json").write_text(json.dumps(card))
+    assert main(["predict", str(tmp_path / "model.onnx"), str(tiny_data / "test" / "a" / "000.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imgflow: error: model.json does not describe") and err.count("\n") == 1, err
+
+
+def _run_with_other_weights(tiny_run: Path, run_dir: Path) -> Path:
+    """A copy of tiny_run whose model is another one (its weights nudged)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_run, run_dir)
+    state = {k: v + 0.01 if v.is_floating_point() else v
+             for k, v in load_file(str(run_dir / "model.safetensors")).items()}
+    save_file(state, str(run_dir / "model.safetensors"))
+    return run_dir
+
+
+def test_an_export_directory_never_mixes_models(tiny_run, tmp_path, capsys):
+    out = tmp_path / "deploy"
+    assert main(["export", str(tiny_run), "--format", "onnx", "--out", str(out)]) == 0
+    # The same model may add a format...
+    assert main(["export", str(tiny_run), "--format", "torchscript", "--out", str(out)]) == 0
+    assert set(json.loads((out / "parity.json").read_text())["formats"]) == {"onnx", "torchscript"}
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    # ...another model may not: model.json would describe it beside the first one's files.
+    other = _run_with_other_weights(tiny_run, tmp_path / "other")
+    assert main(["export", str(other), "--format", "torchscript", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds the export of another model" in err and "another --out" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Model files nobody describes could be anyone's.
+    (out / "model.json").unlink()
+    assert main(["export", str(tiny_run), "--format", "onnx", "--out", str(out)]) == 2
+    assert "no model.json" in capsys.readouterr().err
+
+
 def test_failed_parity_is_exit_1_and_installs_nothing(tiny_run, tmp_path, monkeypatch, capsys):
     import imgflow.export as export
 

@@ -14,6 +14,7 @@ top-1 on every image, else ParityError and the previous export (if any) stays in
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -99,6 +100,8 @@ def model_card(config: dict, run_dir: Path) -> dict:
         },
         "source": {
             "run": Path(run_dir).resolve().name,  # a name, not a path: the file may be shared
+            # Which model exactly: an export directory never mixes models (_check_out_dir).
+            "weights_sha256": hashlib.sha256(RunPaths(run_dir).weights.read_bytes()).hexdigest(),
             "data": config["data"].get("name"),
             "trained_precision": config.get("precision"),
             "test_accuracy": metrics.get("accuracy"),
@@ -266,6 +269,45 @@ def _install(staged: Path, dest: Path) -> None:
     os.replace(staged, dest)
 
 
+def _same_model(card: dict, other: dict) -> bool:
+    """True when model.json `other` describes the model of `card`."""
+    mine, theirs = card["source"], other.get("source")
+    if not isinstance(theirs, dict):
+        return False
+    if "weights_sha256" in theirs:
+        return theirs["weights_sha256"] == mine["weights_sha256"]
+    # An export from before the weights were hashed: the same run as far as model.json can tell.
+    return (all(other.get(k) == card[k] for k in ("model", "classes", "input", "output"))
+            and (theirs.get("run"), theirs.get("data")) == (mine["run"], mine["data"]))
+
+
+def _check_out_dir(out_dir: Path, card: dict) -> None:
+    """Refuse an out directory holding the export of another model.
+
+    An export directory is deployed as a whole: model.json must describe every model file in it.
+    Exporting run B's TorchScript beside run A's ONNX would leave model.onnx described by B's
+    model.json. Refusing, rather than replacing A's whole export set, because the directory may
+    be what is deployed, and `train` refuses a foreign --out the same way; the fix is one
+    command (another --out, or delete the old export). The same model may be exported into it
+    again, e.g. to add a format.
+    """
+    existing = out_dir / CARD_FILE
+    models = [name for name, _ in _EXPORTERS.values() if (out_dir / name).exists()]
+    fix = f"choose another --out, or delete {out_dir} first"
+    if not existing.is_file():
+        if models:
+            raise UserError(f"{out_dir} holds {', '.join(models)} but no {CARD_FILE}, so no telling which "
+                            f"model that is: {fix}")
+        return
+    try:
+        other = json.loads(existing.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {existing} ({exc}), so no telling which model {out_dir} holds: "
+                        f"{fix}") from None
+    if not isinstance(other, dict) or not _same_model(card, other):
+        raise UserError(f"{out_dir} holds the export of another model: {fix}")
+
+
 def export_run(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str] = FORMATS,
                max_images: int = PARITY_IMAGES, progress: bool = False) -> dict:
     """Export a finished run to ONNX and/or TorchScript, parity-check, install; return parity.json.
@@ -281,9 +323,10 @@ def export_run(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str
         raise UserError(f"unknown export format(s) {sorted(unknown)}: use {', '.join(FORMATS)}")
     model, config = load_trained_model(run_dir)
     set_threads(config["train"].get("threads"))
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
+    out_dir = Path(out_dir) if out_dir is not None else RunPaths(run_dir).export
     prep = Preprocessing.from_dict(config["preprocessing"])
     card = model_card(config, run_dir)
+    _check_out_dir(out_dir, card)
     images, source = parity_images(config, max_images, progress)
     example = to_model_input(torch.from_numpy(images[:2]), prep)  # batch 2: 1 would be specialised
     if len(example) < 2:
@@ -315,9 +358,11 @@ def export_run(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str
                       for fmt, r in report["formats"].items() if not r["passed"]]
             raise ParityError(f"parity check failed for {', '.join(failed)}: nothing installed "
                               f"in {out_dir}; see {out_dir / PARITY_FILE}", report)
+        # model.json first: should the installs be cut short, it still describes every model file
+        # in the directory (_check_out_dir let in only this model's).
+        write_json(out_dir / CARD_FILE, card)
         for name, path in staged.items():
             _install(path, out_dir / name)
-    write_json(out_dir / CARD_FILE, card)
     # Entries of formats not exported this time describe files still in place: keep them.
     previous = out_dir / PARITY_FILE
     if previous.is_file():

@@ -191,7 +191,9 @@ class OnnxModel:
         embedded = self.session.get_modelmeta().custom_metadata_map.get("imgflow.model.json")
         card = read_model_card(onnx_path, embedded)
         self.spec = spec_from_card(card, f"the model.json of {onnx_path}")
+        check_spec_fits_onnx(self.spec, self.session, onnx_path)
         self.input_name = self.session.get_inputs()[0].name
+        self.path = onnx_path
         self.batch_size = batch_size
         self.mean = np.asarray(self.spec.mean, dtype=np.float32)
         self.std = np.asarray(self.spec.std, dtype=np.float32)
@@ -202,7 +204,37 @@ class OnnxModel:
         x = (images.astype(np.float32) / np.float32(255.0) - self.mean) / self.std
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # NHWC -> NCHW
         logits = self.session.run(None, {self.input_name: x})[0].astype(np.float32)
+        if logits.shape[1:] != (len(self.spec.classes),):  # an output width the graph left symbolic
+            raise _mismatch(self.path, f"it scores {logits.shape[1]} classes, model.json names "
+                                       f"{len(self.spec.classes)}")
         return softmax(logits)
+
+
+def _mismatch(onnx_path: Path, what: str) -> UserError:
+    # A model.json from another export (or edited) would feed the model wrongly shaped input, get
+    # a traceback from onnxruntime, or put the wrong class names on its scores.
+    return UserError(f"model.json does not describe {onnx_path} ({what}): use the model.json "
+                     "written with it by the same 'imgflow export'")
+
+
+def check_spec_fits_onnx(spec: InputSpec, session, onnx_path: Path) -> None:
+    """UserError unless model.json's input and classes match the ONNX graph's input and output.
+
+    Dimensions the graph leaves symbolic (the batch, say) are not checked here; an output width
+    left symbolic is checked on the first batch (OnnxModel.probabilities).
+    """
+    C, (H, W) = spec.channels, spec.image_size
+    problems = []
+    if len(spec.mean) != C or len(spec.std) != C:
+        problems.append(f"{len(spec.mean)} means and {len(spec.std)} stds for {C} channels")
+    shape = list(session.get_inputs()[0].shape)  # [batch, C, H, W]
+    if len(shape) != 4 or any(isinstance(n, int) and n != want for n, want in zip(shape[1:], (C, H, W))):
+        problems.append(f"it takes input {shape}, model.json says [batch, {C}, {H}, {W}]")
+    out = list(session.get_outputs()[0].shape)  # [batch, classes]
+    if len(out) != 2 or (isinstance(out[1], int) and out[1] != len(spec.classes)):
+        problems.append(f"its output is {out}, model.json names {len(spec.classes)} classes")
+    if problems:
+        raise _mismatch(onnx_path, "; ".join(problems))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
