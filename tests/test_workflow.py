@@ -371,3 +371,49 @@ def test_workflow_cli_bad_input(tmp_path, capsys):
     for budget in ("0", "inf", "nan"):
         assert main(["workflow", str(data), "--budget-minutes", budget, "--out", str(tmp_path / "o")]) == 2
         assert "--budget-minutes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [(["--seed", "99999999999999999999"], "--seed"),
+                                           (["--threads", "99999"], "--threads")])
+def test_workflow_checks_seed_and_threads_before_writing_anything(tmp_path, capsys, args, message):
+    data = make_image_folder(tmp_path / "d", per_class=4, size=(8, 8))
+    out = tmp_path / "o"
+    assert main(["workflow", str(data), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()  # so the same --out with a valid value is a new workflow, not a stuck one
+
+
+def test_workflow_refuses_a_single_class_before_writing_anything(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "one", classes=("only",), per_class=10, test=False)
+    assert main(["workflow", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "at least 2" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_workflow_refuses_an_out_holding_a_training_run(tiny_run, workflow_data, tmp_path, capsys):
+    import shutil
+
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    (run_dir / "report.html").write_text("the run's report")
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert main(["workflow", str(workflow_data), "--out", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a training run" in err and "another --out" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    assert (run_dir / "report.html").read_text() == "the run's report"
+
+
+def test_a_workflow_continues_with_another_spelling_of_its_data_folder(workflow_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(wf, "STEPS", wf.STEPS[:2])
+    monkeypatch.chdir(workflow_data.parent)
+    out = tmp_path / "out"
+    first = wf.run_workflow(workflow_data.name, out, budget_minutes=1, progress=False)
+    for spelling in (f"./{workflow_data.name}", str(workflow_data), f"{workflow_data.name}/"):
+        again = wf.run_workflow(spelling, out, budget_minutes=1, progress=False)
+        assert again["steps"] == first["steps"]
+    # Another folder is still another workflow.
+    other = make_image_folder(tmp_path / "other", per_class=4, size=(8, 8))
+    with pytest.raises(wf.UserError, match="use the same DATA"):
+        wf.run_workflow(str(other), out, budget_minutes=1, progress=False)

@@ -737,16 +737,25 @@ STEPS: list[Callable[[Context], dict]] = [step_data, step_metric, step_protocol,
 def _record_to_continue(record_path: Path, data: str, seed: int, budget_minutes: float,
                         progress: bool) -> dict:
     """The workflow.json to continue (the same DATA, seed and budget), or a new one."""
+    from imgflow.runs import holds_run
+    from imgflow.training.config import absolute_if_path
+
     out = record_path.parent
     record = {"data": data, "seed": seed, "budget_minutes": budget_minutes, "steps": [], "state": {},
               "elapsed_minutes": 0.0}
     if not record_path.is_file():
         from imgflow.data import load_dataset
+        from imgflow.training.engine import check_classifiable
 
-        load_dataset(data, progress=progress)  # a bad DATA fails here, before anything is written
+        if holds_run(out):  # its report.html and plots would be replaced by the workflow's
+            raise UserError(f"{out} holds a training run, not a workflow: choose another --out")
+        # A bad DATA fails here, before anything is written.
+        check_classifiable(load_dataset(data, progress=progress))
         return record
     saved = read_json(record_path, "workflow record")
-    if (saved.get("data"), saved.get("seed")) != (data, seed):
+    # ./data, data and /abs/path/data are the same folder: paths compare resolved.
+    same_data = absolute_if_path(str(saved.get("data"))) == absolute_if_path(data)
+    if not same_data or saved.get("seed") != seed:
         raise UserError(f"{out} holds a workflow for data {saved.get('data')!r} seed {saved.get('seed')}: "
                         "use the same DATA and --seed to continue it, or another --out")
     saved_budget = saved.get("budget_minutes", budget_minutes)
@@ -762,8 +771,11 @@ def _record_to_continue(record_path: Path, data: str, seed: int, budget_minutes:
 def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int = 0,
                  progress: bool | None = None, threads: int | None = None) -> dict:
     """Run (or continue) the eight steps into `out`; return the workflow.json content."""
+    from imgflow.training.config import check_seed_and_threads
+
     if not 0 < budget_minutes < math.inf:
         raise UserError(f"--budget-minutes must be a number > 0, got {budget_minutes}")
+    check_seed_and_threads(seed, threads)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory: choose another path")

@@ -61,15 +61,13 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise UserError on values that cannot work; return self for chaining."""
-        from imgflow.precision import available_cpus
-
+        check_seed_and_threads(self.seed, self.threads)
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (0 < self.lr < math.inf, f"--lr must be a number > 0, got {self.lr}"),
             (0 <= self.weight_decay < math.inf, f"--weight-decay must be a number >= 0, got {self.weight_decay}"),
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
-            (0 <= self.seed < 2**63, f"--seed must be in [0, 2**63), got {self.seed}"),
             (0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}"),
             (0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
@@ -97,8 +95,6 @@ class TrainConfig:
              "--val-subset needs a validation split (--val-split > 0 or --folds)"),
             (self.early_stopping == 0 or self.val_split > 0 or self.folds,
              "--early-stopping needs a validation split (--val-split > 0)"),
-            (self.threads is None or 1 <= self.threads <= available_cpus(),
-             f"--threads must be between 1 and the {available_cpus()} CPUs available, got {self.threads}"),
             (self.translate >= 0 and self.cutout >= 0, "--translate/--cutout must be >= 0"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}"),
@@ -129,6 +125,17 @@ class TrainConfig:
         if d.get("image_size"):
             d["image_size"] = tuple(d["image_size"])
         return cls(**d)
+
+
+def check_seed_and_threads(seed: int, threads: int | None) -> None:
+    """`train`'s checks of --seed and --threads, for the commands that pass them on to training runs
+    (so that they refuse before anything is written, not at their first training run)."""
+    from imgflow.precision import available_cpus
+
+    if not 0 <= seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2**63), got {seed}")
+    if threads is not None and not 1 <= threads <= available_cpus():
+        raise UserError(f"--threads must be between 1 and the {available_cpus()} CPUs available, got {threads}")
 
 
 THREADS_HELP = ("CPU threads (default: $OMP_NUM_THREADS if set, else one per physical core; "
@@ -203,13 +210,13 @@ def resolve_config(data: str, overrides: dict[str, Any], preset: str | None = No
         values.update(PRESETS[preset])
         values["preset"] = preset
     values.update({k: v for k, v in overrides.items() if v is not None})
-    data = _absolute_if_path(data)
+    data = absolute_if_path(data)
     if "model" not in values:
         raise UserError("no model given: pass --model NAME (see 'imgflow models') or --preset")
     return TrainConfig(data=data, **values).validate()
 
 
-def _absolute_if_path(data: str) -> str:
+def absolute_if_path(data: str) -> str:
     """A path is saved absolute, so a run's config.json finds its data from any directory."""
     from pathlib import Path
 
@@ -302,7 +309,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     started = _started_config(args) if args.resume and args.preset is None else None
     if started is not None:  # --resume --out RUN: the run's own options; any given ones are checked against them
         values = {**started.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
-        values["data"] = _absolute_if_path(args.data) if args.data else started.data
+        values["data"] = absolute_if_path(args.data) if args.data else started.data
         return TrainConfig.from_dict(values).validate()
     if args.data is None:
         raise UserError("no DATA given: name a data set (cifar10, fashion-mnist) or an image folder/archive"

@@ -72,6 +72,13 @@ class TrainResult:
 # data split and order
 
 
+def check_classifiable(dataset: Dataset) -> None:
+    """UserError unless the data set has the two classes or more a classifier needs."""
+    if dataset.num_classes < 2:
+        raise UserError(f"{dataset.name} has {dataset.num_classes} class: a classifier needs at least 2 "
+                        "(one sub-folder per class)")
+
+
 def split_for_training(train: Split, config: TrainConfig) -> tuple[Split, Split | None]:
     """The training and validation parts this config trains and validates on."""
     if config.folds:
@@ -712,9 +719,7 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
         progress = sys.stderr.isatty()
 
     dataset = load_run_data(config.to_dict(), progress=progress, remarks=True)
-    if dataset.num_classes < 2:
-        raise UserError(f"{dataset.name} has {dataset.num_classes} class: a classifier needs at least 2 "
-                        "(one sub-folder per class)")
+    check_classifiable(dataset)
     train_part, val_part = split_for_training(dataset.train, config)
     precision = resolve_precision(config.precision)
     threads = set_threads(config.threads)
