@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from datagen import make_image_folder
 from imgflow.cli import main
 
 
@@ -60,3 +63,28 @@ def test_seconds_per_epoch_is_the_median_so_a_paused_epoch_does_not_count(tiny_d
     table = reproduce_seed(str(tiny_data), out, epochs=3, models=("seed-baseline",), progress=False)
     assert json.loads((out / "reproduce.json").read_text())[0]["seconds_per_epoch"] == 2.0
     assert "| 2.0 |" in table
+
+
+@pytest.mark.parametrize("models, message", [(["seed-baseline", "seed-baseline"], "more than once"),
+                                             (["seed-baseline", "nope"], "unknown model 'nope'")])
+def test_a_bad_model_list_is_refused_before_anything_trains_or_is_written(tiny_data, tmp_path, capsys,
+                                                                          models, message):
+    out = tmp_path / "repro"
+    assert main(["-q", "reproduce-seed", str(tiny_data), "--out", str(out), "--epochs", "1",
+                 "--models", *models]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_data_without_a_test_split_is_refused_before_training_or_held_out(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "flat", per_class=20, size=(8, 8), flat=True, test=False)
+    out = tmp_path / "repro"
+    argv = ["-q", "reproduce-seed", str(data), "--out", str(out), "--epochs", "1", "--models", "seed-baseline"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no test split" in err and "--test-split 0.2" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    # The advice works: reproduce-seed takes --test-split.
+    assert main([*argv, "--test-split", "0.2", "--precise-bn", "0"]) == 0
+    assert json.loads((out / "seed-baseline" / "metrics.json").read_text())["num_images"] == 12

@@ -150,7 +150,8 @@ def cmd_reproduce_seed(args: argparse.Namespace) -> int:
     table = reproduce_seed(args.data, Path(args.out), precision=args.precision,
                            epochs=args.epochs, models=args.models, seed=args.seed,
                            resume=args.resume, threads=args.threads,
-                           precise_bn=PRECISE_BN_IMAGES if args.precise_bn is None else args.precise_bn)
+                           precise_bn=PRECISE_BN_IMAGES if args.precise_bn is None else args.precise_bn,
+                           test_split=args.test_split)
     print(table)
     return 0
 
@@ -263,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=["seed-baseline", "seed-batchnorm"])
     p.add_argument("--resume", action="store_true", help="continue interrupted runs")
     p.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
+    p.add_argument("--test-split", type=float, metavar="F",
+                   help="data without a test split: hold out this fraction of each class as one")
     p.add_argument("--precise-bn", type=_non_negative_int, metavar="N",
                    help="also test BatchNorm models with their statistics re-estimated on N training "
                         "images (default 10000; 0 = don't); the runs themselves stay as Keras trains them")

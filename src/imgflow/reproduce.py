@@ -29,25 +29,24 @@ PRECISE_BN_IMAGES = 10_000
 def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 20,
                    models: list[str] | tuple[str, ...] = ("seed-baseline", "seed-batchnorm"),
                    seed: int = 0, resume: bool = False, progress: bool | None = None,
-                   threads: int | None = None, precise_bn: int = PRECISE_BN_IMAGES) -> str:
+                   threads: int | None = None, precise_bn: int = PRECISE_BN_IMAGES,
+                   test_split: float | None = None) -> str:
     """Train and test each notebook model with the notebook's settings; return a Markdown table.
 
     A model whose run directory already holds a finished run is not retrained; an interrupted
     one continues with `resume`. precise_bn: also test a BatchNorm model's weights with their
     BatchNorm statistics re-estimated on this many training images (0 = don't); the run's own
-    model and metrics stay as Keras would leave them.
+    model and metrics stay as Keras would leave them. test_split: for data without a test
+    split, hold out this fraction as one (as `train --test-split`).
     """
     out = Path(out)
+    configs = _checked_configs(data, out, models, {"epochs": epochs, "precision": precision, "seed": seed,
+                                                   "threads": threads, "test_split": test_split})
     rows = []
-    for name in models:
-        config = resolve_config(data, {"model": name, "epochs": epochs, "precision": precision,
-                                       "seed": seed, "threads": threads}, preset="notebook")
+    for name, config in configs.items():
         run_dir = out / name
         paths = RunPaths(run_dir)
         finished = is_finished(run_dir)
-        if diff := config_differences(run_dir, config):  # a run of other settings (data, seed, epochs ...) must not be reported as this one
-            raise UserError(f"{run_dir} holds a {name} run with {', '.join(diff)}: use another --out "
-                            "(or the same settings to reuse or continue it)")
         if not finished:
             train(config, run_dir, resume=resume and run_dir.is_dir(), progress=progress)
         if finished and paths.metrics.is_file():
@@ -80,6 +79,30 @@ def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 
         report = compare_runs([out / name for name in models], out / "compare")
         table += f"\n\nside-by-side report: {report}"
     return table
+
+
+def _checked_configs(data: str, out: Path, models, settings: dict) -> dict[str, TrainConfig]:
+    """Each model's run config; every problem the runs would meet is a UserError before any of
+    them trains and before anything is written (not after the first model's training)."""
+    models = list(models)
+    if not models:
+        raise UserError("no model given: pass --models NAME [NAME ...] (see 'imgflow models')")
+    repeated = sorted({name for name in models if models.count(name) > 1})
+    if repeated:
+        raise UserError(f"--models lists {', '.join(repeated)} more than once: each model trains into "
+                        "OUT/<model>, so list each once")
+    configs = {name: resolve_config(data, {"model": name, **settings}, preset="notebook") for name in models}
+    for name, config in configs.items():
+        # A run of other settings (data, seed, epochs ...) must not be reported as this one.
+        if diff := config_differences(out / name, config):
+            raise UserError(f"{out / name} holds a {name} run with {', '.join(diff)}: use another --out "
+                            "(or the same settings to reuse or continue it)")
+    if not all(RunPaths(out / name).metrics.is_file() and is_finished(out / name) for name in models):
+        config = next(iter(configs.values()))  # the data and hold-out are the same for every model
+        if load_run_data(config.to_dict()).test is None:  # what every run is tested on
+            raise UserError(f"{data} has no test split to test the models on: add a test/<class>/ folder, "
+                            "or pass --test-split 0.2 to hold out 20% of each class as one")
+    return configs
 
 
 def _test_accuracy_with_precise_bn(run_dir: Path, images: int) -> float | None:
