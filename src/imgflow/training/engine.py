@@ -690,6 +690,7 @@ def _save_final(paths: RunPaths, config: TrainConfig, state: dict, result: dict)
     save_weights(paths.weights, state, {"model": config.model, "format": "imgflow"})
     saved = read_json(paths.config, "run config")
     saved["result"] = result
+    saved.pop("diverged", None)  # an earlier attempt's, which this one got past
     write_json(paths.config, saved)
     log.info("saved %s (training took %.1f s)", paths.weights, result["train_seconds"])
 
