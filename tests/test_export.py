@@ -234,12 +234,18 @@ def test_failed_parity_is_exit_1_and_installs_nothing(tiny_run, tmp_path, monkey
 
     monkeypatch.setitem(export._RUNNERS, "torchscript", perturbed)
     out = tmp_path / "out"
+    assert main(["export", str(tiny_run), "--format", "onnx", "--out", str(out)]) == 0  # a good export
+    installed = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(["export", str(tiny_run), "--format", "torchscript", "--out", str(out)]) == 1
     printed, err = capsys.readouterr()
     assert "FAILED" in printed and err.startswith("imgflow: error: parity check failed for torchscript")
-    assert sorted(p.name for p in out.iterdir()) == ["parity.json"]
-    parity = json.loads((out / "parity.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted([*installed, "parity-failed.json"])
+    assert all((out / name).read_bytes() == data for name, data in installed.items())  # parity.json too
+    parity = json.loads((out / "parity-failed.json").read_text())
     assert parity["passed"] is False and parity["formats"]["torchscript"]["max_abs_prob_diff"] > 1e-4
+    monkeypatch.setitem(export._RUNNERS, "torchscript", good)
+    assert main(["export", str(tiny_run), "--format", "torchscript", "--out", str(out)]) == 0
+    assert not (out / "parity-failed.json").exists()  # the failure is history once it passes
 
 
 def test_export_bad_run_dir_is_exit_2(tmp_path, capsys):

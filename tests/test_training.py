@@ -448,6 +448,18 @@ def test_overwrite_replaces_a_run(tiny_run, tiny_data, tmp_path, capsys):
         "checkpoint", "config.json", "history.csv", "model.safetensors", "notes.txt"]
 
 
+@pytest.mark.parametrize("flag", [[], ["--overwrite"]])
+def test_train_refuses_a_workflow_folder(tiny_data, tmp_path, capsys, flag):
+    out = tmp_path / "wf"
+    out.mkdir()
+    (out / "workflow.json").write_text("{}")
+    (out / "report.html").write_text("the workflow's report")
+    code, err = _run_cli(capsys, "-q", "train", str(tiny_data), "--model", "seed-baseline", "--epochs", "1",
+                         "--out", str(out), *flag)
+    assert code == 2 and "holds a workflow" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "workflow.json"]
+
+
 def test_a_failed_overwrite_keeps_the_earlier_run(tiny_run, tiny_data, tmp_path, capsys):
     run_dir = _with_derived_artifacts(shutil.copytree(tiny_run, tmp_path / "run"))
     before = _snapshot(run_dir)

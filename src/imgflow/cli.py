@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the PyTorch model on up to 256 images of the run's test split: max |probability\n"
                     "difference| <= 1e-4 and identical top-1, saved in parity.json.",
         epilog="Exit status: 0 exported and parity passed; 1 parity check failed (nothing\n"
-               "installed, numbers in parity.json); 2 unusable run directory, bad usage, or an\n"
+               "installed, numbers in parity-failed.json); 2 unusable run directory, bad usage, or an\n"
                "--out holding another model's export (one directory, one model).")
     p.add_argument("run_dir")
     p.add_argument("--format", choices=["onnx", "torchscript", "all"], default="all",

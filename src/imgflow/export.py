@@ -9,7 +9,8 @@ Both formats take normalised float32 NCHW input and return logits (softmax gives
 so model.json is all a consumer needs. Before anything is installed in the out directory, each
 exported file is loaded back and compared with the PyTorch model on up to 256 images of the run's
 test split (training split if it has none): max |probability difference| <= 1e-4 and identical
-top-1 on every image, else ParityError and the previous export (if any) stays in place.
+top-1 on every image, else ParityError: the previous export (if any) stays in place, its
+parity.json too, and the failed check's numbers go to parity-failed.json.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 CARD_FILE = "model.json"
 PARITY_FILE = "parity.json"
+FAILED_PARITY_FILE = "parity-failed.json"  # a failed check's numbers: parity.json stays the installed models'
 # Opset 20 runs on onnxruntime >= 1.17 (pyproject asks >= 1.18) and covers every op the
 # registered models use; a newer one would only lock out older runtimes.
 ONNX_OPSET = 20
@@ -313,7 +315,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str
     """Export a finished run to ONNX and/or TorchScript, parity-check, install; return parity.json.
 
     Raises UserError for an unusable run directory, ParityError when an export disagrees with
-    the PyTorch model (nothing is installed then; parity.json records the numbers).
+    the PyTorch model (nothing is installed then; parity-failed.json records the numbers).
     """
     from imgflow.precision import set_threads
 
@@ -352,12 +354,12 @@ def export_run(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str
             staged[name] = path
         report["passed"] = all(r["passed"] for r in report["formats"].values())
         if not report["passed"]:
-            write_json(out_dir / PARITY_FILE, report)
+            write_json(out_dir / FAILED_PARITY_FILE, report)
             failed = [f"{fmt} (max |prob diff| {r['max_abs_prob_diff']:.2e}, "
                       f"{r['top1_mismatches']} top-1 mismatches)"
                       for fmt, r in report["formats"].items() if not r["passed"]]
             raise ParityError(f"parity check failed for {', '.join(failed)}: nothing installed "
-                              f"in {out_dir}; see {out_dir / PARITY_FILE}", report)
+                              f"in {out_dir}; see {out_dir / FAILED_PARITY_FILE}", report)
         # model.json first: should the installs be cut short, it still describes every model file
         # in the directory (_check_out_dir let in only this model's).
         write_json(out_dir / CARD_FILE, card)
@@ -376,6 +378,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str
         report["passed"] = all(r.get("passed") for r in report["formats"].values())
     report["out_dir"] = str(out_dir)
     write_json(previous, report)
+    (out_dir / FAILED_PARITY_FILE).unlink(missing_ok=True)  # an earlier failure, now passed
     return report
 
 

@@ -273,6 +273,9 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: 
     """Refuse to clobber a run; make sure --resume continues the same configuration."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file, not a directory: choose another path")
+    if (run_dir / "workflow.json").is_file():  # its report.html and plots/ have a run's names
+        raise UserError(f"{run_dir} holds a workflow, not a training run: choose another --out "
+                        "(the workflow's own runs are in its runs/ folder)")
     if resume:
         if not run_dir.is_dir():
             raise UserError(f"cannot resume: {run_dir} does not exist (start it without --resume)")
