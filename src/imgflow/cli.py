@@ -156,6 +156,17 @@ def cmd_reproduce_seed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from imgflow.training.config import overrides_from_args, resolve_config
+    from imgflow.tune import format_summary, run_tune
+
+    base = resolve_config(args.data, overrides_from_args(args), preset=args.preset)
+    record = run_tune(base, Path(args.out), trials=args.trials, search=args.search,
+                      budget_minutes=args.budget_minutes, progress=sys.stderr.isatty())
+    print(format_summary(record))
+    return 0
+
+
 def cmd_workflow(args: argparse.Namespace) -> int:
     from imgflow.workflow import format_summary, run_workflow
 
@@ -171,7 +182,8 @@ def cmd_workflow(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from imgflow import __version__
-    from imgflow.training.config import THREADS_HELP, add_train_arguments  # no torch: --help stays quick
+    from imgflow.training.config import (THREADS_HELP, add_config_arguments,  # no torch: --help stays quick
+                                         add_train_arguments)
 
     parser = _Parser(prog="imgflow", description="imgflow: the universal workflow of machine learning "
                      "for image classification, from a data set to a tested, exported model.")
@@ -198,6 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model into a run directory")
     add_train_arguments(p, _positive_int, _non_negative_int, _image_size)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "tune", help="hyperparameter search (Optuna): each trial a training run, judged on validation",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the base configuration (a --preset and/or train options) --trials times\n"
+                    "with values of the --search options drawn by Optuna's TPE sampler, each into\n"
+                    "OUT/trials/NNN, scored by validation accuracy; trials behind the median of\n"
+                    "earlier ones at the same epoch are stopped early. Writes OUT/tune.json,\n"
+                    "OUT/report.html and prints the 'imgflow train' command of the best trial.\n"
+                    "The study is kept in OUT/study.db: the same command again continues it\n"
+                    "(an interrupted trial continues its run), and a larger --trials extends it.",
+        epilog="Search space: lr (base lr / 10 .. x 10, log), weight-decay (1e-5 .. 1e-2, log),\n"
+               "label-smoothing (0 .. 0.3), augment (none | flip | flip+translate |\n"
+               "flip+translate+cutout), momentum (0.8 .. 0.95). The test split is never used.")
+    p.add_argument("data", help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images")
+    p.add_argument("--out", required=True, help="study directory (continued when run again)")
+    p.add_argument("--trials", type=_positive_int, default=20, help="trials in the study (default 20)")
+    p.add_argument("--search", metavar="A,B,...",
+                   help="options to search (default lr,weight-decay,label-smoothing,augment)")
+    p.add_argument("--budget-minutes", type=float, metavar="M",
+                   help="start no new trial after M minutes (the running one finishes)")
+    add_config_arguments(p, _positive_int, _non_negative_int, _image_size)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="evaluate a run's model on its test split")
     p.add_argument("run_dir")

@@ -409,3 +409,41 @@ def top_losses(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
                          f"loss {-np.log(max(float(pr[y]), 1e-12)):.2f}", fontsize=8.5, color=WRONG)
             _mark(ax, WRONG, 3.0)
     return Path(path)
+
+
+def trial_scores(trials: Sequence[dict], names: Sequence[str], path: Path,
+                 choices: dict[str, Sequence] | None = None) -> Path:
+    """One panel per searched option: each finished trial's value of it against its validation accuracy.
+
+    choices: the values of categorical options, in the order their axis shows them. Pruned trials
+    sit at the accuracy of the epoch they were stopped at, hollow: where the search stopped
+    spending time.
+    """
+    from matplotlib.lines import Line2D
+
+    choices = choices or {}
+    cols = max(len(names), 1)
+    with _figure(path, min(3.6 * cols, 14), 3.8) as fig:
+        fig.suptitle("Tuning: validation accuracy of each trial", fontsize=12, fontweight="bold")
+        axes = np.atleast_1d(fig.subplots(1, cols))
+        for ax, name in zip(axes, names):
+            order = list(choices.get(name, ()))
+            for pruned in (False, True):
+                rows = [t for t in trials if (t["state"] == "pruned") == pruned and name in t["params"]]
+                scores = [(t["curve"] or [np.nan])[-1] if pruned else t["val_acc"] for t in rows]
+                values = [order.index(t["params"][name]) if order else t["params"][name] for t in rows]
+                ax.scatter(values, scores, s=28, facecolors="none" if pruned else RUN_COLOURS[0],
+                           edgecolors=RUN_COLOURS[0])
+            if order:
+                ax.set_xticks(range(len(order)), [str(c) for c in order], rotation=25, ha="right")
+                ax.set_xlim(-0.5, len(order) - 0.5)
+            elif name in ("lr", "weight_decay"):
+                ax.set_xscale("log")
+            ax.set_xlabel(name.replace("_", " "))
+            _percent_axis(ax.yaxis)
+        axes[0].set_ylabel("validation accuracy")
+        marker = dict(marker="o", linestyle="", color=RUN_COLOURS[0])
+        fig.legend(handles=[Line2D([], [], label="finished", **marker),
+                            Line2D([], [], label="pruned (accuracy when stopped)", markerfacecolor="none", **marker)],
+                   loc="outside lower center", ncol=2)
+    return Path(path)

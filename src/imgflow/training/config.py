@@ -247,12 +247,17 @@ def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_i
     """The `imgflow train` options. Defaults are None so that presets can fill them."""
     p.add_argument("data", nargs="?", help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images "
                    "(with --resume: taken from the run's config.json when left out)")
-    p.add_argument("--model", help="model name (see 'imgflow models')")
-    p.add_argument("--preset", help=f"named configuration: {', '.join(PRESETS)}")
     p.add_argument("--out", default=None, help="run directory (default: runs/<model>-seed<N>)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out, with the options it was started with")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    add_config_arguments(p, positive_int, non_negative_int, image_size)
+
+
+def add_config_arguments(p: argparse.ArgumentParser, positive_int, non_negative_int, image_size) -> None:
+    """The options that make a TrainConfig (`train`'s, and the base configuration of `tune`)."""
+    p.add_argument("--model", help="model name (see 'imgflow models')")
+    p.add_argument("--preset", help=f"named configuration: {', '.join(PRESETS)}")
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=float, help="peak learning rate")
@@ -304,8 +309,13 @@ _OVERRIDE_KEYS = ("model", "epochs", "batch_size", "lr", "optimizer", "momentum"
                   "precision", "threads", "early_stopping", "ema", "precise_bn", "image_size")
 
 
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig values given on the command line (None: not given)."""
+    return {k: getattr(args, k) for k in _OVERRIDE_KEYS}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = {k: getattr(args, k) for k in _OVERRIDE_KEYS}
+    overrides = overrides_from_args(args)
     started = _started_config(args) if args.resume and args.preset is None else None
     if started is not None:  # --resume --out RUN: the run's own options; any given ones are checked against them
         values = {**started.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}

@@ -316,7 +316,7 @@ def _swap_in(staging: Path, run_dir: Path) -> None:
 
 
 def _train_replacing(config: TrainConfig, run_dir: Path, progress: bool | None,
-                     checkpoint_seconds: float) -> TrainResult:
+                     checkpoint_seconds: float, on_epoch: Callable[[dict], None] | None) -> TrainResult:
     """--overwrite: train into a staging directory, and swap it in only once the run has finished.
 
     Any failure (divergence, bad data, Ctrl-C, a crash) leaves the earlier run as it was. This
@@ -328,7 +328,7 @@ def _train_replacing(config: TrainConfig, run_dir: Path, progress: bool | None,
     staging = run_dir / OVERWRITE_STAGING
     shutil.rmtree(staging, ignore_errors=True)  # left behind by a killed overwrite
     try:
-        result = _train_into(config, staging, False, progress, checkpoint_seconds)
+        result = _train_into(config, staging, False, progress, checkpoint_seconds, on_epoch)
     except KeyboardInterrupt:
         shutil.rmtree(staging, ignore_errors=True)
         raise KeyboardInterrupt(f"{run_dir} keeps its earlier run; run the same command again to "
@@ -699,11 +699,14 @@ def _save_final(paths: RunPaths, config: TrainConfig, state: dict, result: dict)
 
 
 def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: bool = False,
-          progress: bool | None = None, checkpoint_seconds: float | None = None) -> TrainResult:
+          progress: bool | None = None, checkpoint_seconds: float | None = None,
+          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Train config.model on config.data into run_dir; return the history and where it went.
 
     checkpoint_seconds: also checkpoint mid-epoch when this long has passed since the last one
     (default: $IMGFLOW_CHECKPOINT_SECONDS, else 60; 0 = after every step).
+    on_epoch: called with each epoch's history row once that epoch is checkpointed; an exception
+    it raises stops the run there, resumable (`tune` prunes trials this way).
     """
     if checkpoint_seconds is None:
         checkpoint_seconds = float(os.environ.get("IMGFLOW_CHECKPOINT_SECONDS", 60))
@@ -711,12 +714,12 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     run_dir = Path(run_dir)
     _check_run_dir(run_dir, config, resume, overwrite)
     if overwrite and not resume and run_dir.is_dir():
-        return _train_replacing(config, run_dir, progress, checkpoint_seconds)
-    return _train_into(config, run_dir, resume, progress, checkpoint_seconds)
+        return _train_replacing(config, run_dir, progress, checkpoint_seconds, on_epoch)
+    return _train_into(config, run_dir, resume, progress, checkpoint_seconds, on_epoch)
 
 
 def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
-                checkpoint_seconds: float) -> TrainResult:
+                checkpoint_seconds: float, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """train(), once the run directory is known to be free (or resumed): load, train, save."""
     paths = RunPaths(run_dir)
     if progress is None:
@@ -796,6 +799,8 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
                 break  # finish the run even if Ctrl-C came now: only the weights are left to save
             save_state()
             stop_if_asked()
+            if on_epoch is not None:
+                on_epoch(row)
 
     seconds = loop.elapsed + time.perf_counter() - t_start  # training time, as the epochs count it
     # From the history, not a flag: a run resumed after its last checkpoint must say it too.

@@ -1,0 +1,284 @@
+"""`imgflow tune`: hyperparameter search with Optuna, every trial a training run, judged on validation.
+
+Each trial trains the base configuration (a preset or `train` options) with some values drawn
+from the search space, into OUT/trials/NNN, and scores it by the validation accuracy of the
+weights it saves. Trials that trail the median of earlier ones at the same epoch are stopped
+there (Optuna's MedianPruner), as are those whose loss diverges. The study lives in
+OUT/study.db (SQLite): running the same command again continues it.
+
+Reproducible: every trial trains with the base seed (so trials differ only in what is searched),
+and the sampler is re-seeded before each trial from (seed, trials finished so far). What a trial
+samples then depends only on the trials before it, so an interrupted study, continued, proposes
+what an uninterrupted one would; the trial that was cut short is run again with its values and
+continues its training run from the last checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgflow.errors import UserError
+from imgflow.fileio import read_json, write_json
+from imgflow.training.config import AUGMENTS, TrainConfig
+
+log = logging.getLogger(__name__)
+
+STUDY_NAME = "imgflow-tune"
+STUDY_FILE = "study.db"
+RECORD_FILE = "tune.json"
+STARTUP_TRIALS = 4  # random trials before TPE models the results, and before any pruning
+
+
+@dataclasses.dataclass(frozen=True)
+class Dimension:
+    """One searched option: its kind ('log', 'float' or 'choice') and range or choices."""
+
+    kind: str
+    low: float = 0.0
+    high: float = 0.0
+    choices: tuple = ()
+
+    def suggest(self, trial, name: str):
+        if self.kind == "choice":
+            return trial.suggest_categorical(name, list(self.choices))
+        return trial.suggest_float(name, self.low, self.high, log=self.kind == "log")
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return " | ".join(map(str, self.choices))
+        return f"{self.low:g} .. {self.high:g}" + (" (log scale)" if self.kind == "log" else "")
+
+
+def search_space(base: TrainConfig) -> dict[str, Dimension]:
+    """What can be searched, around the base configuration where it has a scale (the lr)."""
+    return {
+        "lr": Dimension("log", base.lr / 10, base.lr * 10),
+        "weight_decay": Dimension("log", 1e-5, 1e-2),
+        "label_smoothing": Dimension("float", 0.0, 0.3),
+        "augment": Dimension("choice", choices=AUGMENTS),
+        "momentum": Dimension("float", 0.8, 0.95),
+    }
+
+
+DEFAULT_SEARCH = ("lr", "weight_decay", "label_smoothing", "augment")
+
+
+def parse_search(text: str | None, base: TrainConfig) -> dict[str, Dimension]:
+    """'lr,weight-decay' -> the named dimensions; None -> DEFAULT_SEARCH."""
+    space = search_space(base)
+    names = DEFAULT_SEARCH if text is None else [n.strip().replace("-", "_") for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in space]
+    if unknown or not names:
+        raise UserError(f"cannot search {', '.join(unknown) or 'nothing'}: --search takes a comma-separated "
+                        f"list of {', '.join(n.replace('_', '-') for n in space)}")
+    return {n: space[n] for n in dict.fromkeys(names)}
+
+
+def _check_base(base: TrainConfig) -> None:
+    if not base.val_split and not base.folds:
+        raise UserError("tune compares trials on validation data, and --val-split is 0: give --val-split "
+                        "(e.g. 0.2) or --folds")
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("imgflow tune needs Optuna: pip install 'optuna>=4'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # imgflow logs each trial itself
+    return optuna
+
+
+def _base_record(out: Path, base: TrainConfig, space: dict[str, Dimension]) -> dict:
+    """What the study in OUT was started with; a different base or search space is refused."""
+    started = {"base": base.to_dict(), "search": {n: d.describe() for n, d in space.items()}}
+    path = out / RECORD_FILE
+    if path.is_file():
+        record = read_json(path, "tune record")
+        before = {k: record.get(k) for k in started}
+        if before != started:
+            raise UserError(f"{out} holds a study of other settings: run the same command as before to "
+                            "continue it, or choose another --out")
+    elif (out / STUDY_FILE).exists() or (out / "config.json").exists() or (out / "workflow.json").exists():
+        raise UserError(f"{out} holds something other than an imgflow study: choose another --out")
+    return started
+
+
+def _trial_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
+    return dataclasses.replace(base, **params).validate()
+
+
+def _trial_dir(out: Path, index: int) -> Path:
+    return out / "trials" / f"{index:03d}"
+
+
+def _finished_count(study, optuna) -> int:
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=done))
+
+
+def _requeue_interrupted(study, optuna) -> None:
+    """A trial an earlier invocation left running is failed and queued again with its values."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"continues": trial.number})
+        log.info("trial %d was interrupted: it runs again and continues its training run", trial.number)
+
+
+def _three_digits(value):
+    """A sampled float to 3 significant digits: what the trial trains with and the printed command says."""
+    return float(f"{value:.3g}") if isinstance(value, float) else value
+
+
+def _run_trial(trial, optuna, base: TrainConfig, space: dict[str, Dimension], out: Path, index: int,
+               progress: bool) -> float:
+    """Train one trial's run; return its score. Raises optuna.TrialPruned when it is stopped."""
+    from imgflow.training.engine import TrainingDiverged, read_history, train
+
+    params = {name: _three_digits(dim.suggest(trial, name)) for name, dim in space.items()}
+    trial.set_user_attr("trained", params)
+    config = _trial_config(base, params)
+    run_dir = _trial_dir(out, index)
+    trial.set_user_attr("run", str(run_dir.relative_to(out)))  # OUT may move
+
+    def report(row: dict) -> None:
+        if row.get("val_acc") is None:
+            return
+        trial.report(row["val_acc"], row["epoch"])
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"validation accuracy {row['val_acc']:.4f} at epoch {row['epoch']} "
+                                     "trails the median of earlier trials")
+
+    resume = run_dir.is_dir()
+    if resume and (run_dir / "history.csv").is_file():  # epochs a cut-short invocation already trained
+        for row in read_history(run_dir / "history.csv"):
+            report(row)
+    try:
+        train(config, run_dir, resume=resume, progress=progress, on_epoch=report)
+    except TrainingDiverged as exc:
+        trial.set_user_attr("diverged", str(exc))
+        raise optuna.TrialPruned(f"diverged: {exc}") from None
+    result = read_json(run_dir / "config.json", "run config")["result"]
+    return float(result["final_val_accuracy"])
+
+
+def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = None,
+             budget_minutes: float | None = None, progress: bool = False) -> dict:
+    """Run (or continue) a study of `trials` trials in `out`; return the record written to tune.json."""
+    if trials < 1:
+        raise UserError(f"--trials must be >= 1, got {trials}")
+    if budget_minutes is not None and not 0 < budget_minutes < math.inf:
+        raise UserError(f"--budget-minutes must be a number > 0, got {budget_minutes}")
+    base.validate()
+    _check_base(base)
+    space = parse_search(search, base)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory: choose another path")
+    started = _base_record(out, base, space)
+    optuna = _optuna()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{(out / STUDY_FILE).resolve()}"
+    # Never judged in the first third of its epochs: early epochs (warm-up, a high learning rate)
+    # rank configurations poorly.
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS, n_warmup_steps=base.epochs // 3 + 1)
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
+                                pruner=pruner, load_if_exists=True)
+    _requeue_interrupted(study, optuna)
+    t0 = time.perf_counter()
+    record = _record(study, optuna, started, trials)
+    write_json(out / RECORD_FILE, record)
+    while (index := _finished_count(study, optuna)) < trials:
+        if budget_minutes is not None and time.perf_counter() - t0 > budget_minutes * 60:
+            log.info("budget of %g min used: %d of %d trials done; run the same command to go on",
+                     budget_minutes, index, trials)
+            break
+        study.sampler = optuna.samplers.TPESampler(
+            seed=int(np.random.SeedSequence([base.seed, index]).generate_state(1)[0]),
+            n_startup_trials=STARTUP_TRIALS)
+        trial = study.ask()
+        log.info("trial %d of %d", index + 1, trials)
+        try:
+            value = _run_trial(trial, optuna, base, space, out, index, progress)
+        except optuna.TrialPruned as exc:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            log.info("trial %d pruned: %s", index + 1, exc)
+        else:
+            study.tell(trial, value)
+            log.info("trial %d: validation accuracy %.4f with %s", index + 1, value, _params_text(trial.params))
+        record = _record(study, optuna, started, trials)
+        write_json(out / RECORD_FILE, record)
+    _write_report(out, record)
+    return record
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _record(study, optuna, started: dict, trials: int) -> dict:
+    """tune.json: the settings, every trial (in order), and the best one with the command to train it."""
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=done):
+        last = max(t.intermediate_values) if t.intermediate_values else None
+        params = t.user_attrs.get("trained", t.params)  # as trained, 3 significant digits
+        rows.append({"number": len(rows), "state": t.state.name.lower(), "params": params,
+                     "val_acc": t.value, "epochs_trained": last,
+                     "curve": [t.intermediate_values[e] for e in sorted(t.intermediate_values)],
+                     "run": t.user_attrs.get("run"), "diverged": t.user_attrs.get("diverged")})
+    complete = [r for r in rows if r["state"] == "complete"]
+    best = max(complete, key=lambda r: r["val_acc"], default=None)
+    record = {**started, "trials_planned": trials, "trials": rows, "best": None}
+    if best is not None:
+        config = _trial_config(TrainConfig.from_dict(started["base"]), best["params"])
+        record["best"] = {**best, "command": train_command(config)}
+    return record
+
+
+def train_command(config: TrainConfig) -> str:
+    """The `imgflow train` command that trains `config` (options that differ from the defaults)."""
+    import shlex
+
+    defaults = TrainConfig(data=config.data, model=config.model)
+    parts = ["imgflow", "train", shlex.quote(config.data), "--model", config.model]
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(config, field.name)
+        if field.name in ("data", "model", "preset") or value == getattr(defaults, field.name):
+            continue
+        if field.name == "image_size":
+            value = f"{value[0]}x{value[1]}"
+        parts += [f"--{field.name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+    return " ".join(parts)
+
+
+def format_summary(record: dict) -> str:
+    """The trials as a table, best last line: what `imgflow tune` prints."""
+    lines = [f"{'trial':>5}  {'state':<8}  {'val acc':>7}  {'epochs':>6}  values"]
+    for r in record["trials"]:
+        acc = f"{r['val_acc']:.4f}" if r["val_acc"] is not None else "-"
+        lines.append(f"{r['number'] + 1:>5}  {r['state']:<8}  {acc:>7}  {r['epochs_trained'] or '-':>6}  "
+                     f"{_params_text(r['params'])}")
+    best = record.get("best")
+    if best is None:
+        lines.append("no trial finished: nothing to recommend")
+    else:
+        lines.append(f"best: trial {best['number'] + 1}, validation accuracy {best['val_acc']:.4f}")
+        lines.append(f"train it: {best['command']}")
+    return "\n".join(lines)
+
+
+def _write_report(out: Path, record: dict) -> Path | None:
+    """OUT/report.html: the trials' table and their validation curves (needs matplotlib)."""
+    try:
+        from imgflow.reports.tune_report import write_tune_report
+    except ImportError:
+        log.warning("reports unavailable: no report.html for the study")
+        return None
+    return write_tune_report(out, record)

@@ -1,0 +1,115 @@
+"""imgflow tune: an Optuna study of training runs, scored on validation, continued after an interruption."""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+import imgflow.training.engine as engine
+from imgflow.cli import main
+from imgflow.errors import UserError
+from imgflow.training.config import resolve_config
+from imgflow.tune import run_tune
+
+BASE = dict(model="seed-baseline", epochs=3, batch_size=16, precision="fp32", lr=3e-3)
+
+
+def _tune(data: Path, out: Path, trials: int = 5, **kwargs) -> dict:
+    return run_tune(resolve_config(str(data), BASE), out, trials=trials, **kwargs)
+
+
+def _outcome(record: dict) -> list[tuple]:
+    return [(t["state"], t["params"], t["val_acc"], t["curve"]) for t in record["trials"]]
+
+
+@pytest.fixture(scope="module")
+def study(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("tune") / "study"
+    return out, _tune(tiny_data, out)
+
+
+def test_a_study_records_every_trial_and_recommends_the_best(study):
+    out, record = study
+    assert json.loads((out / "tune.json").read_text()) == record
+    assert len(record["trials"]) == 5 and record["trials_planned"] == 5
+    assert set(record["search"]) == {"lr", "weight_decay", "label_smoothing", "augment"}
+    for i, trial in enumerate(record["trials"]):
+        assert trial["number"] == i and trial["run"] == f"trials/{i:03d}"
+        assert 3e-4 <= trial["params"]["lr"] <= 3e-2 and 0 <= trial["params"]["label_smoothing"] <= 0.3
+        run_config = json.loads((out / trial["run"] / "config.json").read_text())["train"]
+        assert {k: run_config[k] for k in trial["params"]} == trial["params"]  # trained as recorded
+        assert run_config["seed"] == 0 and run_config["epochs"] == 3  # only the searched values differ
+    complete = [t for t in record["trials"] if t["state"] == "complete"]
+    assert record["best"]["val_acc"] == max(t["val_acc"] for t in complete)
+    assert (out / "report.html").is_file() and (out / "plots" / "tune_scores.png").is_file()
+
+
+def test_the_printed_command_trains_the_best_trial_again(study, tmp_path):
+    out, record = study
+    best = record["best"]
+    argv = shlex.split(best["command"])[1:] + ["--out", str(tmp_path / "again")]
+    assert argv[0] == "train" and main(["-q", *argv]) == 0
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["result"]["final_val_accuracy"]
+    assert again == best["val_acc"]
+
+
+def test_an_interrupted_study_continues_to_the_same_trials(study, tiny_data, tmp_path, monkeypatch):
+    _, uninterrupted = study
+    real_train = engine.train
+    interrupted = []
+
+    def train_cut_short(config, run_dir, *args, on_epoch=None, **kwargs):
+        def stop_in_trial_3(row):
+            on_epoch(row)
+            if Path(run_dir).name == "002" and row["epoch"] == 2 and not interrupted:
+                interrupted.append(row["epoch"])
+                raise KeyboardInterrupt("Ctrl-C")
+        return real_train(config, run_dir, *args, on_epoch=stop_in_trial_3, **kwargs)
+
+    monkeypatch.setattr(engine, "train", train_cut_short)
+    out = tmp_path / "study"
+    with pytest.raises(KeyboardInterrupt):
+        _tune(tiny_data, out)
+    assert interrupted and len(json.loads((out / "tune.json").read_text())["trials"]) == 2
+    resumed = _tune(tiny_data, out)
+    assert _outcome(resumed) == _outcome(uninterrupted)
+
+
+def test_more_trials_extend_a_study(study, tiny_data, tmp_path):
+    import shutil
+
+    out = Path(shutil.copytree(study[0], tmp_path / "study"))
+    extended = _tune(tiny_data, out, trials=6)
+    assert _outcome(extended)[:5] == _outcome(study[1]) and len(extended["trials"]) == 6
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--val-split", "0"], "--val-split is 0"),
+    (["--search", "lr,colour"], "cannot search colour"),
+    (["--trials", "0"], "expected a positive integer"),
+    (["--budget-minutes", "nan"], "--budget-minutes must be a number > 0"),
+    (["--model", "nope"], "nope"),
+])
+def test_bad_options_are_one_line_and_exit_2(tiny_data, tmp_path, capsys, argv, message):
+    out = tmp_path / "study"
+    full = ["tune", str(tiny_data), "--model", "seed-baseline", "--epochs", "1", "--out", str(out), *argv]
+    try:
+        code = main(full)
+    except SystemExit as exc:  # argparse's own checks exit from inside main
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()  # nothing written
+
+
+def test_a_study_of_other_settings_or_a_training_run_is_not_continued(study, tiny_data, tiny_run, capsys):
+    out, _ = study
+    before = (out / "tune.json").read_text()
+    with pytest.raises(UserError, match="holds a study of other settings"):
+        run_tune(resolve_config(str(tiny_data), {**BASE, "lr": 1e-3}), out, trials=5)
+    with pytest.raises(UserError, match="holds something other than an imgflow study"):
+        run_tune(resolve_config(str(tiny_data), BASE), tiny_run, trials=1)
+    assert (out / "tune.json").read_text() == before
