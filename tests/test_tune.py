@@ -46,6 +46,16 @@ def test_a_study_records_every_trial_and_recommends_the_best(study):
     assert (out / "report.html").is_file() and (out / "plots" / "tune_scores.png").is_file()
 
 
+def test_the_first_trial_is_the_base_configuration_when_the_space_holds_it(study, tiny_data, tmp_path):
+    assert not any(t["base"] for t in study[1]["trials"])  # weight decay 0 is off the log scale
+    base = resolve_config(str(tiny_data), {**BASE, "weight_decay": 5e-4, "label_smoothing": 0.1,
+                                           "augment": "flip"})
+    record = run_tune(base, tmp_path / "study", trials=1, search="lr,weight-decay,label-smoothing,augment")
+    first = record["trials"][0]
+    assert first["base"] and first["params"] == {"lr": 3e-3, "weight_decay": 5e-4, "label_smoothing": 0.1,
+                                                 "augment": "flip"}
+
+
 def test_the_printed_command_trains_the_best_trial_again(study, tmp_path):
     out, record = study
     best = record["best"]

@@ -49,6 +49,9 @@ class Dimension:
             return trial.suggest_categorical(name, list(self.choices))
         return trial.suggest_float(name, self.low, self.high, log=self.kind == "log")
 
+    def contains(self, value) -> bool:
+        return value in self.choices if self.kind == "choice" else self.low <= value <= self.high
+
     def describe(self) -> str:
         if self.kind == "choice":
             return " | ".join(map(str, self.choices))
@@ -57,9 +60,10 @@ class Dimension:
 
 def search_space(base: TrainConfig) -> dict[str, Dimension]:
     """What can be searched, around the base configuration where it has a scale (the lr)."""
+    decay = (base.weight_decay / 10, base.weight_decay * 10) if base.weight_decay > 0 else (1e-5, 1e-2)
     return {
         "lr": Dimension("log", base.lr / 10, base.lr * 10),
-        "weight_decay": Dimension("log", 1e-5, 1e-2),
+        "weight_decay": Dimension("log", *decay),
         "label_smoothing": Dimension("float", 0.0, 0.3),
         "augment": Dimension("choice", choices=AUGMENTS),
         "momentum": Dimension("float", 0.8, 0.95),
@@ -123,11 +127,25 @@ def _finished_count(study, optuna) -> int:
     return len(study.get_trials(deepcopy=False, states=done))
 
 
+def _enqueue_base(study, base: TrainConfig, space: dict[str, Dimension]) -> None:
+    """The first trial is the base configuration itself: the score the search has to beat.
+
+    Left out when a base value lies outside the space (a weight decay of 0 on a log scale).
+    """
+    values = {name: getattr(base, name) for name in space}
+    if all(dim.contains(values[name]) for name, dim in space.items()):
+        study.enqueue_trial(values, user_attrs={"base": True})
+    else:
+        log.info("the base configuration is not a trial: %s lies outside the search space",
+                 ", ".join(f"{n}={values[n]}" for n, d in space.items() if not d.contains(values[n])))
+
+
 def _requeue_interrupted(study, optuna) -> None:
     """A trial an earlier invocation left running is failed and queued again with its values."""
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"continues": trial.number})
+        study.enqueue_trial(trial.params, user_attrs={"continues": trial.number,
+                                                      "base": trial.user_attrs.get("base", False)})
         log.info("trial %d was interrupted: it runs again and continues its training run", trial.number)
 
 
@@ -190,6 +208,8 @@ def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = Non
     pruner = optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS, n_warmup_steps=base.epochs // 3 + 1)
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
                                 pruner=pruner, load_if_exists=True)
+    if not study.trials:
+        _enqueue_base(study, base, space)
     _requeue_interrupted(study, optuna)
     t0 = time.perf_counter()
     record = _record(study, optuna, started, trials)
@@ -232,7 +252,8 @@ def _record(study, optuna, started: dict, trials: int) -> dict:
         rows.append({"number": len(rows), "state": t.state.name.lower(), "params": params,
                      "val_acc": t.value, "epochs_trained": last,
                      "curve": [t.intermediate_values[e] for e in sorted(t.intermediate_values)],
-                     "run": t.user_attrs.get("run"), "diverged": t.user_attrs.get("diverged")})
+                     "run": t.user_attrs.get("run"), "base": t.user_attrs.get("base", False),
+                     "diverged": t.user_attrs.get("diverged")})
     complete = [r for r in rows if r["state"] == "complete"]
     best = max(complete, key=lambda r: r["val_acc"], default=None)
     record = {**started, "trials_planned": trials, "trials": rows, "best": None}
@@ -264,7 +285,7 @@ def format_summary(record: dict) -> str:
     for r in record["trials"]:
         acc = f"{r['val_acc']:.4f}" if r["val_acc"] is not None else "-"
         lines.append(f"{r['number'] + 1:>5}  {r['state']:<8}  {acc:>7}  {r['epochs_trained'] or '-':>6}  "
-                     f"{_params_text(r['params'])}")
+                     f"{_params_text(r['params'])}" + ("  (the base configuration)" if r.get("base") else ""))
     best = record.get("best")
     if best is None:
         lines.append("no trial finished: nothing to recommend")

@@ -38,7 +38,11 @@ def write_tune_report(out: Path, record: dict) -> Path:
         summary += [paragraph(f"Best: trial {best['number'] + 1}, validation accuracy {best['val_acc']:.2%}. "
                               "Train it (then 'imgflow evaluate' tests it once):"),
                     tag("pre", best["command"])]
-    rows = [[t["number"] + 1, t["state"], "—" if t["val_acc"] is None else f"{t['val_acc']:.2%}",
+    base_trial = next((t for t in trials if t.get("base")), None)
+    if base_trial and base_trial["val_acc"] is not None:
+        summary.append(paragraph(f"Trial {base_trial['number'] + 1} is the base configuration itself: "
+                                 f"{base_trial['val_acc']:.2%}, the score the search had to beat."))
+    rows = [[f"{t['number'] + 1}" + (" (base)" if t.get("base") else ""), t["state"], "—" if t["val_acc"] is None else f"{t['val_acc']:.2%}",
              t["epochs_trained"] or "—", *[_show(t["params"].get(n)) for n in names], t["run"] or "—"]
             for t in trials]
     trials_part = [table(["trial", "state", "validation accuracy", "epochs", *names, "run"], rows,
