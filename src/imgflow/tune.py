@@ -203,9 +203,10 @@ def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = Non
     optuna = _optuna()
     out.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{(out / STUDY_FILE).resolve()}"
-    # Never judged in the first third of its epochs: early epochs (warm-up, a high learning rate)
-    # rank configurations poorly.
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS, n_warmup_steps=base.epochs // 3 + 1)
+    # Never judged in the first half of its epochs: there a one-cycle run is warming up or at its
+    # peak learning rate, which ranks configurations poorly (CIFAR-10, `fast` preset, 2-epoch
+    # trials judged after epoch 1: 4 of 8 pruned, all at 0.17-0.30 against 0.38-0.47 finished).
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS, n_warmup_steps=base.epochs // 2 + 1)
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
                                 pruner=pruner, load_if_exists=True)
     if not study.trials:
