@@ -325,6 +325,15 @@ def _configure_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
 
 
+def _escape_unencodable_output() -> None:
+    """Print paths whose bytes are not UTF-8 (kept by Python as lone surrogates) as \\x escapes.
+
+    stderr already does this; stdout would raise UnicodeEncodeError mid-output instead.
+    """
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 _PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EEXIST, errno.ENOTDIR,
                 errno.EISDIR, errno.ENOENT, errno.EDQUOT}
 
@@ -333,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose - args.quiet)
+    _escape_unencodable_output()
     try:
         return args.func(args)
     except UserError as exc:

@@ -39,7 +39,9 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    # A path whose bytes are not UTF-8 (a data folder's name, shown in a report) reaches here
+    # as lone surrogates: write it as \udcNN rather than fail after the work is done.
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="backslashreplace"))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
