@@ -21,6 +21,7 @@ from datagen import make_image_folder
 from imgflow.cli import main
 from imgflow.data import Split
 from imgflow.data.splits import holdout_test, kfold_split, split_train_val, stratified_subset
+from imgflow.training.config import MAX_LR
 from imgflow.training.engine import TrainingDiverged, epoch_order, read_history
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,7 +209,43 @@ def test_weights_that_turn_nan_at_an_epochs_last_step_are_not_saved(tiny_data, t
 
 def test_an_exploding_lr_stops_the_run_instead_of_saving_broken_weights(tiny_data, tmp_path):
     with pytest.raises(TrainingDiverged, match="lower --lr"):
-        train_tiny(tiny_data, tmp_path / "run", optimizer="sgd", lr=1e8)
+        train_tiny(tiny_data, tmp_path / "run", optimizer="sgd", lr=MAX_LR)  # the largest lr allowed
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("option, value, allowed", [
+    ("--lr", "1e39", "> 0 and <= 100"),
+    ("--weight-decay", "1e308", ">= 0 and <= 1"),
+    ("--bn-lr-scale", "1e308", "> 0 and <= 1000"),
+    ("--warmup-epochs", "inf", ">= 0 and <= 1000"),
+])
+def test_numbers_too_large_to_train_with_are_refused_up_front(tiny_data, tmp_path, capsys, option, value,
+                                                             allowed):
+    """They used to overflow float32 inside the optimiser (or the warmup's step count): a traceback."""
+    run_dir = tmp_path / "r"
+    code, err = _run_cli(capsys, "train", str(tiny_data), "--model", "seed-batchnorm", "--schedule",
+                         "onecycle", option, value, "--out", str(run_dir))
+    assert code == 2 and err == f"imgflow: error: {option} must be {allowed}, got {float(value)}"
+    assert not run_dir.exists()
+
+
+def test_an_update_that_overflows_float32_is_reported_as_divergence(tiny_data, tmp_path, monkeypatch):
+    import imgflow.training.engine as engine
+
+    real_build = engine.build_optimizer
+
+    def overflowing_optimizer(model, config):
+        optimizer = real_build(model, config)
+
+        def step(*args, **kwargs):  # what PyTorch raises for lr x scale beyond float32
+            raise RuntimeError("value cannot be converted to type float without overflow")
+
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(engine, "build_optimizer", overflowing_optimizer)
+    with pytest.raises(TrainingDiverged, match="the update overflowed float32 at epoch 1, step 1: lower --lr"):
+        train_tiny(tiny_data, tmp_path / "run")
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 

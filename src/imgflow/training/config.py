@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -16,6 +15,12 @@ NORMALIZATIONS = ("scale", "standardize")
 PRECISIONS = ("auto", "fp32", "bf16")
 VAL_MODES = ("last", "stratified")
 FLIPS = ("random", "alternate")
+# Upper bounds far above any value that trains, so that a typo (1e39 for 1e-3) is refused up
+# front instead of overflowing float32 inside the optimiser or the schedule's step count.
+MAX_LR = 100.0  # SGD at lr 100 already diverges in its first steps on the tests' data
+MAX_WEIGHT_DECAY = 1.0  # typical values are 1e-4..0.1
+MAX_BN_LR_SCALE = 1000.0  # airbench uses 64
+MAX_WARMUP_EPOCHS = 1000.0  # the engine caps warmup at half the run anyway
 
 
 @dataclass(frozen=True)
@@ -65,16 +70,19 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (0 < self.lr < math.inf, f"--lr must be a number > 0, got {self.lr}"),
-            (0 <= self.weight_decay < math.inf, f"--weight-decay must be a number >= 0, got {self.weight_decay}"),
+            (0 < self.lr <= MAX_LR, f"--lr must be > 0 and <= {MAX_LR:g}, got {self.lr}"),
+            (0 <= self.weight_decay <= MAX_WEIGHT_DECAY,
+             f"--weight-decay must be >= 0 and <= {MAX_WEIGHT_DECAY:g}, got {self.weight_decay}"),
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
             (0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}"),
             (0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (0 <= self.warmup_epochs <= MAX_WARMUP_EPOCHS,
+             f"--warmup-epochs must be >= 0 and <= {MAX_WARMUP_EPOCHS:g}, got {self.warmup_epochs}"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
             (0 <= self.lr_floor <= 1, f"--lr-floor must be in [0, 1], got {self.lr_floor}"),
-            (self.bn_lr_scale > 0, f"--bn-lr-scale must be > 0, got {self.bn_lr_scale}"),
+            (0 < self.bn_lr_scale <= MAX_BN_LR_SCALE,
+             f"--bn-lr-scale must be > 0 and <= {MAX_BN_LR_SCALE:g}, got {self.bn_lr_scale}"),
             (self.lookahead >= 0, f"--lookahead must be >= 0, got {self.lookahead}"),
             (self.flip in FLIPS, f"unknown flip {self.flip!r}: use one of {', '.join(FLIPS)}"),
             (self.flip == "random" or "flip" in self.augment,

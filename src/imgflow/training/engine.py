@@ -584,7 +584,7 @@ def train_one_epoch(learner: Learner, batches: EpochBatches, loop: LoopState,
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower --lr "
                     f"(now {config.lr}) and start again with --overwrite")
-            learner.update(loss, loop.global_step + 1)
+            _update_or_diverge(learner, loss, loop.global_step + 1, f"epoch {epoch + 1}, step {step + 1}")
             loop.global_step += 1
             loop.step = step + 1
             sums["loss"] += loss.item() * len(labels)
@@ -597,6 +597,21 @@ def train_one_epoch(learner: Learner, batches: EpochBatches, loop: LoopState,
                             img_s=f"{sums['seen'] / max(sums['seconds'], 1e-9):.0f}", refresh=False)
             after_step()
     return {"train_loss": sums["loss"] / sums["seen"], "train_acc": sums["correct"] / sums["seen"]}
+
+
+def _update_or_diverge(learner: Learner, loss: torch.Tensor, step: int, where: str) -> None:
+    """learner.update, with a float32 overflow inside the optimiser reported as divergence."""
+    try:
+        learner.update(loss, step)
+    except RuntimeError as exc:
+        # PyTorch refuses a scalar (lr x scale, decay) that does not fit the float32 weights.
+        if "overflow" not in str(exc):
+            raise
+        config = learner.config
+        raise TrainingDiverged(
+            f"the update overflowed float32 at {where}: lower --lr (now {config.lr}), --weight-decay "
+            f"(now {config.weight_decay}) or --bn-lr-scale (now {config.bn_lr_scale}) and start again "
+            "with --overwrite") from None
 
 
 def validate_epoch(learner: Learner, val_part: Split | None, loop: LoopState) -> dict:
