@@ -600,6 +600,53 @@ def test_evaluate_errors(tiny_run, tmp_path, capsys):
     assert code == 2 and "cannot read" in err and len(err.splitlines()) == 1
 
 
+def _interrupted_copy(tiny_run, run_dir: Path, **checkpoint_changes) -> Path:
+    """A copy of tiny_run stopped after epoch 1: no model.safetensors, a checkpoint to resume."""
+    shutil.copytree(tiny_run, run_dir)
+    (run_dir / "model.safetensors").unlink()
+    checkpoint = run_dir / "checkpoint" / "state.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    state.update(epoch=1, step=0, **checkpoint_changes)
+    torch.save(state, checkpoint)
+    return checkpoint
+
+
+@pytest.mark.parametrize("content", [b"garbage" * 10, b"", "a list", "another model"])
+def test_an_unreadable_checkpoint_is_one_line_saying_how_to_start_over(tiny_run, tmp_path, capsys, content):
+    """Never PyTorch's multi-line message, with its advice to load with weights_only=False."""
+    run_dir = tmp_path / "run"
+    checkpoint = _interrupted_copy(tiny_run, run_dir)
+    if content == "a list":
+        torch.save([1, 2], checkpoint)
+    elif content == "another model":
+        _interrupted_copy(tiny_run, tmp_path / "other", model={"conv.weight": torch.zeros(2)})
+        shutil.copy(tmp_path / "other" / "checkpoint" / "state.pt", checkpoint)
+    else:
+        checkpoint.write_bytes(content)
+    before = checkpoint.read_bytes()
+    code, err = _run_cli(capsys, "-q", "train", "--resume", "--out", str(run_dir))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"imgflow: error: checkpoint {checkpoint} is unreadable (")
+    assert err.endswith(f"delete {checkpoint.parent} to start the run over, or train again with --overwrite")
+    assert "weights_only" not in err
+    if content == "another model":
+        assert 'Missing key(s) in state_dict: "' in err and "conv.weight" in err
+    assert checkpoint.read_bytes() == before
+
+
+def test_weights_of_another_model_are_one_complete_line(tiny_run, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    save_file({"dense.weight": torch.zeros(2, 2)}, str(run_dir / "model.safetensors"))
+    code, err = _run_cli(capsys, "evaluate", str(run_dir))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "does not match model seed-baseline in config.json (Missing key(s) in state_dict: " in err
+    assert 'Unexpected key(s) in state_dict: "dense.weight"' in err
+    assert err.endswith("): train the run again with --overwrite")
+
+
 def test_evaluate_without_test_split_is_a_clear_error(tmp_path, capsys):
     from datagen import make_image_folder
 

@@ -147,7 +147,15 @@ def load_trained_model(run_dir: Path):
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UserError(f"{weights} does not match model {config['model']['name']}: {first}") from None
+        raise UserError(f"{weights} does not match model {config['model']['name']} in config.json "
+                        f"({state_dict_mismatch(exc)}): train the run again with --overwrite") from None
     model.eval()
     return model, config
+
+
+def state_dict_mismatch(exc: Exception, limit: int = 300) -> str:
+    """PyTorch's multi-line load_state_dict error as one line: what is missing, unexpected, or
+    of another shape (its first line, 'Error(s) in loading state_dict for X:', says nothing)."""
+    lines = [line.strip().rstrip(".").strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    text = "; ".join(lines) or str(exc).strip() or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from imgflow.inference import loss_and_accuracy, predict_logits
 from imgflow.models import count_params, create_model
 from imgflow.precision import autocast, resolve_precision, set_threads
 from imgflow.preprocess import Preprocessing, to_model_input
-from imgflow.runs import RunPaths, holds_run, is_finished, load_run_data
+from imgflow.runs import RunPaths, holds_run, is_finished, load_run_data, state_dict_mismatch
 from imgflow.training.augment import (alternating_flips, augment_batch, flip_mask, seeded_generator,
                                       step_generator)
 from imgflow.training.batchnorm import has_batchnorm, reestimate_on_training_part
@@ -368,12 +369,30 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+_CHECKPOINT_KEYS = ("model", "optimizer", "rng", "history", "epoch", "step", "global_step", "sums",
+                    "best", "elapsed")
+
+
+def _unreadable_checkpoint(path: Path, detail: str) -> UserError:
+    return UserError(f"checkpoint {path} is unreadable ({detail}): delete {Path(path).parent} to start "
+                     "the run over, or train again with --overwrite")
+
+
 def load_checkpoint(path: Path) -> dict:
-    # weights_only: the restricted unpickler, tensors and plain containers only.
+    # weights_only: the restricted unpickler, tensors and plain containers only. PyTorch's own
+    # message on failure spans lines and suggests weights_only=False, which would run any code
+    # the file holds: never pass it on.
     try:
-        return torch.load(path, weights_only=True)
-    except Exception as exc:  # a corrupt checkpoint is the user's to delete, not a crash
-        raise UserError(f"cannot read checkpoint {path}: {exc}; delete it to restart the run") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol ..." on foreign pickles
+            checkpoint = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means a corrupt or foreign file
+        raise _unreadable_checkpoint(path, f"truncated, corrupt or not an imgflow checkpoint: "
+                                          f"{type(exc).__name__}") from None
+    missing = [k for k in _CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else ["all"]
+    if missing or not isinstance(checkpoint["epoch"], int):
+        raise _unreadable_checkpoint(path, f"not an imgflow checkpoint: missing {', '.join(missing) or 'epoch'}")
+    return checkpoint
 
 
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -771,7 +790,11 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
 
     loop = LoopState()
     if checkpoint is not None:
-        loop = restore_checkpoint(checkpoint, learner)
+        try:
+            loop = restore_checkpoint(checkpoint, learner)
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # tensors of another shape, ...
+            raise _unreadable_checkpoint(paths.checkpoint, f"it does not fit this run: "
+                                                           f"{state_dict_mismatch(exc)}") from None
         log.info("resuming %s at epoch %d, step %d/%d", run_dir, loop.epoch + 1, loop.step, batches.steps)
     log.info("training %s (%s params) on %s: %d train / %d val images, %d epochs of %d steps, %s, %d threads",
              config.model, f"{run_config['model']['params']:,}", dataset.name, len(train_part),
