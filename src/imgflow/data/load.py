@@ -42,6 +42,8 @@ def load_dataset(spec: str, image_size: tuple[int, int] | None = None,
     remarks: warn about skipped files and conversions (False: only at -v, for a run's data that
         was reported when the run trained).
     """
+    if not spec:  # Path("") is the working directory: never what was meant
+        raise UserError("empty DATA: give cifar10, fashion-mnist, or a path to an image folder/.zip/.tar(.gz)")
     root = cache.cache_root(cache_dir)
     if image_size is not None:
         image_size = (int(image_size[0]), int(image_size[1]))

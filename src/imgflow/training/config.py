@@ -251,11 +251,11 @@ def _started_config(args: argparse.Namespace) -> "TrainConfig | None":
     return TrainConfig.from_dict(started)
 
 
-def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_int, image_size) -> None:
+def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_int, image_size, path=str) -> None:
     """The `imgflow train` options. Defaults are None so that presets can fill them."""
-    p.add_argument("data", nargs="?", help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images "
+    p.add_argument("data", nargs="?", type=path, help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images "
                    "(with --resume: taken from the run's config.json when left out)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<model>-seed<N>)")
+    p.add_argument("--out", type=path, default=None, help="run directory (default: runs/<model>-seed<N>)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out, with the options it was started with")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
