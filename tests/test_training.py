@@ -647,6 +647,24 @@ def test_weights_of_another_model_are_one_complete_line(tiny_run, tmp_path, caps
     assert err.endswith("): train the run again with --overwrite")
 
 
+@pytest.mark.parametrize("change, detail", [
+    (lambda c: [], "the file is a list, expected an object"),
+    (lambda c: {**c, "train": 3}, "'train' is a number (3), expected an object"),
+    (lambda c: {**c, "train": {**c["train"], "epochs": "x"}}, "'train.epochs' is a string (\"x\"), expected an integer"),
+    (lambda c: {**c, "train": {**c["train"], "data": 5}}, "'train.data' is a number (5), expected a string"),
+    (lambda c: {**c, "train": {**c["train"], "image_size": 5}}, "'train.image_size' is a number (5), expected a list"),
+])
+def test_resume_with_a_damaged_config_json_is_one_line(tiny_run, tmp_path, capsys, change, detail):
+    run_dir = tmp_path / "run"
+    _interrupted_copy(tiny_run, run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(change(config)))
+    code, err = _run_cli(capsys, "train", "--resume", "--out", str(run_dir))
+    assert code == 2
+    assert err == (f"imgflow: error: {run_dir / 'config.json'} is not a valid imgflow run config: {detail}; "
+                   "restore it, or train the run again (imgflow train ... --overwrite)")
+
+
 def test_evaluate_without_test_split_is_a_clear_error(tmp_path, capsys):
     from datagen import make_image_folder
 
@@ -694,7 +712,8 @@ def test_resume_needs_only_the_run_directory(tiny_data, tmp_path, capsys):
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "config.json").write_text('{"data": {}}')
     code, err = _run_cli(capsys, "train", "--resume", "--out", str(tmp_path / "damaged"))
-    assert code == 2 and "is damaged" in err and len(err.splitlines()) == 1
+    assert code == 2 and "is not a valid imgflow run config: 'train' is missing" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_evaluate_does_not_repeat_the_data_warnings_of_training(tmp_path, capsys, caplog):

@@ -18,7 +18,7 @@ from imgflow.reports import figures
 from imgflow.reports.html import (Markup, figures as side_by_side, image, key_values, note, number,
                                   page, paragraph, table, tag)
 from imgflow.reports.run_report import data_section, duration
-from imgflow.runs import RunPaths, read_run_config
+from imgflow.runs import RunPaths, read_metrics, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def _step_final(step: dict, out: Path) -> Markup:
     parts = []
     metrics_path = RunPaths(final).metrics if final else None
     if metrics_path is not None and metrics_path.is_file():
-        metrics = read_json(metrics_path, "test metrics")
+        metrics = read_metrics(final)
 
         def both(v):
             return f"{v:.4f} ({v:.2%})"

@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from imgflow.errors import UserError
+from imgflow.errors import MalformedContent, UserError
+from imgflow.fileio import expect, list_of
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "onecycle", "cosine")
@@ -128,11 +129,31 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if d.get("image_size"):
-            d["image_size"] = tuple(d["image_size"])
-        return cls(**d)
+        """From config.json's 'train': settings it lacks take their defaults (a run from before
+        they existed), unknown ones are ignored; MalformedContent names one of the wrong kind."""
+        expect(d, "an object", "'train'")
+        values = {}
+        for f in fields(cls):
+            if f.name in d:
+                values[f.name] = _setting(f, d[f.name])
+            elif f.default is dataclasses.MISSING:
+                raise MalformedContent(f"'train.{f.name}' is missing")
+        return cls(**values)
+
+
+_KIND_OF_DEFAULT = {int: "an integer", float: "a number", str: "a string"}
+_KIND_WHEN_NOT_NONE = {"threads": "an integer", "preset": "a string"}
+
+
+def _setting(f: dataclasses.Field, value: Any) -> Any:
+    """One 'train' value from config.json, checked against the kind of its field."""
+    name = f"'train.{f.name}'"
+    if f.name == "image_size":
+        return None if value in (None, []) else tuple(list_of(value, "an integer", name, 2))
+    if f.default is None:
+        return None if value is None else expect(value, _KIND_WHEN_NOT_NONE[f.name], name)
+    kind = "a string" if f.default is dataclasses.MISSING else _KIND_OF_DEFAULT[type(f.default)]
+    return expect(value, kind, name)
 
 
 def check_seed_and_threads(seed: int, threads: int | None) -> None:
@@ -239,16 +260,11 @@ def _started_config(args: argparse.Namespace) -> "TrainConfig | None":
     """The config a run in --out was started with, or None when there is none to continue."""
     from pathlib import Path
 
-    from imgflow.fileio import read_json
+    from imgflow.runs import read_run_config
 
-    path = Path(args.out) / "config.json" if args.out else None
-    if path is None or not path.is_file():
+    if not args.out or not (Path(args.out) / "config.json").is_file():
         return None
-    started = read_json(path, "run config").get("train")
-    if not isinstance(started, dict) or not {"data", "model"} <= started.keys():
-        raise UserError(f"{path} is damaged (no 'train' settings with data and model): "
-                        "start the run again with --overwrite and its options")
-    return TrainConfig.from_dict(started)
+    return TrainConfig.from_dict(read_run_config(Path(args.out))["train"])  # checked as it is read
 
 
 def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_int, image_size, path=str) -> None:

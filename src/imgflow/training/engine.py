@@ -34,13 +34,13 @@ from tqdm import tqdm
 
 from imgflow.data import Dataset, Split, channel_stats
 from imgflow.data.splits import kfold_split, split_train_val, stratified_subset
-from imgflow.errors import UserError
+from imgflow.errors import MalformedContent, UserError
 from imgflow.fileio import atomic_write, atomic_write_text, read_json, write_json
 from imgflow.inference import loss_and_accuracy, predict_logits
 from imgflow.models import count_params, create_model
 from imgflow.precision import autocast, resolve_precision, set_threads
 from imgflow.preprocess import Preprocessing, to_model_input
-from imgflow.runs import RunPaths, holds_run, is_finished, load_run_data, state_dict_mismatch
+from imgflow.runs import RunPaths, holds_run, is_finished, load_run_data, read_run_config, state_dict_mismatch
 from imgflow.training.augment import (alternating_flips, augment_batch, flip_mask, seeded_generator,
                                       step_generator)
 from imgflow.training.batchnorm import has_batchnorm, reestimate_on_training_part
@@ -258,7 +258,7 @@ def config_differences(run_dir: Path, config: TrainConfig) -> list[str]:
     paths = RunPaths(run_dir)
     if not paths.config.is_file():
         return []
-    saved = read_json(paths.config, "run config").get("train", {})
+    saved = read_run_config(run_dir)["train"]
     mine = config.to_dict()
     # An option added after the run started is missing from its config: the run used
     # what is now that option's default.
@@ -352,17 +352,36 @@ def write_history(path: Path, rows: list[dict]) -> None:
 
 
 def read_history(path: Path) -> list[dict]:
-    """history.csv as a list of dicts with floats (empty cells -> None)."""
+    """history.csv as a list of dicts with floats (empty cells -> None); a damaged file (not
+    UTF-8, missing columns, cells that are not numbers) is a UserError."""
     if not Path(path).is_file():
         raise UserError(f"history not found: {path}")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    out = []
-    for row in rows:
-        parsed = {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-        parsed["epoch"] = int(parsed["epoch"])
-        out.append(parsed)
-    return out
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in HISTORY_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise MalformedContent(f"its header lacks {', '.join(missing)}")
+            return [_history_row(row, reader.line_num) for row in reader]
+    except UnicodeDecodeError as exc:
+        detail = f"byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8 text"
+    except (MalformedContent, csv.Error) as exc:
+        detail = str(exc)
+    raise UserError(f"{path} is not a valid imgflow history: {detail}; restore it, or train the run "
+                    "again (imgflow train ... --overwrite)")
+
+
+def _history_row(row: dict, line: int) -> dict:
+    if None in row or None in row.values():  # csv's markers for extra and for missing cells
+        raise MalformedContent(f"line {line} does not have one cell per column")
+    try:
+        parsed = {k: (float(v) if v != "" else None) for k, v in row.items()}
+    except ValueError:
+        raise MalformedContent(f"line {line} holds a cell that is not a number") from None
+    if parsed["epoch"] is None or not parsed["epoch"].is_integer():
+        raise MalformedContent(f"line {line} has no whole epoch number")
+    parsed["epoch"] = int(parsed["epoch"])
+    return parsed
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
