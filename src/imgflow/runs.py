@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from imgflow.errors import MalformedContent, UserError
-from imgflow.fileio import expect, field, list_of, read_json_checked
+from imgflow.fileio import expect, field, list_of, read_json, read_json_checked
 
 
 @dataclass(frozen=True)
