@@ -302,6 +302,22 @@ def test_no_images_is_a_user_error(tmp_path, make):
         load(source)
 
 
+def test_a_plain_tar_cut_between_members_is_refused(tiny, tmp_path):
+    """tarfile lists the members before such a cut without a word: a split could vanish."""
+    archive = pack(tiny, tmp_path / "tiny.tar")
+    whole = archive.read_bytes()
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        end = tar.offset  # where the end-of-archive marker starts
+    cut = members[len(members) // 2].offset  # at a header: every member before it is whole
+    (tmp_path / "cut.tar").write_bytes(whole[:cut])
+    with pytest.raises(UserError, match=r"cut\.tar is a truncated or corrupt tar archive \(no end-of-archive "
+                                        r"marker after its last member\): copy or download it again"):
+        load(tmp_path / "cut.tar")
+    (tmp_path / "one-zero-block.tar").write_bytes(whole[:end + 512])  # lenient writers: still whole
+    assert len(load(tmp_path / "one-zero-block.tar").train) == 18
+
+
 def test_not_an_archive_is_a_user_error(tmp_path):
     (tmp_path / "file.bin").write_bytes(b"hello")
     with pytest.raises(UserError, match="not a directory, .zip or .tar"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import mmap
 import os
 import re
@@ -249,6 +250,7 @@ class TarReader:
             members = self.tar.getmembers()
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise UserError(f"cannot read tar archive {self.path}: {exc}") from None
+        self._check_not_truncated()
         for m in members:
             name = printable(m.name)  # tarfile keeps non-UTF-8 bytes as surrogates
             reason = unsafe_reason(name)
@@ -268,6 +270,19 @@ class TarReader:
             else:
                 listing.files.append(("/".join(parts), m))
         return listing
+
+    def _check_not_truncated(self) -> None:
+        """Refuse a plain .tar cut short between two members. tarfile then lists the members
+        before the cut and stops without a word (a cut inside a member's data, it does report),
+        so a whole split (test/, say) could silently vanish. A cut compressed archive fails to
+        decompress instead, and is refused where it is read."""
+        raw = self.tar.fileobj
+        if not isinstance(raw, io.BufferedReader):  # a gzip, bz2 or xz stream
+            return
+        raw.seek(self.tar.offset)  # where the header after the last member would start
+        if raw.read(512) != bytes(512):  # a zero block: the end-of-archive marker
+            raise UserError(f"{self.path} is a truncated or corrupt tar archive (no end-of-archive "
+                            "marker after its last member): copy or download it again")
 
     def read(self, handles: list[Any]) -> Iterator[tuple[int, bytes | Exception]]:
         # Increasing offsets only: a .tar.gz then decompresses once more, never from the start
