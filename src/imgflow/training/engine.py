@@ -777,6 +777,8 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
     paths = RunPaths(run_dir)
     if progress is None:
         progress = sys.stderr.isatty()
+    # A damaged checkpoint is refused before the data set loads (and prints its remarks).
+    checkpoint = load_checkpoint(paths.checkpoint) if resume and paths.checkpoint.is_file() else None
 
     dataset = load_run_data(config.to_dict(), progress=progress, remarks=True)
     check_classifiable(dataset)
@@ -795,9 +797,6 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
         return lr_at(step, total_steps, config.lr, config.schedule, warmup_steps, final_fraction=config.lr_floor)
 
     # Everything is validated and loaded: only now touch the run directory.
-    checkpoint = None
-    if resume and paths.checkpoint.is_file():
-        checkpoint = load_checkpoint(paths.checkpoint)
     finished = checkpoint is None or checkpoint["epoch"] >= config.epochs
     if resume and finished and is_finished(run_dir):
         log.info("%s has already finished; nothing to resume", run_dir)
