@@ -26,6 +26,8 @@ from imgflow.errors import UserError
     ["reproduce-seed", "DATA", "--out", ""],
     ["workflow", ""],
     ["workflow", "DATA", "--out", ""],
+    ["tune", "", "--out", "OUT", "--model", "seed-baseline"],
+    ["tune", "DATA", "--out", "", "--model", "seed-baseline"],
 ])
 def test_an_empty_path_is_refused_not_taken_as_the_current_directory(argv, tmp_path, monkeypatch, capsys):
     """'' would mean '.': a run written into the working directory, or it read as a data set."""

@@ -232,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Search space: lr (base lr / 10 .. x 10, log), weight-decay (1e-5 .. 1e-2, log),\n"
                "label-smoothing (0 .. 0.3), augment (none | flip | flip+translate |\n"
                "flip+translate+cutout), momentum (0.8 .. 0.95). The test split is never used.")
-    p.add_argument("data", help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images")
-    p.add_argument("--out", required=True, help="study directory (continued when run again)")
+    p.add_argument("data", type=_path, help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images")
+    p.add_argument("--out", type=_path, required=True, help="study directory (continued when run again)")
     p.add_argument("--trials", type=_positive_int, default=20, help="trials in the study (default 20)")
     p.add_argument("--search", metavar="A,B,...",
                    help="options to search (default lr,weight-decay,label-smoothing,augment)")
