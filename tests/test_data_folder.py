@@ -1,8 +1,10 @@
 """Image folders as directories and archives: layouts, modes, sizes, bad files, hostile archives."""
 from __future__ import annotations
 
+import errno
 import io
 import logging
+import os
 import tarfile
 import zipfile
 
@@ -209,6 +211,57 @@ def test_unusable_files_are_skipped_and_listed(tiny, caplog):
     assert "skipped 4 file(s)" in caplog.text
 
 
+def test_entries_that_are_not_readable_files_are_skipped_and_listed(tiny):
+    """A symlink loop, a dangling symlink and a named pipe (which would block a reader forever)."""
+    assert load(tiny).skipped == []  # cached: the entries below must change the cache key
+    folder = tiny / "train" / "a"
+    (folder / "loop.png").symlink_to("loop.png")
+    (folder / "dangling.png").symlink_to("no-such-file.png")
+    os.mkfifo(folder / "pipe.png")
+    ds = load(tiny)
+    assert _reasons(ds) == {"train/a/loop.png": "symbolic link loop: not followed",
+                            "train/a/dangling.png": "broken symbolic link (its target does not exist)",
+                            "train/a/pipe.png": "not a regular file (a named pipe)"}
+    assert len(ds.train) == 18
+    (folder / "linked.png").symlink_to("000.png")  # a link to a real image still counts
+    assert len(load(tiny).train) == 19
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_files_and_folders_without_read_permission_are_skipped_and_listed(tiny):
+    (tiny / "train" / "a" / "000.png").chmod(0)
+    (tiny / "train" / "b").chmod(0)
+    try:
+        reasons = _reasons(load(tiny))
+    finally:
+        (tiny / "train" / "b").chmod(0o755)
+    assert reasons == {"train/a/000.png": "cannot read: permission denied",
+                       "train/b": "cannot read folder: Permission denied"}
+
+
+def test_names_that_are_not_utf8_become_escaped_text(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=("ok", "other"), per_class=3, flat=True)
+    (root / "other").rename(root / os.fsdecode(b"\xffcls"))
+    (root / "ok" / "000.png").rename(root / "ok" / os.fsdecode(b"\xfe.png"))
+    ds = load(root)
+    assert ds.classes == ["\\xffcls", "ok"] and len(ds.train) == 6
+    (root / "ok" / os.fsdecode(b"\xfd.png")).write_bytes(b"not an image")
+    assert _reasons(load(root)) == {"ok/\\xfd.png": "not an image Pillow can read"}
+
+
+def test_a_data_file_that_cannot_be_read_is_a_user_error(tmp_path, monkeypatch):
+    from imgflow.data import cache
+
+    def failing(path):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(cache, "_sha256_of_file", failing)  # as reading /proc/self/mem fails
+    archive = tmp_path / "data.zip"
+    archive.write_bytes(b"PK")
+    with pytest.raises(UserError, match=f"cannot read {archive}: Input/output error"):
+        load(archive)
+
+
 def test_hidden_files_and_macos_metadata_are_ignored(tiny, tmp_path):
     (tiny / "train" / "a" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (tiny / "train" / "a" / "._000.png").write_bytes(b"AppleDouble")
@@ -247,6 +300,22 @@ def test_no_images_is_a_user_error(tmp_path, make):
     source = pack(root, tmp_path / "nothing.zip") if make == "empty zip" else root
     with pytest.raises(UserError, match="no images found in"):
         load(source)
+
+
+def test_a_plain_tar_cut_between_members_is_refused(tiny, tmp_path):
+    """tarfile lists the members before such a cut without a word: a split could vanish."""
+    archive = pack(tiny, tmp_path / "tiny.tar")
+    whole = archive.read_bytes()
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        end = tar.offset  # where the end-of-archive marker starts
+    cut = members[len(members) // 2].offset  # at a header: every member before it is whole
+    (tmp_path / "cut.tar").write_bytes(whole[:cut])
+    with pytest.raises(UserError, match=r"cut\.tar is a truncated or corrupt tar archive \(no end-of-archive "
+                                        r"marker after its last member\): copy or download it again"):
+        load(tmp_path / "cut.tar")
+    (tmp_path / "one-zero-block.tar").write_bytes(whole[:end + 512])  # lenient writers: still whole
+    assert len(load(tmp_path / "one-zero-block.tar").train) == 18
 
 
 def test_not_an_archive_is_a_user_error(tmp_path):

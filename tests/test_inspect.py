@@ -5,11 +5,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import imgflow
 from datagen import make_image_folder
 from imgflow.cli import main
 from imgflow.data import channel_stats, load_dataset, stats
@@ -127,6 +129,21 @@ def test_cli_bad_input_in_a_subprocess_has_no_traceback(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("imgflow: error: no images found in")
     assert "Traceback" not in result.stderr
+
+
+def test_cli_prints_names_that_are_not_utf8_escaped(tmp_path):
+    """A data folder and a class folder whose names are not UTF-8: a card, not a traceback."""
+    root = make_image_folder(tmp_path / os.fsdecode(b"\xffdata"), classes=("ok", "x"), per_class=3,
+                             flat=True)
+    (root / "x").rename(root / os.fsdecode(b"\xffcls"))
+    src = str(Path(imgflow.__file__).parents[1])  # the code under test, whatever the cwd
+    result = subprocess.run([sys.executable, "-m", "imgflow", "inspect", os.fsencode(root)],
+                            capture_output=True, cwd=tmp_path,
+                            env={**os.environ, "IMGFLOW_CACHE": str(tmp_path / "c"), "PYTHONPATH": src})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode("utf-8")  # valid UTF-8 throughout
+    assert out.startswith("\\xffdata: 2 classes")
+    assert ["0", "\\xffcls", "3"] in [line.split() for line in out.splitlines()]
 
 
 def test_cli_damaged_archives_and_file_outs_get_one_line(tiny, tmp_path, capsys):

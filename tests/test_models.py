@@ -285,3 +285,32 @@ def test_describe_and_format_models():
     ends |= {lines[i].index(f"{rows[i - 1]['params']:,}") + len(f"{rows[i - 1]['params']:,}")
              for i in range(1, len(lines))}
     assert len(ends) == 1
+
+
+@pytest.mark.parametrize("argv, name, params", [
+    (["--image-size", "4096"], "seed-baseline", 2_147_508_650),
+    (["--num-classes", "100000000"], "seed-baseline", 156_074 + 129 * (100_000_000 - 10)),  # dense 128 -> K
+    (["--channels", "100000"], "seed-baseline", 156_074 + 16 * 3 * 3 * 99_997),
+])
+def test_models_counts_any_size_without_allocating_it(argv, name, params, capsys):
+    """These sizes used to be built for real: "can't allocate memory" after a minute and 11 GB."""
+    import json
+
+    from imgflow.cli import main
+
+    assert main(["models", "--json", *argv]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[name]["params"] == params
+
+
+def test_counting_on_the_meta_device_matches_a_real_model():
+    rows = {r["name"]: r for r in describe_models(num_classes=5, in_channels=1, image_size=(160, 96))}
+    real = create_model("seed-baseline", 5, 1, (160, 96))
+    assert rows["seed-baseline"]["params"] == count_params(real)["params"]
+    assert rows["seed-baseline"]["forward_mflops"] == round(count_flops(real, 1, (160, 96)) / 1e6, 2)
+
+
+def test_a_model_too_large_to_train_is_refused_before_it_is_allocated():
+    with pytest.raises(UserError, match=r"seed-baseline for 10 classes of 4096x4096x3 images would have "
+                                        r"2,147,508,650 parameters, more than the 250,000,000"):
+        create_model("seed-baseline", 10, image_size=(4096, 4096))

@@ -292,3 +292,103 @@ def test_report_on_damaged_metrics_says_to_evaluate_again(tiny_run, tmp_path, ca
     assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "lacks per_class" in err and "imgflow evaluate" in err and len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# run files of the wrong shape: one line naming the file and the field, for every command
+
+
+def _edit_json(path: Path, change) -> None:
+    """change(content) edits the content in place, or returns a replacement for all of it."""
+    content = read_json(path)
+    replacement = change(content)
+    write_json(path, content if replacement is None else replacement)
+
+
+def _set(*keys_and_value):
+    *keys, last, value = keys_and_value
+
+    def change(content):
+        for key in keys:
+            content = content[key]
+        content[last] = value
+    return change
+
+
+CONFIG_DAMAGE = {
+    "a list": (lambda c: [], "the file is a list, expected an object"),
+    "empty": (lambda c: {}, "'train' is missing"),
+    "no train": (lambda c: {k: v for k, v in c.items() if k != "train"}, "'train' is missing"),
+    "model a string": (_set("model", "x"), "'model' is a string (\"x\"), expected an object"),
+    "preprocessing null": (_set("preprocessing", None), "'preprocessing' is null, expected an object"),
+    "epochs a string": (_set("train", "epochs", "x"), "'train.epochs' is a string (\"x\"), expected an integer"),
+    "mean too short": (_set("preprocessing", "mean", [0.5]), "'preprocessing.mean' has 1 items, expected 3"),
+}
+
+
+@pytest.mark.parametrize("damage", CONFIG_DAMAGE)
+def test_a_damaged_config_json_is_one_line_for_every_command(tiny_run, tiny_data, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    change, detail = CONFIG_DAMAGE[damage]
+    _edit_json(run / "config.json", change)
+    image = next((tiny_data / "test" / "a").iterdir())
+    for argv in (["evaluate", str(run)], ["report", str(run)], ["predict", str(run), str(image)],
+                 ["export", str(run), "--out", str(tmp_path / "export")],
+                 ["report", str(tiny_run), str(run), "--out", str(tmp_path / "compare")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err == (f"imgflow: error: {run / 'config.json'} is not a valid imgflow run config: {detail}; "
+                       "restore it, or train the run again (imgflow train ... --overwrite)"), argv
+    assert not (tmp_path / "export").exists() and not (tmp_path / "compare").exists()
+
+
+METRICS_DAMAGE = {
+    "accuracy a word": (_set("accuracy", "high"), "'accuracy' is a string (\"high\"), expected a number"),
+    "confusion a word": (_set("confusion_matrix", "x"), "'confusion_matrix' is a string"),
+    "confusion not square": (_set("confusion_matrix", [[13, 0, 0]]), "'confusion_matrix' has 1 items, expected 3"),
+    "support a fraction": (_set("per_class", "a", "support", 1.5),
+                           "'per_class.a.support' is a number (1.5), expected an integer"),
+    "a list": (lambda m: [], "the file is a list, expected an object"),
+}
+
+
+@pytest.mark.parametrize("damage", METRICS_DAMAGE)
+def test_a_damaged_metrics_json_says_to_evaluate_again(tiny_run, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    change, detail = METRICS_DAMAGE[damage]
+    _edit_json(RunPaths(run).metrics, change)
+    for argv in (["report", str(run)], ["report", str(tiny_run), str(run), "--out", str(tmp_path / "cmp")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"imgflow: error: {RunPaths(run).metrics} is not a valid imgflow metrics file: {detail}")
+        assert err.endswith(f"; re-run 'imgflow evaluate {run}'") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("content, detail", [
+    (b"epoch,train_loss\n\xff\xfe\n", "byte 0xff at offset 17 is not UTF-8 text"),
+    (b"epoch,train_loss\n1,0.5\n", "its header lacks train_acc, val_loss, val_acc, lr, seconds"),
+    (b"epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds\nx,y,z,,,,\n", "line 2 holds a cell that is not a number"),
+    (b"epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds\n1,0.5\n", "line 2 does not have one cell per column"),
+])
+def test_a_damaged_history_csv_is_one_line(tiny_run, tmp_path, capsys, content, detail):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    RunPaths(run).history.write_bytes(content)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"imgflow: error: {RunPaths(run).history} is not a valid imgflow history: {detail}; "
+                   "restore it, or train the run again (imgflow train ... --overwrite)")
+
+
+@pytest.mark.parametrize("cut", [100, -10])
+def test_a_truncated_predictions_file_says_to_evaluate_again(tiny_run, tmp_path, capsys, cut):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    predictions = RunPaths(run).predictions
+    predictions.write_bytes(predictions.read_bytes()[:cut])
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"imgflow: error: cannot read {predictions}: ") and len(err.splitlines()) == 1
+    assert err.endswith(f"re-run 'imgflow evaluate {run}'")

@@ -88,3 +88,16 @@ def test_data_without_a_test_split_is_refused_before_training_or_held_out(tmp_pa
     # The advice works: reproduce-seed takes --test-split.
     assert main([*argv, "--test-split", "0.2", "--precise-bn", "0"]) == 0
     assert json.loads((out / "seed-baseline" / "metrics.json").read_text())["num_images"] == 12
+
+
+@pytest.mark.parametrize("content, detail", [("[]", "the file is a list, expected an object"),
+                                             ('{"train": 3}', "'train' is a number (3), expected an object")])
+def test_a_damaged_run_config_in_out_is_one_line(tiny_data, tmp_path, capsys, content, detail):
+    run_dir = tmp_path / "repro" / "seed-baseline"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(content)
+    assert main(["-q", "reproduce-seed", str(tiny_data), "--out", str(tmp_path / "repro"), "--epochs", "1",
+                 "--models", "seed-baseline"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"imgflow: error: {run_dir / 'config.json'} is not a valid imgflow run config: {detail};")
+    assert (run_dir / "config.json").read_text() == content

@@ -21,6 +21,7 @@ from datagen import make_image_folder
 from imgflow.cli import main
 from imgflow.data import Split
 from imgflow.data.splits import holdout_test, kfold_split, split_train_val, stratified_subset
+from imgflow.training.config import MAX_LR
 from imgflow.training.engine import TrainingDiverged, epoch_order, read_history
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,7 +209,43 @@ def test_weights_that_turn_nan_at_an_epochs_last_step_are_not_saved(tiny_data, t
 
 def test_an_exploding_lr_stops_the_run_instead_of_saving_broken_weights(tiny_data, tmp_path):
     with pytest.raises(TrainingDiverged, match="lower --lr"):
-        train_tiny(tiny_data, tmp_path / "run", optimizer="sgd", lr=1e8)
+        train_tiny(tiny_data, tmp_path / "run", optimizer="sgd", lr=MAX_LR)  # the largest lr allowed
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("option, value, allowed", [
+    ("--lr", "1e39", "> 0 and <= 100"),
+    ("--weight-decay", "1e308", ">= 0 and <= 1"),
+    ("--bn-lr-scale", "1e308", "> 0 and <= 1000"),
+    ("--warmup-epochs", "inf", ">= 0 and <= 1000"),
+])
+def test_numbers_too_large_to_train_with_are_refused_up_front(tiny_data, tmp_path, capsys, option, value,
+                                                             allowed):
+    """They used to overflow float32 inside the optimiser (or the warmup's step count): a traceback."""
+    run_dir = tmp_path / "r"
+    code, err = _run_cli(capsys, "train", str(tiny_data), "--model", "seed-batchnorm", "--schedule",
+                         "onecycle", option, value, "--out", str(run_dir))
+    assert code == 2 and err == f"imgflow: error: {option} must be {allowed}, got {float(value)}"
+    assert not run_dir.exists()
+
+
+def test_an_update_that_overflows_float32_is_reported_as_divergence(tiny_data, tmp_path, monkeypatch):
+    import imgflow.training.engine as engine
+
+    real_build = engine.build_optimizer
+
+    def overflowing_optimizer(model, config):
+        optimizer = real_build(model, config)
+
+        def step(*args, **kwargs):  # what PyTorch raises for lr x scale beyond float32
+            raise RuntimeError("value cannot be converted to type float without overflow")
+
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(engine, "build_optimizer", overflowing_optimizer)
+    with pytest.raises(TrainingDiverged, match="the update overflowed float32 at epoch 1, step 1: lower --lr"):
+        train_tiny(tiny_data, tmp_path / "run")
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
@@ -460,11 +497,15 @@ def test_train_refuses_a_workflow_folder(tiny_data, tmp_path, capsys, flag):
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "workflow.json"]
 
 
+# The largest lr allowed, with plain SGD: the loss becomes nan at the 3rd of the 6 steps of epoch 1.
+DIVERGING = ("--optimizer", "sgd", "--lr", str(MAX_LR), "--batch-size", "16")
+
+
 def test_a_failed_overwrite_keeps_the_earlier_run(tiny_run, tiny_data, tmp_path, capsys):
     run_dir = _with_derived_artifacts(shutil.copytree(tiny_run, tmp_path / "run"))
     before = _snapshot(run_dir)
     code, err = _run_cli(capsys, "-q", "train", str(tiny_data), "--model", "seed-baseline", "--epochs", "1",
-                         "--out", str(run_dir), "--overwrite", "--lr", "1e308")
+                         "--out", str(run_dir), "--overwrite", *DIVERGING)
     assert code == 2 and "lower --lr" in err and len(err.splitlines()) == 1
     assert _snapshot(run_dir) == before
 
@@ -500,7 +541,7 @@ def test_a_killed_overwrite_leaves_the_earlier_run_and_the_next_one_cleans_up(ti
 def test_a_run_that_diverged_is_not_advised_to_resume(tiny_data, tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, _ = _run_cli(capsys, "-q", "train", str(tiny_data), "--model", "seed-baseline", "--epochs", "1",
-                       "--out", str(run_dir), "--lr", "1e308")
+                       "--out", str(run_dir), *DIVERGING)
     assert code == 2 and not (run_dir / "checkpoint").exists()
     assert "lower --lr" in json.loads((run_dir / "config.json").read_text())["diverged"]
     for command in ("report", "evaluate", "export"):
@@ -563,6 +604,76 @@ def test_evaluate_errors(tiny_run, tmp_path, capsys):
     assert code == 2 and "cannot read" in err and len(err.splitlines()) == 1
 
 
+def _interrupted_copy(tiny_run, run_dir: Path, **checkpoint_changes) -> Path:
+    """A copy of tiny_run stopped after epoch 1: no model.safetensors, a checkpoint to resume."""
+    shutil.copytree(tiny_run, run_dir)
+    (run_dir / "model.safetensors").unlink()
+    checkpoint = run_dir / "checkpoint" / "state.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    state.update(epoch=1, step=0, **checkpoint_changes)
+    torch.save(state, checkpoint)
+    return checkpoint
+
+
+@pytest.mark.parametrize("content", [b"garbage" * 10, b"", "a list", "another model"])
+def test_an_unreadable_checkpoint_is_one_line_saying_how_to_start_over(tiny_run, tmp_path, capsys, monkeypatch,
+                                                                       content):
+    """Never PyTorch's multi-line message, with its advice to load with weights_only=False."""
+    import imgflow.training.engine as engine
+
+    run_dir = tmp_path / "run"
+    checkpoint = _interrupted_copy(tiny_run, run_dir)
+    if content != "another model":  # refused before the data set loads and prints its remarks
+        monkeypatch.setattr(engine, "load_run_data", lambda *a, **k: pytest.fail("loaded the data first"))
+    if content == "a list":
+        torch.save([1, 2], checkpoint)
+    elif content == "another model":
+        _interrupted_copy(tiny_run, tmp_path / "other", model={"conv.weight": torch.zeros(2)})
+        shutil.copy(tmp_path / "other" / "checkpoint" / "state.pt", checkpoint)
+    else:
+        checkpoint.write_bytes(content)
+    before = checkpoint.read_bytes()
+    code, err = _run_cli(capsys, "-q", "train", "--resume", "--out", str(run_dir))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"imgflow: error: checkpoint {checkpoint} is unreadable (")
+    assert err.endswith(f"delete {checkpoint.parent} to start the run over, or train again with --overwrite")
+    assert "weights_only" not in err
+    if content == "another model":
+        assert 'Missing key(s) in state_dict: "' in err and "conv.weight" in err
+    assert checkpoint.read_bytes() == before
+
+
+def test_weights_of_another_model_are_one_complete_line(tiny_run, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    save_file({"dense.weight": torch.zeros(2, 2)}, str(run_dir / "model.safetensors"))
+    code, err = _run_cli(capsys, "evaluate", str(run_dir))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "does not match model seed-baseline in config.json (Missing key(s) in state_dict: " in err
+    assert 'Unexpected key(s) in state_dict: "dense.weight"' in err
+    assert err.endswith("): train the run again with --overwrite")
+
+
+@pytest.mark.parametrize("change, detail", [
+    (lambda c: [], "the file is a list, expected an object"),
+    (lambda c: {**c, "train": 3}, "'train' is a number (3), expected an object"),
+    (lambda c: {**c, "train": {**c["train"], "epochs": "x"}}, "'train.epochs' is a string (\"x\"), expected an integer"),
+    (lambda c: {**c, "train": {**c["train"], "data": 5}}, "'train.data' is a number (5), expected a string"),
+    (lambda c: {**c, "train": {**c["train"], "image_size": 5}}, "'train.image_size' is a number (5), expected a list"),
+])
+def test_resume_with_a_damaged_config_json_is_one_line(tiny_run, tmp_path, capsys, change, detail):
+    run_dir = tmp_path / "run"
+    _interrupted_copy(tiny_run, run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(change(config)))
+    code, err = _run_cli(capsys, "train", "--resume", "--out", str(run_dir))
+    assert code == 2
+    assert err == (f"imgflow: error: {run_dir / 'config.json'} is not a valid imgflow run config: {detail}; "
+                   "restore it, or train the run again (imgflow train ... --overwrite)")
+
+
 def test_evaluate_without_test_split_is_a_clear_error(tmp_path, capsys):
     from datagen import make_image_folder
 
@@ -610,7 +721,8 @@ def test_resume_needs_only_the_run_directory(tiny_data, tmp_path, capsys):
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "config.json").write_text('{"data": {}}')
     code, err = _run_cli(capsys, "train", "--resume", "--out", str(tmp_path / "damaged"))
-    assert code == 2 and "is damaged" in err and len(err.splitlines()) == 1
+    assert code == 2 and "is not a valid imgflow run config: 'train' is missing" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_evaluate_does_not_repeat_the_data_warnings_of_training(tmp_path, capsys, caplog):

@@ -123,3 +123,21 @@ def test_a_study_of_other_settings_or_a_training_run_is_not_continued(study, tin
     with pytest.raises(UserError, match="holds something other than an imgflow study"):
         run_tune(resolve_config(str(tiny_data), BASE), tiny_run, trials=1)
     assert (out / "tune.json").read_text() == before
+
+
+def test_a_damaged_tune_json_is_one_line(tiny_data, tmp_path, capsys):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "tune.json").write_text("[]")
+    assert main(["tune", str(tiny_data), "--model", "seed-baseline", "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"imgflow: error: {out / 'tune.json'} is not a valid imgflow tune record: the file is a list, "
+                   "expected an object; restore it, or choose another --out")
+
+
+def test_the_search_never_leaves_the_range_training_accepts():
+    from imgflow.training.config import MAX_LR, MAX_WEIGHT_DECAY
+    from imgflow.tune import search_space
+
+    space = search_space(resolve_config("cifar10", {"model": "seed-baseline", "lr": 50.0, "weight_decay": 0.5}))
+    assert space["lr"].high == MAX_LR and space["weight_decay"].high == MAX_WEIGHT_DECAY

@@ -417,3 +417,29 @@ def test_a_workflow_continues_with_another_spelling_of_its_data_folder(workflow_
     other = make_image_folder(tmp_path / "other", per_class=4, size=(8, 8))
     with pytest.raises(wf.UserError, match="use the same DATA"):
         wf.run_workflow(str(other), out, budget_minutes=1, progress=False)
+
+
+_STEP = {"name": "define the problem and assemble the data", "decision": "d", "why": "w"}
+
+
+@pytest.mark.parametrize("change, detail", [
+    (lambda r: [], "the file is a list, expected an object"),
+    (lambda r: {k: v for k, v in r.items() if k != "steps"}, "'steps' is missing"),
+    (lambda r: {k: v for k, v in r.items() if k != "state"}, "'state' is missing"),
+    (lambda r: {**r, "steps": "x"}, "'steps' is a string (\"x\"), expected a list"),
+    (lambda r: {**r, "steps": [1]}, "'steps.1' is a number (1), expected an object"),
+    (lambda r: {**r, "state": []}, "'state' is a list, expected an object"),
+    (lambda r: {**r, "elapsed_minutes": "x"}, "'elapsed_minutes' is a string (\"x\"), expected a number"),
+    (lambda r: {**r, "steps": [_STEP], "state": {"metric": 1}}, "'state.metric' is a number (1), expected a string"),
+])
+def test_a_damaged_workflow_json_is_one_line(workflow_data, tmp_path, capsys, change, detail):
+    out = tmp_path / "out"
+    out.mkdir()
+    record = {"data": str(workflow_data), "seed": 0, "budget_minutes": 1.0, "steps": [], "state": {},
+              "elapsed_minutes": 0.0}
+    (out / "workflow.json").write_text(json.dumps(change(record)))
+    assert main(["workflow", str(workflow_data), "--budget-minutes", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"imgflow: error: {out / 'workflow.json'} is not a valid imgflow workflow record: {detail}; "
+                   "restore it, or choose another --out to start the workflow over")
+    assert sorted(p.name for p in out.iterdir()) == ["workflow.json"]

@@ -170,6 +170,19 @@ def test_a_record_of_decisions_only_still_gets_a_report(tmp_path):
     assert "<img" not in html
 
 
+@pytest.mark.parametrize("record, detail", [
+    ([], "the file is a list, expected an object"),
+    ({"data": "d", "steps": "x"}, "'steps' is a string (\"x\"), expected a list"),
+    ({"data": "d", "steps": [{"name": "n", "decision": 3, "why": "w"}]}, "'steps.1.decision' is a number (3)"),
+    ({"data": "d", "steps": [], "state": {"chosen": {"settings": []}}}, "'state.chosen.settings' is a list"),
+])
+def test_a_damaged_workflow_json_gets_no_report(tmp_path, record, detail):
+    (tmp_path / "workflow.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=re.escape(f"workflow.json is not a valid imgflow workflow record: {detail}")):
+        write_workflow_report(tmp_path)
+    assert not (tmp_path / "report.html").exists()
+
+
 def test_missing_workflow_json_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"no workflow\.json.*imgflow workflow DATA --out"):
         write_workflow_report(tmp_path)

@@ -44,6 +44,14 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _path(text: str) -> str:
+    """A path argument. An empty one would silently mean the current directory (a run written
+    into it, or it read as a data set), so it is refused."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty path: give a path (use . for the current directory)")
+    return text
+
+
 def _image_size(text: str) -> tuple[int, int]:
     """'32' or '32x48' (height x width)."""
     parts = text.lower().split("x")
@@ -194,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("inspect", help="data set card and example grid")
-    p.add_argument("data", help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images")
-    p.add_argument("--out", default=".", help="directory for examples.png (default: .)")
+    p.add_argument("data", type=_path, help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images")
+    p.add_argument("--out", type=_path, default=".", help="directory for examples.png (default: .)")
     p.add_argument("--json", action="store_true", help="print the card as JSON")
     p.add_argument("--image-size", type=_image_size, help="resize every image to SIZE or HxW")
     p.set_defaults(func=cmd_inspect)
@@ -208,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train a model into a run directory")
-    add_train_arguments(p, _positive_int, _non_negative_int, _image_size)
+    add_train_arguments(p, _positive_int, _non_negative_int, _image_size, _path)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -224,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Search space: lr (base lr / 10 .. x 10, log), weight-decay (1e-5 .. 1e-2, log),\n"
                "label-smoothing (0 .. 0.3), augment (none | flip | flip+translate |\n"
                "flip+translate+cutout), momentum (0.8 .. 0.95). The test split is never used.")
-    p.add_argument("data", help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images")
-    p.add_argument("--out", required=True, help="study directory (continued when run again)")
+    p.add_argument("data", type=_path, help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images")
+    p.add_argument("--out", type=_path, required=True, help="study directory (continued when run again)")
     p.add_argument("--trials", type=_positive_int, default=20, help="trials in the study (default 20)")
     p.add_argument("--search", metavar="A,B,...",
                    help="options to search (default lr,weight-decay,label-smoothing,augment)")
@@ -235,14 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="evaluate a run's model on its test split")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=_path)
     p.add_argument("--tta", action="store_true", help="test-time augmentation (flip + shifts)")
     p.add_argument("--json", action="store_true", help="print metrics.json's content")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="HTML report of one run, or several runs side by side")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", help="output directory (default: the run directory for one run, "
+    p.add_argument("run_dirs", nargs="+", type=_path, metavar="RUN_DIR")
+    p.add_argument("--out", type=_path, help="output directory (default: the run directory for one run, "
                                  "runs/compare for several)")
     p.set_defaults(func=cmd_report)
 
@@ -263,14 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
                "be read get \"top\": [] and an \"error\" and never stop the others.\n"
                "Exit status: 0 when at least one file was classified; 2 when none could be read or\n"
                "the run directory / ONNX model is unusable.")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+    p.add_argument("inputs", nargs="+", type=_path, metavar="IMAGE_OR_DIR",
                    help="RUN_DIR or MODEL.onnx (unless --onnx is given), then images/directories")
     p.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
                    help="classes shown per image (default 5, at most the number of classes)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation (flip + shifts), as 'evaluate --tta'; run dirs only")
-    p.add_argument("--onnx", metavar="MODEL.onnx", help="run an exported ONNX model (no PyTorch)")
+    p.add_argument("--onnx", type=_path, metavar="MODEL.onnx", help="run an exported ONNX model (no PyTorch)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -284,15 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 exported and parity passed; 1 parity check failed (nothing\n"
                "installed, numbers in parity-failed.json); 2 unusable run directory, bad usage, or an\n"
                "--out holding another model's export (one directory, one model).")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=_path)
     p.add_argument("--format", choices=["onnx", "torchscript", "all"], default="all",
                    help="what to export (default all)")
-    p.add_argument("--out", help="output directory (default RUN_DIR/export)")
+    p.add_argument("--out", type=_path, help="output directory (default RUN_DIR/export)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("reproduce-seed", help="the reference notebook's two experiments")
-    p.add_argument("data", nargs="?", default="cifar10")
-    p.add_argument("--out", default="runs/reproduce-seed")
+    p.add_argument("data", nargs="?", type=_path, default="cifar10")
+    p.add_argument("--out", type=_path, default="runs/reproduce-seed")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
                    help="fp32 (default, as the notebook), bf16, or auto (bf16 where the CPU has it natively)")
     p.add_argument("--epochs", type=_positive_int, default=20)
@@ -308,9 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reproduce_seed)
 
     p = sub.add_parser("workflow", help="the universal workflow of ML, step by step, in a time budget")
-    p.add_argument("data", help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images")
+    p.add_argument("data", type=_path, help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images")
     p.add_argument("--budget-minutes", type=float, default=15.0, help="total wall time (default 15)")
-    p.add_argument("--out", default="runs/workflow", help="output directory (default runs/workflow)")
+    p.add_argument("--out", type=_path, default="runs/workflow", help="output directory (default runs/workflow)")
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
     p.set_defaults(func=cmd_workflow)
@@ -325,6 +333,15 @@ def _configure_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
 
 
+def _escape_unencodable_output() -> None:
+    """Print paths whose bytes are not UTF-8 (kept by Python as lone surrogates) as \\x escapes.
+
+    stderr already does this; stdout would raise UnicodeEncodeError mid-output instead.
+    """
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 _PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EEXIST, errno.ENOTDIR,
                 errno.EISDIR, errno.ENOENT, errno.EDQUOT}
 
@@ -333,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose - args.quiet)
+    _escape_unencodable_output()
     try:
         return args.func(args)
     except UserError as exc:

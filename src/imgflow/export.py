@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from imgflow.errors import UserError
-from imgflow.fileio import read_json, write_json
+from imgflow.fileio import write_json
 from imgflow.inference import predict_logits
 from imgflow.preprocess import Preprocessing, to_model_input
-from imgflow.runs import RunPaths, load_run_data, load_trained_model
+from imgflow.runs import RunPaths, load_run_data, load_trained_model, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def model_card(config: dict, run_dir: Path) -> dict:
     classes = list(config["data"]["classes"])
     C, (H, W) = prep.channels, prep.image_size
     metrics_path = RunPaths(run_dir).metrics
-    metrics = read_json(metrics_path, "metrics") if metrics_path.is_file() else {}
+    metrics = read_metrics(run_dir) if metrics_path.is_file() else {}
     from imgflow import __version__
 
     return {

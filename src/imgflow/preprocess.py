@@ -5,6 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
+from imgflow.errors import MalformedContent
+from imgflow.fileio import expect, field, list_of
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -23,7 +26,18 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(tuple(d["mean"]), tuple(d["std"]), tuple(d["image_size"]), int(d["channels"]))
+        """From config.json's 'preprocessing'; MalformedContent names a value of the wrong kind."""
+        where = "preprocessing."
+        expect(d, "an object", "'preprocessing'")
+        channels = field(d, "channels", "an integer", where)
+        if channels not in (1, 3):
+            raise MalformedContent(f"'preprocessing.channels' is {channels}, expected 1 or 3")
+        mean = list_of(field(d, "mean", "a list", where), "a number", "'preprocessing.mean'", channels)
+        std = list_of(field(d, "std", "a list", where), "a number", "'preprocessing.std'", channels)
+        size = list_of(field(d, "image_size", "a list", where), "an integer", "'preprocessing.image_size'", 2)
+        if min(std) <= 0 or min(size) < 1:
+            raise MalformedContent("'preprocessing.std' and 'preprocessing.image_size' must be > 0")
+        return cls(tuple(mean), tuple(std), tuple(size), channels)
 
 
 def to_model_input(images: torch.Tensor, prep: Preprocessing, channels_last: bool = False) -> torch.Tensor:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from imgflow.errors import UserError
 from imgflow.evaluation import evaluate_run
-from imgflow.fileio import atomic_write_text, read_json, write_json
+from imgflow.fileio import atomic_write_text, write_json
 from imgflow.inference import loss_and_accuracy, predict_logits
 from imgflow.preprocess import Preprocessing
 from imgflow.precision import set_threads
-from imgflow.runs import RunPaths, is_finished, load_run_data, load_trained_model
+from imgflow.runs import RunPaths, is_finished, load_run_data, load_trained_model, read_metrics, read_run_config
 from imgflow.training.batchnorm import has_batchnorm, reestimate_on_training_part
 from imgflow.training.config import TrainConfig, resolve_config
 from imgflow.training.engine import config_differences, read_history, split_for_training, train
@@ -50,10 +50,10 @@ def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 
         if not finished:
             train(config, run_dir, resume=resume and run_dir.is_dir(), progress=progress)
         if finished and paths.metrics.is_file():
-            metrics = read_json(paths.metrics, "metrics")
+            metrics = read_metrics(run_dir)
         else:
             metrics = evaluate_run(run_dir, progress=progress)
-        run = read_json(paths.config, "run config")
+        run = read_run_config(run_dir)
         history = read_history(paths.history)
         rows.append({
             "model": name, "params": run["model"]["params"], "epochs": run["result"]["epochs_run"],
@@ -67,7 +67,7 @@ def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 
             "seconds_per_epoch": statistics.median(row["seconds"] for row in history) if history else None,
             "run_dir": str(run_dir),
         })
-    machine = read_json(RunPaths(out / models[0]).config, "run config")["machine"]
+    machine = read_run_config(out / models[0])["machine"]
     described = f"{machine['cpu']}" + (f", family/model {machine['cpu_family']}" if "cpu_family" in machine else "") \
         + f", {machine['cpu_count']} cores, torch CPU capability {machine.get('torch_cpu_capability', '?')}"
     table = format_table(rows, machine=described)

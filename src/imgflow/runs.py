@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from imgflow.errors import UserError
-from imgflow.fileio import read_json
+from imgflow.errors import MalformedContent, UserError
+from imgflow.fileio import expect, field, list_of, read_json, read_json_checked
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,71 @@ def read_run_config(run_dir: Path) -> dict:
     paths = RunPaths(run_dir)
     if not paths.config.is_file():
         raise UserError(f"{run_dir} is not an imgflow run directory: config.json is missing")
-    return read_json(paths.config, "run config")
+    return read_json_checked(paths.config, "run config", check_run_config,
+                             "restore it, or train the run again (imgflow train ... --overwrite)")
+
+
+def check_run_config(config: Any) -> dict:
+    """config.json's content if every section the commands read has the right kind of values."""
+    from imgflow.preprocess import Preprocessing
+    from imgflow.training.config import TrainConfig
+
+    expect(config, "an object", "the file")
+    TrainConfig.from_dict(field(config, "train", "an object"))
+    data = field(config, "data", "an object")
+    for key in ("name", "sha256"):
+        field(data, key, "a string", "data.")
+    list_of(field(data, "classes", "a list", "data."), "a string", "'data.classes'")
+    model = field(config, "model", "an object")
+    field(model, "name", "a string", "model.")
+    for key in ("num_classes", "in_channels", "params"):
+        field(model, key, "an integer", "model.")
+    list_of(field(model, "image_size", "a list", "model."), "an integer", "'model.image_size'", 2)
+    Preprocessing.from_dict(field(config, "preprocessing", "an object"))
+    for section in ("machine", "versions"):
+        if section in config:
+            field(config, section, "an object")
+    if "result" in config:  # written when the run finishes
+        result = field(config, "result", "an object")
+        for key in ("epochs_run", "best_epoch", "train_seconds", "train_images_per_second",
+                    "final_val_accuracy"):
+            if result.get(key) is not None:
+                field(result, key, "a number", "result.")
+    return config
+
+
+# What reports read from metrics.json (written by imgflow.evaluation.evaluate_run).
+METRICS_NUMBERS = ("accuracy", "balanced_accuracy", "loss", "majority_baseline_accuracy",
+                   "random_baseline_accuracy")
+METRICS_KEYS = (*METRICS_NUMBERS, "per_class", "confusion_matrix", "num_images", "majority_class")
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """metrics.json of an evaluated run, checked: a damaged one says to evaluate again."""
+    return read_json_checked(RunPaths(Path(run_dir)).metrics, "metrics file", check_metrics,
+                             f"re-run 'imgflow evaluate {run_dir}'")
+
+
+def check_metrics(metrics: Any) -> dict:
+    """metrics.json's content if the numbers, per-class table and confusion matrix are well formed."""
+    expect(metrics, "an object", "the file")
+    missing = [k for k in METRICS_KEYS if k not in metrics]
+    if missing:
+        raise MalformedContent(f"it lacks {', '.join(missing)} (damaged or from another tool)")
+    for key in METRICS_NUMBERS:
+        field(metrics, key, "a number")
+    field(metrics, "num_images", "an integer")
+    field(metrics, "majority_class", "a string")
+    per_class = field(metrics, "per_class", "an object")
+    for name, scores in per_class.items():
+        expect(scores, "an object", f"'per_class.{name}'")
+        for key in ("precision", "recall", "f1"):
+            field(scores, key, "a number", f"per_class.{name}.")
+        field(scores, "support", "an integer", f"per_class.{name}.")
+    K = len(per_class)  # one row and column per class
+    for row in list_of(field(metrics, "confusion_matrix", "a list"), "a list", "'confusion_matrix'", K):
+        list_of(row, "an integer", "a row of 'confusion_matrix'", K)
+    return metrics
 
 
 def unfinished_run_advice(run_dir: Path) -> str:
@@ -147,7 +212,15 @@ def load_trained_model(run_dir: Path):
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UserError(f"{weights} does not match model {config['model']['name']}: {first}") from None
+        raise UserError(f"{weights} does not match model {config['model']['name']} in config.json "
+                        f"({state_dict_mismatch(exc)}): train the run again with --overwrite") from None
     model.eval()
     return model, config
+
+
+def state_dict_mismatch(exc: Exception, limit: int = 300) -> str:
+    """PyTorch's multi-line load_state_dict error as one line: what is missing, unexpected, or
+    of another shape (its first line, 'Error(s) in loading state_dict for X:', says nothing)."""
+    lines = [line.strip().rstrip(".").strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    text = "; ".join(lines) or str(exc).strip() or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from imgflow.errors import UserError
-from imgflow.fileio import read_json, write_json
-from imgflow.training.config import AUGMENTS, TrainConfig
+from imgflow.fileio import expect, read_json, read_json_checked, write_json
+from imgflow.training.config import AUGMENTS, MAX_LR, MAX_WEIGHT_DECAY, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,11 @@ class Dimension:
 
 def search_space(base: TrainConfig) -> dict[str, Dimension]:
     """What can be searched, around the base configuration where it has a scale (the lr)."""
-    decay = (base.weight_decay / 10, base.weight_decay * 10) if base.weight_decay > 0 else (1e-5, 1e-2)
+    # Ten times the base, but never past what a training run accepts.
+    decay = (base.weight_decay / 10, min(base.weight_decay * 10, MAX_WEIGHT_DECAY)) if base.weight_decay > 0 \
+        else (1e-5, 1e-2)
     return {
-        "lr": Dimension("log", base.lr / 10, base.lr * 10),
+        "lr": Dimension("log", base.lr / 10, min(base.lr * 10, MAX_LR)),
         "weight_decay": Dimension("log", *decay),
         "label_smoothing": Dimension("float", 0.0, 0.3),
         "augment": Dimension("choice", choices=AUGMENTS),
@@ -104,7 +106,8 @@ def _base_record(out: Path, base: TrainConfig, space: dict[str, Dimension]) -> d
     started = {"base": base.to_dict(), "search": {n: d.describe() for n, d in space.items()}}
     path = out / RECORD_FILE
     if path.is_file():
-        record = read_json(path, "tune record")
+        record = read_json_checked(path, "tune record", lambda r: expect(r, "an object", "the file"),
+                                   "restore it, or choose another --out")
         before = {k: record.get(k) for k in started}
         if before != started:
             raise UserError(f"{out} holds a study of other settings: run the same command as before to "

@@ -752,7 +752,9 @@ def _record_to_continue(record_path: Path, data: str, seed: int, budget_minutes:
         # A bad DATA fails here, before anything is written.
         check_classifiable(load_dataset(data, progress=progress))
         return record
-    saved = read_json(record_path, "workflow record")
+    from imgflow.reports.workflow_report import read_workflow_record
+
+    saved = read_workflow_record(record_path, to_continue=True)
     # ./data, data and /abs/path/data are the same folder: paths compare resolved.
     same_data = absolute_if_path(str(saved.get("data"))) == absolute_if_path(data)
     if not same_data or saved.get("seed") != seed:

@@ -97,29 +97,36 @@ def file_sha256(path: Path, root: Path) -> str:
 
 
 def tree_sha256(path: Path, root: Path, files: Iterable[tuple[str, Path]],
-                dirs: Iterable[str]) -> str:
+                dirs: Iterable[str], refused: Iterable[str] = ()) -> str:
     """A stable sha256 of a directory tree's content: relative paths and each file's sha256.
 
-    `files` are (relative posix path, absolute path) pairs, `dirs` relative directory paths.
-    Memoised by a fingerprint of every file's path, size and mtime, so an unchanged tree is
-    only stat'ed on later loads, not read.
+    `files` are (relative posix path, absolute path) pairs, `dirs` relative directory paths,
+    `refused` relative paths of entries that cannot be read (hashed by name, so that the cached
+    list of skipped files stays true). Memoised by a fingerprint of every file's path, size and
+    mtime, so an unchanged tree is only stat'ed on later loads, not read.
     """
     files = sorted(files)
     dirs = sorted(dirs)
+    refused = sorted(refused)
+    # os.fsencode, not str.encode: names that are not UTF-8 reach here as lone surrogates.
     stats = [(rel, p.stat()) for rel, p in files]
-    fingerprint = hashlib.sha256(f"tree\0{Path(path).resolve()}\n".encode())
+    fingerprint = hashlib.sha256(b"tree\0" + os.fsencode(Path(path).resolve()) + b"\n")
     for rel, st in stats:
-        fingerprint.update(f"{rel}\0{_stat_text(st)}\n".encode())
+        fingerprint.update(os.fsencode(rel) + f"\0{_stat_text(st)}\n".encode())
     for rel in dirs:
-        fingerprint.update(f"dir\0{rel}\n".encode())
+        fingerprint.update(b"dir\0" + os.fsencode(rel) + b"\n")
+    for rel in refused:
+        fingerprint.update(b"refused\0" + os.fsencode(rel) + b"\n")
     key = fingerprint.hexdigest()[:40]
     cached = _memo_read(root, key)
     if cached is None:
         h = hashlib.sha256()
         for rel, p in files:
-            h.update(f"{rel}\0{_sha256_of_file(p)}\n".encode())
+            h.update(os.fsencode(rel) + f"\0{_sha256_of_file(p)}\n".encode())
         for rel in dirs:
-            h.update(f"{rel}/\n".encode())
+            h.update(os.fsencode(rel) + b"/\n")
+        for rel in refused:
+            h.update(os.fsencode(rel) + b"\0refused\n")
         cached = h.hexdigest()
         _memo_write(root, key, cached)
     return cached

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from imgflow.data.dataset import Dataset, Split
 from imgflow.data.decode import check_fits_in_memory, decode_image, resize_array
-from imgflow.data.readers import Listing, open_reader
+from imgflow.data.readers import Listing, open_reader, printable
 from imgflow.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def read_image_folder(path: Path, image_size: tuple[int, int] | None = None,
 def dataset_name(path: Path) -> str:
     """A folder's or archive's name without archive suffixes: 'cifar10-jpeg.zip' -> 'cifar10-jpeg'."""
     path = Path(path)
-    name = path.resolve().name if path.name in ("", ".", "..") else path.name
+    name = printable(path.resolve().name if path.name in ("", ".", "..") else path.name)
     for suffix in (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".zip", ".tar"):
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]

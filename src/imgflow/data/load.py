@@ -42,6 +42,8 @@ def load_dataset(spec: str, image_size: tuple[int, int] | None = None,
     remarks: warn about skipped files and conversions (False: only at -v, for a run's data that
         was reported when the run trained).
     """
+    if not spec:  # Path("") is the working directory: never what was meant
+        raise UserError("empty DATA: give cifar10, fashion-mnist, or a path to an image folder/.zip/.tar(.gz)")
     root = cache.cache_root(cache_dir)
     if image_size is not None:
         image_size = (int(image_size[0]), int(image_size[1]))
@@ -85,19 +87,30 @@ def _load_path(path: Path, root: Path, image_size, progress: bool) -> Dataset:
     """A directory or archive: official CIFAR-10 batches or an image folder."""
     if path.is_dir():
         official = cifar10.is_official_dir(path)
-        files, dirs = _tree_entries(path)
-        digest = cache.tree_sha256(path, root, files, dirs)
         if official is not None:
             build = lambda: cifar10.read_official_dir(official)  # noqa: E731
         else:
             build = lambda: read_image_folder(path, image_size, progress)  # noqa: E731
     elif path.is_file():
-        digest = cache.file_sha256(path, root)
         build = lambda: _read_archive(path, image_size, progress)  # noqa: E731
     else:
         raise UserError(f"{path} is neither a file nor a directory")
+    digest = _source_sha256(path, root)
     dataset = _cached(root, digest, image_size, build, progress)
     return dataclasses.replace(dataset, name=dataset_name(path), source=str(path), sha256=digest)
+
+
+def _source_sha256(path: Path, root: Path) -> str:
+    """The content hash of a directory or archive; a file that cannot be read is a UserError."""
+    try:
+        if path.is_dir():
+            listing = DirReader(path).list()  # unreadable entries are refused, not read
+            return cache.tree_sha256(path, root, listing.files, listing.dirs,
+                                     [entry["path"] for entry in listing.refused])
+        return cache.file_sha256(path, root)
+    except OSError as exc:  # e.g. an I/O error, or a file replaced while it was read
+        raise UserError(f"cannot read {exc.filename or path}: {exc.strerror or exc} (give a readable "
+                        "image folder or .zip/.tar(.gz) archive as DATA)") from None
 
 
 def _read_archive(path: Path, image_size, progress: bool) -> Dataset:
@@ -110,11 +123,6 @@ def _read_archive(path: Path, image_size, progress: bool) -> Dataset:
         if official:
             return cifar10.read_official_archive(path)
     return read_image_folder(path, image_size, progress)
-
-
-def _tree_entries(path: Path) -> tuple[list[tuple[str, Path]], list[str]]:
-    listing = DirReader(path).list()
-    return listing.files, sorted(listing.dirs)
 
 
 def _cached(root: Path, digest: str, image_size, build, progress: bool) -> Dataset:

@@ -8,9 +8,12 @@ part starting with '.'), `__MACOSX` resource forks and OS thumbnails are ignored
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import mmap
 import os
 import re
+import stat
 import struct
 import tarfile
 import zipfile
@@ -46,6 +49,48 @@ def unsafe_reason(name: str) -> str | None:
     return None
 
 
+def printable(name: str) -> str:
+    """`name` with bytes that are not UTF-8 shown as \\xNN escapes.
+
+    os.walk and tarfile keep such bytes as lone surrogates, which no UTF-8 output (terminal, JSON
+    file, HTML report) can encode: names that become class names and skipped paths must be text.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def unusable_file_reason(path: Path) -> str | None:
+    """Why a directory entry cannot be read as a file (None if it can), without opening it.
+
+    Opening a named pipe blocks forever and a symlink loop or a dangling link fails only when
+    read: those are skipped and listed instead, like undecodable images.
+    """
+    try:
+        st = os.stat(path)  # follows symbolic links
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop: not followed"
+        if os.path.islink(path):
+            return "broken symbolic link (its target does not exist)"
+        return f"cannot read: {exc.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"not a regular file ({_file_kind(st.st_mode)})"
+    if not os.access(path, os.R_OK):
+        return "cannot read: permission denied"
+    return None
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
 @dataclass
 class Listing:
     """What a source holds: files as (relative posix path, handle), directories, refusals."""
@@ -69,16 +114,27 @@ class DirReader:
 
     def list(self) -> Listing:
         listing = Listing()
-        for dirpath, dirnames, filenames in os.walk(self.root):
+
+        def unreadable_folder(exc: OSError) -> None:  # os.walk would skip it silently
+            rel = Path(exc.filename).relative_to(self.root).as_posix()
+            listing.refused.append({"path": printable(rel), "reason": f"cannot read folder: {exc.strerror}"})
+
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=unreadable_folder):
             # Prune hidden folders in place so os.walk never descends into them.
             dirnames[:] = sorted(d for d in dirnames if not is_ignored((d,)))
-            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            rel_dir = printable(Path(dirpath).relative_to(self.root).as_posix())
             prefix = "" if rel_dir == "." else rel_dir + "/"
             for d in dirnames:
-                listing.dirs.add(prefix + d)
+                listing.dirs.add(prefix + printable(d))
             for name in sorted(filenames):
-                if not is_ignored((name,)):
-                    listing.files.append((prefix + name, Path(dirpath) / name))
+                if is_ignored((name,)):
+                    continue
+                path = Path(dirpath) / name
+                reason = unusable_file_reason(path)
+                if reason:
+                    listing.refused.append({"path": prefix + printable(name), "reason": reason})
+                else:
+                    listing.files.append((prefix + printable(name), path))
         return listing
 
     def read(self, handles: list[Any]) -> Iterator[tuple[int, bytes | Exception]]:
@@ -194,24 +250,39 @@ class TarReader:
             members = self.tar.getmembers()
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise UserError(f"cannot read tar archive {self.path}: {exc}") from None
+        self._check_not_truncated()
         for m in members:
-            reason = unsafe_reason(m.name)
-            parts = tuple(p for p in m.name.split("/") if p and p != ".")
+            name = printable(m.name)  # tarfile keeps non-UTF-8 bytes as surrogates
+            reason = unsafe_reason(name)
+            parts = tuple(p for p in name.split("/") if p and p != ".")
             if reason:  # before the hidden-file test: '..' starts with a dot too
-                listing.refused.append({"path": m.name, "reason": reason})
+                listing.refused.append({"path": name, "reason": reason})
             elif not parts or is_ignored(parts):
                 continue
             elif m.isdir():
                 listing.dirs.add("/".join(parts))
             elif m.issym() or m.islnk():
-                listing.refused.append({"path": m.name, "reason": "link in archive: not followed"})
+                listing.refused.append({"path": name, "reason": "link in archive: not followed"})
             elif not m.isfile():
-                listing.refused.append({"path": m.name, "reason": "not a regular file"})
+                listing.refused.append({"path": name, "reason": "not a regular file"})
             elif m.size > MAX_MEMBER_BYTES:
-                listing.refused.append({"path": m.name, "reason": f"{m.size} bytes: too large for an image"})
+                listing.refused.append({"path": name, "reason": f"{m.size} bytes: too large for an image"})
             else:
                 listing.files.append(("/".join(parts), m))
         return listing
+
+    def _check_not_truncated(self) -> None:
+        """Refuse a plain .tar cut short between two members. tarfile then lists the members
+        before the cut and stops without a word (a cut inside a member's data, it does report),
+        so a whole split (test/, say) could silently vanish. A cut compressed archive fails to
+        decompress instead, and is refused where it is read."""
+        raw = self.tar.fileobj
+        if not isinstance(raw, io.BufferedReader):  # a gzip, bz2 or xz stream
+            return
+        raw.seek(self.tar.offset)  # where the header after the last member would start
+        if raw.read(512) != bytes(512):  # a zero block: the end-of-archive marker
+            raise UserError(f"{self.path} is a truncated or corrupt tar archive (no end-of-archive "
+                            "marker after its last member): copy or download it again")
 
     def read(self, handles: list[Any]) -> Iterator[tuple[int, bytes | Exception]]:
         # Increasing offsets only: a .tar.gz then decompresses once more, never from the start

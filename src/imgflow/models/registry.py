@@ -15,6 +15,10 @@ log = logging.getLogger(__name__)
 
 # Every family pools by 2 at least three times; below 8 pixels the seed models run out of image.
 MIN_IMAGE_SIZE = 8
+# The largest model built for real: 250M parameters are 1 GB of float32 weights, and training
+# holds four such copies (weights, gradients, Adam's two moments). The registered models have
+# 0.15-2M at 32x32; seed-baseline's dense layer grows with the image (2.1 billion at 4096x4096).
+MAX_PARAMS = 250_000_000
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,14 @@ def _image_hw(image_size: int | Iterable[int]) -> tuple[int, int]:
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3,
-                 image_size: int | tuple[int, int] = (32, 32), **overrides: Any) -> nn.Module:
-    """Build the registered model `name`; `overrides` replace entries of the variant's kwargs."""
+                 image_size: int | tuple[int, int] = (32, 32), meta: bool = False,
+                 **overrides: Any) -> nn.Module:
+    """Build the registered model `name`; `overrides` replace entries of the variant's kwargs.
+
+    meta: shapes only, on PyTorch's meta device (no memory, no random numbers drawn), for
+    counting parameters and FLOPs of any size. A real build of more than MAX_PARAMS parameters
+    is refused before it allocates anything.
+    """
     spec = get_model_spec(name)
     H, W = _image_hw(image_size)
     if num_classes < 1:
@@ -71,9 +81,30 @@ def create_model(name: str, num_classes: int, in_channels: int = 3,
     if min(H, W) < MIN_IMAGE_SIZE:
         raise UserError(f"image size must be at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, got {H}x{W}")
     kwargs = {**spec.kwargs, **overrides}
-    model = spec.builder(num_classes=num_classes, in_channels=in_channels, image_size=(H, W), **kwargs)
+
+    def build() -> nn.Module:
+        return spec.builder(num_classes=num_classes, in_channels=in_channels, image_size=(H, W), **kwargs)
+
+    if meta or _unusual_size(H, W, num_classes, in_channels):
+        with torch.device("meta"):
+            shapes = build()
+        if meta:
+            return shapes
+        params = count_params(shapes)["params"]
+        if params > MAX_PARAMS:
+            raise UserError(f"{name} for {num_classes:,} classes of {H}x{W}x{in_channels} images would have "
+                            f"{params:,} parameters, more than the {MAX_PARAMS:,} this machine can train: "
+                            "use a smaller --image-size (or fewer classes)")
+    model = build()
     log.debug("created %s for %d classes, %d channels, %dx%d", name, num_classes, in_channels, H, W)
     return model
+
+
+def _unusual_size(H: int, W: int, num_classes: int, in_channels: int) -> bool:
+    """Beyond these every registered model stays far below MAX_PARAMS and a forward pass of one
+    image is cheap; outside them sizes are checked (and counted) on PyTorch's meta device first,
+    whose first use costs ~2 s of set-up."""
+    return H * W > 128 * 128 or num_classes > 10_000 or in_channels > 16
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
@@ -90,7 +121,8 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 
 def count_flops(model: nn.Module, in_channels: int = 3, image_size: tuple[int, int] = (32, 32)) -> int:
-    """Forward FLOPs per image of the Conv2d and Linear layers (a multiply-add counts as 2)."""
+    """Forward FLOPs per image of the Conv2d and Linear layers (a multiply-add counts as 2); on a
+    meta-device model (create_model(meta=True)) without computing or allocating anything."""
     flops = 0
 
     def conv_hook(m: nn.Conv2d, inputs: tuple, out: torch.Tensor) -> None:
@@ -114,7 +146,7 @@ def count_flops(model: nn.Module, in_channels: int = 3, image_size: tuple[int, i
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, in_channels, *image_size))
+            model(torch.zeros(1, in_channels, *image_size, device=next(model.parameters()).device))
     finally:
         model.train(was_training)
         for h in handles:
@@ -126,9 +158,12 @@ def describe_models(num_classes: int = 10, in_channels: int = 3,
                     image_size: tuple[int, int] = (32, 32)) -> list[dict[str, Any]]:
     """One row per registered model: name, Keras-style parameter counts, description, family, MFLOPs."""
     H, W = _image_hw(image_size)
+    # Counting needs only shapes: an unusual size (4096x4096 images, 10^8 classes) is counted on
+    # the meta device, which allocates nothing, instead of gigabytes for a table.
+    meta = _unusual_size(H, W, num_classes, in_channels)
     rows = []
     for name, spec in _REGISTRY.items():
-        model = create_model(name, num_classes, in_channels, (H, W))
+        model = create_model(name, num_classes, in_channels, (H, W), meta=meta)
         rows.append({
             "name": name,
             **count_params(model),

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Sequence
 
 from imgflow.errors import UserError
-from imgflow.fileio import atomic_write_text, read_json
+from imgflow.fileio import atomic_write_text
 from imgflow.reports import figures
 from imgflow.reports.html import Markup, image, note, number, page, paragraph, table
 from imgflow.reports.run_report import duration, require_run_files
-from imgflow.runs import RunPaths
+from imgflow.runs import RunPaths, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _summary(run_dir: Path) -> dict:
 
         log.info("%s has not been evaluated: evaluating it on its test split first", run_dir)
         evaluate_run(run_dir)
-    return {"config": config, "history": history, "metrics": read_json(paths.metrics, "test metrics")}
+    return {"config": config, "history": history, "metrics": read_metrics(run_dir)}
 
 
 def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import logging
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from imgflow.errors import UserError
-from imgflow.fileio import atomic_write_text, read_json
+from imgflow.fileio import atomic_write_text
 from imgflow.reports import figures
 from imgflow.reports.html import (Markup, figures as side_by_side, image, key_values, note, number,
                                   page, paragraph, table, tag)
-from imgflow.runs import RunPaths, read_run_config, unfinished_run_advice
+from imgflow.runs import RunPaths, read_metrics, read_run_config, unfinished_run_advice
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +81,16 @@ def _read_predictions(path: Path, metrics: dict, num_classes: int) -> tuple[np.n
     try:
         with np.load(path, allow_pickle=False) as f:
             probs, labels = f["probs"], f["labels"]
-    except (OSError, ValueError, KeyError) as exc:
+    # a truncated .npz is a broken zip; a member cut short is an EOFError or a ValueError
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"cannot read {path}: {exc}; re-run 'imgflow evaluate {path.parent}'") from None
-    N = len(labels)
+    N = len(labels) if labels.ndim == 1 else -1
     consistent = (probs.shape == (N, num_classes) and N == metrics["num_images"]
                   and abs(float((probs.argmax(1) == labels).mean()) - metrics["accuracy"]) < 1e-9)
     if not consistent:
         raise UserError(f"{path} and metrics.json do not describe the same evaluation: "
                         f"re-run 'imgflow evaluate {path.parent}'")
     return probs, labels
-
-
-# What the report reads from metrics.json (written by imgflow.evaluation.evaluate_run).
-METRICS_KEYS = ("accuracy", "balanced_accuracy", "loss", "per_class", "confusion_matrix", "num_images",
-                "majority_baseline_accuracy", "majority_class", "random_baseline_accuracy")
 
 
 def _load_data(config: dict, labels: np.ndarray):
@@ -380,11 +377,7 @@ def report_run(run_dir: Path, out_dir: Path | None = None) -> Path:
 
         log.info("%s has not been evaluated: evaluating it on its test split first", run_dir)
         evaluate_run(run_dir)
-    metrics = read_json(paths.metrics, "test metrics")
-    missing = [k for k in METRICS_KEYS if k not in metrics]
-    if missing:
-        raise UserError(f"{paths.metrics} lacks {', '.join(missing)} (damaged or from another tool): "
-                        f"re-run 'imgflow evaluate {run_dir}'")
+    metrics = read_metrics(run_dir)
     classes = list(metrics["per_class"])
     if classes != config["data"]["classes"]:
         raise UserError(f"{paths.metrics} does not match the run's classes: "

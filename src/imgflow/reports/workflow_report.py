@@ -9,20 +9,31 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from imgflow.errors import UserError
-from imgflow.fileio import atomic_write_text, read_json
+from imgflow.errors import MalformedContent, UserError
+from imgflow.fileio import atomic_write_text, expect, field, list_of, read_json_checked
 from imgflow.reports import figures
 from imgflow.reports.html import (Markup, figures as side_by_side, image, key_values, note, number,
                                   page, paragraph, table, tag)
 from imgflow.reports.run_report import data_section, duration
-from imgflow.runs import RunPaths, read_run_config
+from imgflow.runs import RunPaths, read_metrics, read_run_config
 
 log = logging.getLogger(__name__)
 
 NUM_STEPS = 8  # the workflow's steps; a shorter record is an interrupted workflow
+# What the steps leave in the record's state for the later steps to read, and its kind.
+STATE_FIELDS = {"test_split": "a number", "balance_ratio": "a number", "classes": "a list",
+                "metric": "a string", "protocol": "an object", "scaled": "an object",
+                "chosen": "an object", "plans": "an object"}
+RECORD_FIELDS = {"data": "a string", "seed": "an integer", "budget_minutes": "a number",
+                 "elapsed_minutes": "a number", "steps": "a list", "state": "an object",
+                 "test_accuracy": "a number", "final_run": "a string", "report": "a string"}
+STEP_FIELDS = {"name": "a string", "decision": "a string", "why": "a string"}
+OPTIONAL_STEP_FIELDS = {"metrics": "an object", "card": "an object", "figures": "an object",
+                        "runs": "a list", "candidates": "a list", "usage": "a string", "seconds": "a number"}
 FIGURES = ("baseline_curves.png", "overfit_curves.png", "candidates_curves.png")
 # The final run's figures shown in step 8, in page order; each is shown when its report drew it
 # (a many-class data set gets confusion_top + the overview instead of the labelled matrices).
@@ -272,7 +283,7 @@ def _step_final(step: dict, out: Path) -> Markup:
     parts = []
     metrics_path = RunPaths(final).metrics if final else None
     if metrics_path is not None and metrics_path.is_file():
-        metrics = read_json(metrics_path, "test metrics")
+        metrics = read_metrics(final)
 
         def both(v):
             return f"{v:.4f} ({v:.2%})"
@@ -419,6 +430,59 @@ def _budget(record: dict, steps: list[dict], runs: dict, split: tuple[int, int] 
 
 
 # ----------------------------------------------------------------------------------------------
+# reading workflow.json
+
+
+def read_workflow_record(path: Path, to_continue: bool = False) -> dict:
+    """OUT/workflow.json, checked: a damaged one is a UserError naming the field at fault.
+
+    to_continue: the workflow will run its next steps, which read what the finished ones left
+    in the state (a report needs less).
+    """
+    return read_json_checked(path, "workflow record",
+                             check_record_to_continue if to_continue else check_workflow_record,
+                             "restore it, or choose another --out to start the workflow over")
+
+
+def check_workflow_record(record: Any) -> dict:
+    """workflow.json's content if what it holds has the right kinds: its settings, the steps, and
+    the state they left (a report is written from as little as the steps' decisions)."""
+    expect(record, "an object", "the file")
+    for key, kind in RECORD_FIELDS.items():
+        if record.get(key) is not None:
+            field(record, key, kind)
+    steps = record.get("steps", [])
+    if len(steps) > NUM_STEPS:
+        raise MalformedContent(f"'steps' has {len(steps)} items, at most {NUM_STEPS}")
+    for step_number, step in enumerate(steps, 1):
+        where = f"steps.{step_number}."
+        expect(step, "an object", f"'steps.{step_number}'")
+        for key, kind in STEP_FIELDS.items():
+            field(step, key, kind, where)
+        for key, kind in OPTIONAL_STEP_FIELDS.items():
+            if step.get(key) is not None:
+                field(step, key, kind, where)
+        list_of(step.get("runs", []), "a string", f"'{where}runs'")
+    state = record.get("state", {})
+    for key, kind in STATE_FIELDS.items():
+        if key in state:
+            field(state, key, kind, "state.")
+    for key in ("scaled", "chosen"):  # the settings later runs start from
+        if key in state:
+            field(state[key], "settings", "an object", f"state.{key}.")
+    return record
+
+
+def check_record_to_continue(record: Any) -> dict:
+    """check_workflow_record, with every setting the workflow continues from present."""
+    check_workflow_record(record)
+    for key, kind in RECORD_FIELDS.items():
+        if key not in ("test_accuracy", "final_run", "report"):  # written once the workflow ends
+            field(record, key, kind)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
 # the report
 
 
@@ -429,9 +493,9 @@ def write_workflow_report(out_dir: Path) -> Path:
     if not record_path.is_file():
         raise UserError(f"{out} holds no workflow.json: it is not an 'imgflow workflow' output "
                         f"directory (run 'imgflow workflow DATA --out {out}' first)")
-    record = read_json(record_path, "workflow record")
-    steps = record.get("steps", [])
-    state = record.get("state", {})
+    record = read_workflow_record(record_path)
+    steps = record.get("steps") or []
+    state = record.get("state") or {}
     plots = out / "plots"
     runs = {relative: _run(out, relative) for step in steps for relative in step.get("runs", [])}
     card = steps[0].get("card") if steps else None

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from imgflow.errors import UserError
+from imgflow.errors import MalformedContent, UserError
+from imgflow.fileio import expect, list_of
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "onecycle", "cosine")
@@ -16,6 +16,12 @@ NORMALIZATIONS = ("scale", "standardize")
 PRECISIONS = ("auto", "fp32", "bf16")
 VAL_MODES = ("last", "stratified")
 FLIPS = ("random", "alternate")
+# Upper bounds far above any value that trains, so that a typo (1e39 for 1e-3) is refused up
+# front instead of overflowing float32 inside the optimiser or the schedule's step count.
+MAX_LR = 100.0  # SGD at lr 100 already diverges in its first steps on the tests' data
+MAX_WEIGHT_DECAY = 1.0  # typical values are 1e-4..0.1
+MAX_BN_LR_SCALE = 1000.0  # airbench uses 64
+MAX_WARMUP_EPOCHS = 1000.0  # the engine caps warmup at half the run anyway
 
 
 @dataclass(frozen=True)
@@ -65,16 +71,19 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (0 < self.lr < math.inf, f"--lr must be a number > 0, got {self.lr}"),
-            (0 <= self.weight_decay < math.inf, f"--weight-decay must be a number >= 0, got {self.weight_decay}"),
+            (0 < self.lr <= MAX_LR, f"--lr must be > 0 and <= {MAX_LR:g}, got {self.lr}"),
+            (0 <= self.weight_decay <= MAX_WEIGHT_DECAY,
+             f"--weight-decay must be >= 0 and <= {MAX_WEIGHT_DECAY:g}, got {self.weight_decay}"),
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
             (0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}"),
             (0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (0 <= self.warmup_epochs <= MAX_WARMUP_EPOCHS,
+             f"--warmup-epochs must be >= 0 and <= {MAX_WARMUP_EPOCHS:g}, got {self.warmup_epochs}"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
             (0 <= self.lr_floor <= 1, f"--lr-floor must be in [0, 1], got {self.lr_floor}"),
-            (self.bn_lr_scale > 0, f"--bn-lr-scale must be > 0, got {self.bn_lr_scale}"),
+            (0 < self.bn_lr_scale <= MAX_BN_LR_SCALE,
+             f"--bn-lr-scale must be > 0 and <= {MAX_BN_LR_SCALE:g}, got {self.bn_lr_scale}"),
             (self.lookahead >= 0, f"--lookahead must be >= 0, got {self.lookahead}"),
             (self.flip in FLIPS, f"unknown flip {self.flip!r}: use one of {', '.join(FLIPS)}"),
             (self.flip == "random" or "flip" in self.augment,
@@ -120,11 +129,31 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if d.get("image_size"):
-            d["image_size"] = tuple(d["image_size"])
-        return cls(**d)
+        """From config.json's 'train': settings it lacks take their defaults (a run from before
+        they existed), unknown ones are ignored; MalformedContent names one of the wrong kind."""
+        expect(d, "an object", "'train'")
+        values = {}
+        for f in fields(cls):
+            if f.name in d:
+                values[f.name] = _setting(f, d[f.name])
+            elif f.default is dataclasses.MISSING:
+                raise MalformedContent(f"'train.{f.name}' is missing")
+        return cls(**values)
+
+
+_KIND_OF_DEFAULT = {int: "an integer", float: "a number", str: "a string"}
+_KIND_WHEN_NOT_NONE = {"threads": "an integer", "preset": "a string"}
+
+
+def _setting(f: dataclasses.Field, value: Any) -> Any:
+    """One 'train' value from config.json, checked against the kind of its field."""
+    name = f"'train.{f.name}'"
+    if f.name == "image_size":
+        return None if value in (None, []) else tuple(list_of(value, "an integer", name, 2))
+    if f.default is None:
+        return None if value is None else expect(value, _KIND_WHEN_NOT_NONE[f.name], name)
+    kind = "a string" if f.default is dataclasses.MISSING else _KIND_OF_DEFAULT[type(f.default)]
+    return expect(value, kind, name)
 
 
 def check_seed_and_threads(seed: int, threads: int | None) -> None:
@@ -231,23 +260,18 @@ def _started_config(args: argparse.Namespace) -> "TrainConfig | None":
     """The config a run in --out was started with, or None when there is none to continue."""
     from pathlib import Path
 
-    from imgflow.fileio import read_json
+    from imgflow.runs import read_run_config
 
-    path = Path(args.out) / "config.json" if args.out else None
-    if path is None or not path.is_file():
+    if not args.out or not (Path(args.out) / "config.json").is_file():
         return None
-    started = read_json(path, "run config").get("train")
-    if not isinstance(started, dict) or not {"data", "model"} <= started.keys():
-        raise UserError(f"{path} is damaged (no 'train' settings with data and model): "
-                        "start the run again with --overwrite and its options")
-    return TrainConfig.from_dict(started)
+    return TrainConfig.from_dict(read_run_config(Path(args.out))["train"])  # checked as it is read
 
 
-def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_int, image_size) -> None:
+def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_int, image_size, path=str) -> None:
     """The `imgflow train` options. Defaults are None so that presets can fill them."""
-    p.add_argument("data", nargs="?", help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images "
+    p.add_argument("data", nargs="?", type=path, help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images "
                    "(with --resume: taken from the run's config.json when left out)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<model>-seed<N>)")
+    p.add_argument("--out", type=path, default=None, help="run directory (default: runs/<model>-seed<N>)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out, with the options it was started with")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
@@ -260,15 +284,15 @@ def add_config_arguments(p: argparse.ArgumentParser, positive_int, non_negative_
     p.add_argument("--preset", help=f"named configuration: {', '.join(PRESETS)}")
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (at most {MAX_LR:g})")
     p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--weight-decay", type=float, help=f"0 to {MAX_WEIGHT_DECAY:g}")
     p.add_argument("--schedule", choices=SCHEDULES)
-    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--warmup-epochs", type=float, help=f"0 to {MAX_WARMUP_EPOCHS:g}")
     p.add_argument("--lr-floor", type=float, help="decay to this fraction of --lr, e.g. 0.07")
     p.add_argument("--bn-lr-scale", type=float,
-                   help="lr multiplier for BatchNorm parameters (airbench: 64)")
+                   help=f"lr multiplier for BatchNorm parameters (airbench: 64; at most {MAX_BN_LR_SCALE:g})")
     p.add_argument("--lookahead", type=non_negative_int, metavar="N",
                    help="every N steps average the weights with a slow copy (airbench: 5; 0 = off)")
     p.add_argument("--label-smoothing", type=float)

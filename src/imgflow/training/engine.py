@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,13 +34,13 @@ from tqdm import tqdm
 
 from imgflow.data import Dataset, Split, channel_stats
 from imgflow.data.splits import kfold_split, split_train_val, stratified_subset
-from imgflow.errors import UserError
+from imgflow.errors import MalformedContent, UserError
 from imgflow.fileio import atomic_write, atomic_write_text, read_json, write_json
 from imgflow.inference import loss_and_accuracy, predict_logits
 from imgflow.models import count_params, create_model
 from imgflow.precision import autocast, resolve_precision, set_threads
 from imgflow.preprocess import Preprocessing, to_model_input
-from imgflow.runs import RunPaths, holds_run, is_finished, load_run_data
+from imgflow.runs import RunPaths, holds_run, is_finished, load_run_data, read_run_config, state_dict_mismatch
 from imgflow.training.augment import (alternating_flips, augment_batch, flip_mask, seeded_generator,
                                       step_generator)
 from imgflow.training.batchnorm import has_batchnorm, reestimate_on_training_part
@@ -257,7 +258,7 @@ def config_differences(run_dir: Path, config: TrainConfig) -> list[str]:
     paths = RunPaths(run_dir)
     if not paths.config.is_file():
         return []
-    saved = read_json(paths.config, "run config").get("train", {})
+    saved = read_run_config(run_dir)["train"]
     mine = config.to_dict()
     # An option added after the run started is missing from its config: the run used
     # what is now that option's default.
@@ -351,29 +352,66 @@ def write_history(path: Path, rows: list[dict]) -> None:
 
 
 def read_history(path: Path) -> list[dict]:
-    """history.csv as a list of dicts with floats (empty cells -> None)."""
+    """history.csv as a list of dicts with floats (empty cells -> None); a damaged file (not
+    UTF-8, missing columns, cells that are not numbers) is a UserError."""
     if not Path(path).is_file():
         raise UserError(f"history not found: {path}")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    out = []
-    for row in rows:
-        parsed = {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-        parsed["epoch"] = int(parsed["epoch"])
-        out.append(parsed)
-    return out
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in HISTORY_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise MalformedContent(f"its header lacks {', '.join(missing)}")
+            return [_history_row(row, reader.line_num) for row in reader]
+    except UnicodeDecodeError as exc:
+        detail = f"byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8 text"
+    except (MalformedContent, csv.Error) as exc:
+        detail = str(exc)
+    raise UserError(f"{path} is not a valid imgflow history: {detail}; restore it, or train the run "
+                    "again (imgflow train ... --overwrite)")
+
+
+def _history_row(row: dict, line: int) -> dict:
+    if None in row or None in row.values():  # csv's markers for extra and for missing cells
+        raise MalformedContent(f"line {line} does not have one cell per column")
+    try:
+        parsed = {k: (float(v) if v != "" else None) for k, v in row.items()}
+    except ValueError:
+        raise MalformedContent(f"line {line} holds a cell that is not a number") from None
+    if parsed["epoch"] is None or not parsed["epoch"].is_integer():
+        raise MalformedContent(f"line {line} has no whole epoch number")
+    parsed["epoch"] = int(parsed["epoch"])
+    return parsed
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+_CHECKPOINT_KEYS = ("model", "optimizer", "rng", "history", "epoch", "step", "global_step", "sums",
+                    "best", "elapsed")
+
+
+def _unreadable_checkpoint(path: Path, detail: str) -> UserError:
+    return UserError(f"checkpoint {path} is unreadable ({detail}): delete {Path(path).parent} to start "
+                     "the run over, or train again with --overwrite")
+
+
 def load_checkpoint(path: Path) -> dict:
-    # weights_only: the restricted unpickler, tensors and plain containers only.
+    # weights_only: the restricted unpickler, tensors and plain containers only. PyTorch's own
+    # message on failure spans lines and suggests weights_only=False, which would run any code
+    # the file holds: never pass it on.
     try:
-        return torch.load(path, weights_only=True)
-    except Exception as exc:  # a corrupt checkpoint is the user's to delete, not a crash
-        raise UserError(f"cannot read checkpoint {path}: {exc}; delete it to restart the run") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol ..." on foreign pickles
+            checkpoint = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means a corrupt or foreign file
+        raise _unreadable_checkpoint(path, f"truncated, corrupt or not an imgflow checkpoint: "
+                                          f"{type(exc).__name__}") from None
+    missing = [k for k in _CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else ["all"]
+    if missing or not isinstance(checkpoint["epoch"], int):
+        raise _unreadable_checkpoint(path, f"not an imgflow checkpoint: missing {', '.join(missing) or 'epoch'}")
+    return checkpoint
 
 
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -584,7 +622,7 @@ def train_one_epoch(learner: Learner, batches: EpochBatches, loop: LoopState,
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower --lr "
                     f"(now {config.lr}) and start again with --overwrite")
-            learner.update(loss, loop.global_step + 1)
+            _update_or_diverge(learner, loss, loop.global_step + 1, f"epoch {epoch + 1}, step {step + 1}")
             loop.global_step += 1
             loop.step = step + 1
             sums["loss"] += loss.item() * len(labels)
@@ -597,6 +635,21 @@ def train_one_epoch(learner: Learner, batches: EpochBatches, loop: LoopState,
                             img_s=f"{sums['seen'] / max(sums['seconds'], 1e-9):.0f}", refresh=False)
             after_step()
     return {"train_loss": sums["loss"] / sums["seen"], "train_acc": sums["correct"] / sums["seen"]}
+
+
+def _update_or_diverge(learner: Learner, loss: torch.Tensor, step: int, where: str) -> None:
+    """learner.update, with a float32 overflow inside the optimiser reported as divergence."""
+    try:
+        learner.update(loss, step)
+    except RuntimeError as exc:
+        # PyTorch refuses a scalar (lr x scale, decay) that does not fit the float32 weights.
+        if "overflow" not in str(exc):
+            raise
+        config = learner.config
+        raise TrainingDiverged(
+            f"the update overflowed float32 at {where}: lower --lr (now {config.lr}), --weight-decay "
+            f"(now {config.weight_decay}) or --bn-lr-scale (now {config.bn_lr_scale}) and start again "
+            "with --overwrite") from None
 
 
 def validate_epoch(learner: Learner, val_part: Split | None, loop: LoopState) -> dict:
@@ -724,6 +777,8 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
     paths = RunPaths(run_dir)
     if progress is None:
         progress = sys.stderr.isatty()
+    # A damaged checkpoint is refused before the data set loads (and prints its remarks).
+    checkpoint = load_checkpoint(paths.checkpoint) if resume and paths.checkpoint.is_file() else None
 
     dataset = load_run_data(config.to_dict(), progress=progress, remarks=True)
     check_classifiable(dataset)
@@ -742,9 +797,6 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
         return lr_at(step, total_steps, config.lr, config.schedule, warmup_steps, final_fraction=config.lr_floor)
 
     # Everything is validated and loaded: only now touch the run directory.
-    checkpoint = None
-    if resume and paths.checkpoint.is_file():
-        checkpoint = load_checkpoint(paths.checkpoint)
     finished = checkpoint is None or checkpoint["epoch"] >= config.epochs
     if resume and finished and is_finished(run_dir):
         log.info("%s has already finished; nothing to resume", run_dir)
@@ -756,7 +808,11 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
 
     loop = LoopState()
     if checkpoint is not None:
-        loop = restore_checkpoint(checkpoint, learner)
+        try:
+            loop = restore_checkpoint(checkpoint, learner)
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # tensors of another shape, ...
+            raise _unreadable_checkpoint(paths.checkpoint, f"it does not fit this run: "
+                                                           f"{state_dict_mismatch(exc)}") from None
         log.info("resuming %s at epoch %d, step %d/%d", run_dir, loop.epoch + 1, loop.step, batches.steps)
     log.info("training %s (%s params) on %s: %d train / %d val images, %d epochs of %d steps, %s, %d threads",
              config.model, f"{run_config['model']['params']:,}", dataset.name, len(train_part),
