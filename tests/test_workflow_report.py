@@ -119,6 +119,8 @@ def test_the_eight_steps_appear_in_order_then_the_budget(report):
     assert "9.13% here (60 validation images)" in report and "one-standard-error rule" in report
     assert "fewer than the 3 validated" in report  # step 8 cut epochs to keep all the images
     assert "2 regularised candidates trained 2 epochs each" in report  # "none" would not count
+    assert re.search(r"<code>imgflow tune \S+ --model seed-baseline .*--folds 5.* --trials 20 --out \S+/tune</code>",
+                     report)  # a wider search, based on the chosen run
 
 
 def test_every_figure_is_embedded_from_its_file(workflow_out, report):

@@ -361,6 +361,20 @@ def _summary(record: dict, steps: list[dict]) -> Markup:
     return Markup("".join(parts))
 
 
+def _tune_command(record: dict, runs: dict) -> str | None:
+    """`imgflow tune` with the chosen step-7 run's settings as its base, or None without that run."""
+    from imgflow.training.config import TrainConfig
+    from imgflow.tune import train_command
+
+    chosen_record = record.get("state", {}).get("chosen", {})
+    chosen = runs.get(chosen_record.get("run") or next(iter(chosen_record.get("runs", [])), None))
+    if chosen is None:
+        return None
+    command = train_command(TrainConfig.from_dict(chosen["config"]["train"]))
+    out = Path(record.get("final_run") or "runs/x").parent.parent / "tune"  # beside runs/, in OUT
+    return command.replace("imgflow train", "imgflow tune", 1) + f" --trials 20 --out {out}"
+
+
 def _budget(record: dict, steps: list[dict], runs: dict, split: tuple[int, int] | None) -> Markup:
     """Where the time went (one row per training run) and what the budget cut short."""
     rows = []
@@ -411,6 +425,9 @@ def _budget(record: dict, steps: list[dict], runs: dict, split: tuple[int, int] 
             sentence += (f", fewer than the {overfit_epochs} of the overfitting run: regularisation "
                          "pays off late, so longer candidate runs could rank them differently")
         findings.append(sentence + ".")
+        if command := _tune_command(record, runs):
+            findings.append(Markup(f"A wider search than these fixed candidates, on the same data, "
+                                   f"model and epochs (validation only): {tag('code', command)}"))
     final = _first_run(runs, steps, 7)
     if final is not None and split is not None:
         used, total = final["config"]["data"]["num_train"], sum(split)
