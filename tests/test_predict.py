@@ -78,6 +78,16 @@ def test_predict_table_lists_files_and_errors(tiny_run, photos, capsys):
     assert lines[-1] == "1 image(s) classified, 2 could not be read"
 
 
+def test_a_named_pipe_is_an_unreadable_file_not_a_hang(tiny_run, photos, tmp_path, capsys):
+    import os
+
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)  # reading it would block until a writer came
+    rc, out, err = run_cli(capsys, "predict", str(tiny_run), str(photos / "a_plain.png"), str(pipe))
+    assert rc == 0, err
+    assert out.splitlines()[2].split(None, 1) == [str(pipe), "error: not a regular file (a pipe, socket or device)"]
+
+
 def test_predict_exit_2_when_nothing_readable(tiny_run, photos, tmp_path, capsys):
     rc, out, err = run_cli(capsys, "predict", str(tiny_run), str(photos / "broken.png"))
     assert rc == 2 and out == ""

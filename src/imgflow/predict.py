@@ -92,10 +92,17 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
+class NotARegularFile(OSError):
+    """A pipe, socket or device named as an image: reading it could block or never end."""
+
+
 def read_image(path: Path, spec: InputSpec) -> np.ndarray:
     """One file -> uint8 (H, W, C) at the model's size and channel count (raises if unreadable)."""
     size = spec.image_size
-    array = decode_image(Path(path).read_bytes(), size if spec.jpeg_draft else None)
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise NotARegularFile(f"{path} is not a regular file")
+    array = decode_image(path.read_bytes(), size if spec.jpeg_draft else None)
     if array.shape[:2] != size:  # as the folder loader resizes to the data set's common size
         array = resize_array(array, size)
     if spec.channels == 3:
@@ -108,6 +115,8 @@ def read_image(path: Path, spec: InputSpec) -> np.ndarray:
 def _read_reason(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         return "no such file"
+    if isinstance(exc, NotARegularFile):
+        return "not a regular file (a pipe, socket or device)"
     if isinstance(exc, (IsADirectoryError, PermissionError)):
         return f"cannot read: {exc.strerror}"
     return unreadable_reason(exc)
