@@ -83,9 +83,10 @@ def test_a_named_pipe_is_an_unreadable_file_not_a_hang(tiny_run, photos, tmp_pat
 
     pipe = tmp_path / "pipe.png"
     os.mkfifo(pipe)  # reading it would block until a writer came
-    rc, out, err = run_cli(capsys, "predict", str(tiny_run), str(photos / "a_plain.png"), str(pipe))
+    rc, out, err = run_cli(capsys, "predict", str(tiny_run), str(photos / "a_plain.png"), str(pipe), "--json")
     assert rc == 0, err
-    assert out.splitlines()[2].split(None, 1) == [str(pipe), "error: not a regular file (a pipe, socket or device)"]
+    assert json.loads(out)[1] == {"image": str(pipe), "top": [],
+                                  "error": "not a regular file (a pipe, socket or device)"}
 
 
 def test_predict_exit_2_when_nothing_readable(tiny_run, photos, tmp_path, capsys):
