@@ -80,7 +80,7 @@ def test_an_interrupted_study_continues_to_the_same_trials(study, tiny_data, tmp
 
     monkeypatch.setattr(engine, "train", train_cut_short)
     out = tmp_path / "study"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="run the same 'imgflow tune' command"):
         _tune(tiny_data, out)
     assert interrupted and len(json.loads((out / "tune.json").read_text())["trials"]) == 2
     resumed = _tune(tiny_data, out)

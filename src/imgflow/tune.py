@@ -230,6 +230,10 @@ def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = Non
         log.info("trial %d of %d", index + 1, trials)
         try:
             value = _run_trial(trial, optuna, base, space, out, index, progress)
+        except KeyboardInterrupt:
+            # The trial stays 'running' in study.db; the next invocation queues it again.
+            raise KeyboardInterrupt(f"trial {index + 1} saved a checkpoint; run the same 'imgflow tune' "
+                                    "command to continue the study") from None
         except optuna.TrialPruned as exc:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             log.info("trial %d pruned: %s", index + 1, exc)
