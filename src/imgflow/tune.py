@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from imgflow.errors import UserError
 from imgflow.fileio import expect, read_json, read_json_checked, write_json
@@ -218,30 +219,36 @@ def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = Non
     t0 = time.perf_counter()
     record = _record(study, optuna, started, trials)
     write_json(out / RECORD_FILE, record)
-    while (index := _finished_count(study, optuna)) < trials:
-        if budget_minutes is not None and time.perf_counter() - t0 > budget_minutes * 60:
-            log.info("budget of %g min used: %d of %d trials done; run the same command to go on",
-                     budget_minutes, index, trials)
-            break
-        study.sampler = optuna.samplers.TPESampler(
-            seed=int(np.random.SeedSequence([base.seed, index]).generate_state(1)[0]),
-            n_startup_trials=STARTUP_TRIALS)
-        trial = study.ask()
-        log.info("trial %d of %d", index + 1, trials)
-        try:
-            value = _run_trial(trial, optuna, base, space, out, index, progress)
-        except KeyboardInterrupt:
-            # The trial stays 'running' in study.db; the next invocation queues it again.
-            raise KeyboardInterrupt(f"trial {index + 1} saved a checkpoint; run the same 'imgflow tune' "
-                                    "command to continue the study") from None
-        except optuna.TrialPruned as exc:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            log.info("trial %d pruned: %s", index + 1, exc)
-        else:
-            study.tell(trial, value)
-            log.info("trial %d: validation accuracy %.4f with %s", index + 1, value, _params_text(trial.params))
-        record = _record(study, optuna, started, trials)
-        write_json(out / RECORD_FILE, record)
+    # Over the trials, with the best score so far; each trial's epochs show their own bar below.
+    with tqdm(total=trials, initial=min(_finished_count(study, optuna), trials), desc="tune", unit="trial",
+              disable=not progress, dynamic_ncols=True) as bar:
+        while (index := _finished_count(study, optuna)) < trials:
+            if budget_minutes is not None and time.perf_counter() - t0 > budget_minutes * 60:
+                log.info("budget of %g min used: %d of %d trials done; run the same command to go on",
+                         budget_minutes, index, trials)
+                break
+            study.sampler = optuna.samplers.TPESampler(
+                seed=int(np.random.SeedSequence([base.seed, index]).generate_state(1)[0]),
+                n_startup_trials=STARTUP_TRIALS)
+            trial = study.ask()
+            log.info("trial %d of %d", index + 1, trials)
+            try:
+                value = _run_trial(trial, optuna, base, space, out, index, progress)
+            except KeyboardInterrupt:
+                # The trial stays 'running' in study.db; the next invocation queues it again.
+                raise KeyboardInterrupt(f"trial {index + 1} saved a checkpoint; run the same 'imgflow tune' "
+                                        "command to continue the study") from None
+            except optuna.TrialPruned as exc:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                log.info("trial %d pruned: %s", index + 1, exc)
+            else:
+                study.tell(trial, value)
+                log.info("trial %d: validation accuracy %.4f with %s", index + 1, value, _params_text(trial.params))
+            record = _record(study, optuna, started, trials)
+            write_json(out / RECORD_FILE, record)
+            bar.update(1)
+            if record["best"]:
+                bar.set_postfix(best=f"{record['best']['val_acc']:.4f}")
     _write_report(out, record)
     return record
 
