@@ -255,7 +255,7 @@ def test_a_data_file_that_cannot_be_read_is_a_user_error(tmp_path, monkeypatch):
     def failing(path):
         raise OSError(errno.EIO, "Input/output error", str(path))
 
-    monkeypatch.setattr(cache, "_sha256_of_file", failing)  # as reading /proc/self/mem fails
+    monkeypatch.setattr(cache, "sha256_of_file", failing)  # as reading /proc/self/mem fails
     archive = tmp_path / "data.zip"
     archive.write_bytes(b"PK")
     with pytest.raises(UserError, match=f"cannot read {archive}: Input/output error"):

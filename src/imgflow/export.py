@@ -15,7 +15,6 @@ parity.json too, and the failed check's numbers go to parity-failed.json.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from imgflow.data.cache import sha256_of_file
 from imgflow.errors import UserError
 from imgflow.fileio import write_json
 from imgflow.inference import predict_logits
@@ -103,7 +103,7 @@ def model_card(config: dict, run_dir: Path) -> dict:
         "source": {
             "run": Path(run_dir).resolve().name,  # a name, not a path: the file may be shared
             # Which model exactly: an export directory never mixes models (_check_out_dir).
-            "weights_sha256": hashlib.sha256(RunPaths(run_dir).weights.read_bytes()).hexdigest(),
+            "weights_sha256": sha256_of_file(RunPaths(run_dir).weights),
             "data": config["data"].get("name"),
             "trained_precision": config.get("precision"),
             "test_accuracy": metrics.get("accuracy"),

@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from imgflow.errors import UserError
-from imgflow.fileio import expect, read_json, read_json_checked, write_json
+from imgflow.fileio import expect, read_json_checked, write_json
+from imgflow.runs import holds_run, read_run_config
 from imgflow.training.config import AUGMENTS, MAX_LR, MAX_WEIGHT_DECAY, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def _base_record(out: Path, base: TrainConfig, space: dict[str, Dimension]) -> d
         if before != started:
             raise UserError(f"{out} holds a study of other settings: run the same command as before to "
                             "continue it, or choose another --out")
-    elif (out / STUDY_FILE).exists() or (out / "config.json").exists() or (out / "workflow.json").exists():
+    elif (out / STUDY_FILE).exists() or holds_run(out) or (out / "workflow.json").exists():
         raise UserError(f"{out} holds something other than an imgflow study: choose another --out")
     return started
 
@@ -186,8 +187,7 @@ def _run_trial(trial, optuna, base: TrainConfig, space: dict[str, Dimension], ou
     except TrainingDiverged as exc:
         trial.set_user_attr("diverged", str(exc))
         raise optuna.TrialPruned(f"diverged: {exc}") from None
-    result = read_json(run_dir / "config.json", "run config")["result"]
-    return float(result["final_val_accuracy"])
+    return float(read_run_config(run_dir)["result"]["final_val_accuracy"])
 
 
 def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = None,

@@ -70,7 +70,8 @@ def _memo_write(root: Path, key: str, value: str) -> None:
         log.debug("could not memoise a hash in %s: %s", folder, exc)
 
 
-def _sha256_of_file(path: Path) -> str:
+def sha256_of_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in chunks (a file of any size, little memory)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
@@ -91,7 +92,7 @@ def file_sha256(path: Path, root: Path) -> str:
     key = _digest_text(f"file\0{path}\0{_stat_text(st)}")[:40]
     cached = _memo_read(root, key)
     if cached is None:
-        cached = _sha256_of_file(path)
+        cached = sha256_of_file(path)
         _memo_write(root, key, cached)
     return cached
 
@@ -122,7 +123,7 @@ def tree_sha256(path: Path, root: Path, files: Iterable[tuple[str, Path]],
     if cached is None:
         h = hashlib.sha256()
         for rel, p in files:
-            h.update(os.fsencode(rel) + f"\0{_sha256_of_file(p)}\n".encode())
+            h.update(os.fsencode(rel) + f"\0{sha256_of_file(p)}\n".encode())
         for rel in dirs:
             h.update(os.fsencode(rel) + b"/\n")
         for rel in refused:
