@@ -462,3 +462,19 @@ def test_resizing_a_fixed_size_source_checks_memory_first(tmp_path, monkeypatch)
         load._cached(tmp_path / "c", "digest", (128, 128), lambda: base, progress=False)  # 160 KiB
     resized = load._cached(tmp_path / "c", "digest", (16, 16), lambda: base, progress=False)
     assert resized.train.images.shape == (10, 16, 16, 1)
+
+
+@pytest.mark.parametrize("suffix", ["dir", ".zip", ".tar.gz"])
+def test_sample_image_sizes_reads_headers_of_training_images_only(tmp_path, suffix):
+    root = make_image_folder(tmp_path / "s", classes=("a", "b"), per_class=6, size=(12, 20), test_per_class=2)
+    make_image(0, 2, size=(30, 30)).save(root / "test" / "a" / "big.png")  # test images are not sampled
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 20 wide, 12 high, displayed turned: 20 high, 12 wide
+    make_image(1, 2, size=(12, 20)).save(root / "train" / "b" / "turned.jpg", exif=exif.tobytes())
+    (root / "train" / "b" / "zz-broken.png").write_bytes(b"not an image")
+    source = root if suffix == "dir" else pack(root, tmp_path / f"s{suffix}")
+    sample = folder_mod.sample_image_sizes(source, limit=100)
+    assert sample.train_files == 14
+    assert sorted(sample.sizes) == [(12, 20)] * 12 + [(20, 12)], "the broken file drops out"
+    few = folder_mod.sample_image_sizes(source, limit=4)
+    assert len(few.sizes) == 4 and few.train_files == 14

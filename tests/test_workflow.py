@@ -264,7 +264,9 @@ def test_first_candidate_decays_weights_per_image_as_the_fast_preset_does():
 def test_final_run_plan_cuts_epochs_before_images_and_uses_the_budget():
     plan = lambda seconds: wf.plan_final_run(wf.RUN_OVERHEAD_SECONDS + seconds, 1000, 10_000, 6)  # noqa: E731
     assert plan(100) == (6, 0)  # fits
-    assert plan(1000) == (6, 0)  # never more than validated
+    assert plan(1000) == (6, 0)  # never more than validated, unless allowed
+    more = lambda seconds: wf.plan_final_run(wf.RUN_OVERHEAD_SECONDS + seconds, 1000, 10_000, 6, 12)  # noqa: E731
+    assert more(95) == (9, 0) and more(1000) == (12, 0) and more(30) == plan(30) and more(34) == plan(34)
     assert plan(30) == (3, 0)  # 3 epochs of everything fit exactly
     assert plan(33) == (3, 0)  # 3.3: all images for 3 epochs leaves 9% of the time unused: fine
     assert plan(34) == (4, 8500)  # 3.4 would leave 12%: one more epoch, on 85% of the images
@@ -443,3 +445,98 @@ def test_a_damaged_workflow_json_is_one_line(workflow_data, tmp_path, capsys, ch
     assert err == (f"imgflow: error: {out / 'workflow.json'} is not a valid imgflow workflow record: {detail}; "
                    "restore it, or choose another --out to start the workflow over")
     assert sorted(p.name for p in out.iterdir()) == ["workflow.json"]
+
+
+# the working image size
+
+def _sample(sizes, train_files=100):
+    from imgflow.data.folder import SizeSample
+    return SizeSample(train_files=train_files, sizes=list(sizes))
+
+
+def _no_probe():
+    raise AssertionError("small images need no speed probe")
+
+
+def test_small_images_keep_their_own_size_without_a_probe():
+    assert wf.working_image_size(_sample([(32, 32)] * 5), 60, _no_probe, None)["image_size"] is None
+    assert wf.working_image_size(_sample([(28, 20), (8, 8)]), 60, _no_probe, None)["image_size"] is None
+    assert wf.working_image_size(_sample([]), 60, _no_probe, None) == {"image_size": None}
+
+
+def test_large_images_train_at_the_largest_side_the_budget_pays_for():
+    photos = _sample([(480, 640)] * 9 + [(481, 640)], train_files=240)  # one shape, within 5%
+    # 120 s at 2,700 img/s (32x32): 96x128 still pays for 112 passes per image.
+    roomy = wf.working_image_size(photos, 120, lambda: 2700.0, None)
+    assert roomy["image_size"] == [96, 128] and roomy["same_shape"] and roomy["passes_per_image"] >= 40
+    assert roomy["typical_size"] == [480, 640] and roomy["train_files"] == 240
+    # At 100 img/s 36x48 pays for only 30 passes: the longer side drops to 32.
+    assert wf.working_image_size(photos, 120, lambda: 100.0, None)["image_size"] == [24, 32]
+    # Not even 32 is affordable: the smallest side anyway, never the full size.
+    assert wf.working_image_size(photos, 1, lambda: 100.0, None)["image_size"] == [24, 32]
+    # Memory: 240 images of 96x128 need 2 x 8.8 MB, over 80% of 20 MB; 72x96 fits.
+    assert wf.working_image_size(photos, 120, lambda: 2700.0, 20_000_000)["image_size"] == [72, 96]
+
+
+def test_mixed_shapes_become_squares_and_affordable_native_sizes_stay():
+    mixed = _sample([(300, 400), (400, 300), (300, 400)], train_files=240)
+    decision = wf.working_image_size(mixed, 120, lambda: 2700.0, None)
+    assert decision["image_size"] == [128, 128] and not decision["same_shape"]
+    medium = _sample([(40, 56)] * 3, train_files=240)  # 56 px is on no rung; below 128 it is kept
+    assert wf.working_image_size(medium, 120, lambda: 2700.0, None)["image_size"] is None
+    assert wf.working_image_size(medium, 5, lambda: 2700.0, None)["image_size"] == [23, 32]
+
+
+def test_workflow_trains_large_images_at_a_working_size_and_says_why(tmp_path, monkeypatch, capsys):
+    data = make_image_folder(tmp_path / "photos", classes=("a", "b"), per_class=30, size=(40, 56),
+                             test_per_class=6)
+    monkeypatch.setattr(wf, "PASSES_PER_IMAGE", 1e12)  # no budget affords it: the smallest rung
+    out = tmp_path / "out"
+    record = wf.run_workflow(str(data), out, budget_minutes=0.3, seed=0, progress=False, threads=1)
+    assert record["state"]["image_size"] == [23, 32]
+    steps = record["steps"]
+    assert "[23, 32, 3]" in steps[0]["decision"] and "resized from 40x56" in steps[0]["decision"]
+    assert steps[3]["decision"].startswith("images resized to 23x32 from 40x56 (keeping their shape)")
+    assert "Training time grows with the pixels" in steps[3]["why"] and steps[3]["metrics"]["image_size"] == [23, 32]
+    final = json.loads((out / record["final_run"] / "config.json").read_text())
+    assert final["train"]["image_size"] == [23, 32] and final["model"]["image_size"] == [23, 32]
+    # predict resizes a full-size photo as training did
+    capsys.readouterr()
+    assert main(["predict", str(out / record["final_run"]), str(data / "test" / "a" / "000.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"][0]["class"] == "a"
+    # the run continues only at the size it started with
+    assert main(["workflow", str(data), "--budget-minutes", "0.3", "--out", str(out), "--image-size", "32"]) == 2
+    assert "without --image-size" in capsys.readouterr().err
+
+
+def test_workflow_image_size_option_wins_and_is_kept_on_continue(tmp_path, monkeypatch, capsys):
+    data = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=30, size=(8, 8), test_per_class=4)
+    out = tmp_path / "out"
+    monkeypatch.setattr(wf, "STEPS", wf.STEPS[:4])  # the size is decided by step 4
+    assert main(["workflow", str(data), "--budget-minutes", "1", "--out", str(out), "--image-size", "12x10"]) == 0
+    record = json.loads((out / "workflow.json").read_text())
+    assert record["image_size"] == [12, 10] and record["state"]["image_size"] == [12, 10]
+    assert "[12, 10, 3]" in record["steps"][0]["decision"]
+    assert record["steps"][3]["decision"].startswith("images resized to 12x10 (--image-size)")
+    assert main(["workflow", str(data), "--budget-minutes", "1", "--out", str(out)]) == 2
+    assert "with --image-size 12x10" in capsys.readouterr().err
+    assert main(["workflow", str(data), "--budget-minutes", "1", "--out", str(out), "--image-size", "12x10"]) == 0
+
+
+@pytest.mark.parametrize("budget, speeds, expected", [
+    # Not even fast-small's final run affords 8 epochs in 60 s: the smallest is taken anyway,
+    # explored on the 766 images 6 epochs of its 9.6 s pay for.
+    (60, {"fast-large": 100.0, "fast-medium": 200.0, "fast-small": 1000.0}, ("fast-small", 6, 766)),
+    # fast-medium's final run affords 0.46 * 1000 s * 200 img/s / 10,000 = 9.2 epochs >= 8 (fast-large's
+    # 4.6 do not), so step 6 explores it on what its own 160 s pay for: 6 epochs of 4,900 images.
+    (1000, {"fast-large": 100.0, "fast-medium": 200.0, "fast-small": 5000.0}, ("fast-medium", 6, 4900)),
+    (1000, {"fast-large": 1000.0, "fast-medium": 2000.0, "fast-small": 5000.0}, ("fast-large", 18, 0)),
+])
+def test_step_6_scales_up_to_the_largest_model_whose_final_run_fits(tmp_path, monkeypatch, budget, speeds,
+                                                                      expected):
+    ctx = _context(tmp_path, "x")
+    ctx.budget_seconds = budget
+    monkeypatch.setattr(wf, "_train_part", lambda ctx: range(10_000))  # what the final run trains on
+    monkeypatch.setattr(wf, "_measure_throughput", lambda ctx, model, batch: speeds[model])
+    model, epochs, subset, ips = wf._scaled_model_and_plan(ctx, 8000, 1000)
+    assert (model, epochs, subset) == expected and ips == speeds[model]

@@ -179,7 +179,7 @@ def cmd_workflow(args: argparse.Namespace) -> int:
     from imgflow.workflow import format_summary, run_workflow
 
     record = run_workflow(args.data, Path(args.out), budget_minutes=args.budget_minutes, seed=args.seed,
-                          threads=args.threads)
+                          threads=args.threads, image_size=args.image_size)
     print(format_summary(record))
     return 0
 
@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_path, default="runs/workflow", help="output directory (default runs/workflow)")
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
+    p.add_argument("--image-size", type=_image_size, metavar="SIZE|HxW",
+                   help="train at this size (default: the data's own, or for large images the largest "
+                        "of 32-128 px the budget affords)")
     p.set_defaults(func=cmd_workflow)
 
     return parser

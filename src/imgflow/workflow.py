@@ -53,6 +53,28 @@ RUN_OVERHEAD_SECONDS = 3.0  # per training run: loading the cached data, buildin
 VALIDATION_CAP = 5000  # held-out images scored per exploration epoch (std error <= 0.71 points)
 FINAL_RESERVE = 0.06  # budget share kept back for the test evaluation (with TTA) and the reports
 FINAL_UNUSED_LIMIT = 0.1  # most of its time the final run may leave unused to train whole epochs on all images
+# Step 6 scales up to the largest model whose final run the budget can still give this many
+# epochs on all the training images (the final run is what the user deploys); it explores on a
+# subset when it must. The budget share the final run can expect: what steps 5-7 and the
+# reserve leave.
+FINAL_MIN_EPOCHS = 8
+EXPECTED_FINAL_SHARE = 1 - BUDGET_SHARE["baseline"] - BUDGET_SHARE["overfit"] - BUDGET_SHARE["tune"] - FINAL_RESERVE
+# The final run may train up to this many times the validated epochs when the budget pays for
+# them: it sees all the images (step 6 often only a subset), and a one-cycle schedule stretched
+# over more steps gains (Li et al., "Budgeted training", ICLR 2020).
+FINAL_EPOCHS_FACTOR = 2
+
+
+# A folder of large images (photos) trains at a smaller working size: training cost grows with
+# the pixel count, and at full size a budget buys a fraction of an epoch (240 photos of 300x400
+# at a 2-minute budget: the final run trained 1 epoch on 76 of them and tested 0.55 on a task
+# its validation had solved). The largest longer side on this ladder wins at which the whole
+# budget still pays for PASSES_PER_IMAGE training passes over every training image, at
+# fast-small's pace measured at 32x32 and scaled by the pixel count: at 15 minutes on the 2-core
+# machine of the README, 96 px for 1,000 images and 32 px for 10,000. `--image-size` overrides.
+WORKING_SIDES = (32, 48, 64, 96, 128)
+PASSES_PER_IMAGE = 40
+SIZE_SAMPLE = 100  # image headers read to learn a folder's typical size
 
 
 @dataclasses.dataclass
@@ -89,7 +111,8 @@ def _dataset(ctx: Context):
 
     test_split = ctx.state.get("test_split", 0.0)
     if ctx.loaded is None or ctx.loaded[0] != test_split:
-        dataset = load_run_data({"data": ctx.data, "test_split": test_split}, progress=ctx.progress)
+        dataset = load_run_data({"data": ctx.data, "test_split": test_split,
+                                 "image_size": ctx.state.get("image_size")}, progress=ctx.progress)
         ctx.loaded = (test_split, dataset)
     return ctx.loaded[1]
 
@@ -114,7 +137,7 @@ def _protocol_split(ctx: Context):
 def _base_settings(ctx: Context) -> dict[str, Any]:
     protocol = ctx.state["protocol"]
     settings = dict(seed=ctx.seed, normalize="standardize", test_split=ctx.state.get("test_split", 0.0),
-                    precision="auto", threads=ctx.threads)
+                    precision="auto", threads=ctx.threads, image_size=ctx.state.get("image_size"))
     if protocol["kind"] == "k-fold":
         settings.update(folds=protocol["folds"], fold=0)
     else:
@@ -125,23 +148,29 @@ def _base_settings(ctx: Context) -> dict[str, Any]:
 
 def _measure_throughput(ctx: Context, model: str, batch_size: int) -> float:
     """Training images per second of `model` on this machine: a few timed steps on real images."""
+    train = _train_part(ctx)
+    return probe_throughput(model, train.images[:batch_size], train.labels[:batch_size],
+                            int(train.labels.max()) + 1, ctx.threads)
+
+
+def probe_throughput(model: str, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                     threads: int | None) -> float:
+    """Training images per second of `model` on one batch of uint8 NHWC `images` (3 timed steps)."""
     import torch
     import torch.nn.functional as F
 
     from imgflow.models import create_model
     from imgflow.precision import autocast, resolve_precision, set_threads
 
-    train = _train_part(ctx)
-    H, W, C = train.images.shape[1:]
-    set_threads(ctx.threads)
+    H, W, C = images.shape[1:]
+    set_threads(threads)
     precision = resolve_precision("auto")
     torch.manual_seed(0)
-    net = create_model(model, num_classes=int(train.labels.max()) + 1, in_channels=C,
+    net = create_model(model, num_classes=num_classes, in_channels=C,
                        image_size=(H, W)).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    batch = min(batch_size, len(train))
-    x = torch.from_numpy(train.images[:batch]).float().permute(0, 3, 1, 2)
-    y = torch.from_numpy(train.labels[:batch])
+    x = torch.from_numpy(images).float().permute(0, 3, 1, 2)
+    y = torch.from_numpy(labels)
     times = []
     for _ in range(4):
         t = time.perf_counter()
@@ -151,7 +180,69 @@ def _measure_throughput(ctx: Context, model: str, batch_size: int) -> float:
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t)
-    return batch / float(np.median(times[1:]))
+    return len(images) / float(np.median(times[1:]))
+
+
+def working_image_size(sample, budget_seconds: float, images_per_second_32: Callable[[], float],
+                       available_bytes: int | None) -> dict[str, Any]:
+    """The size to train at, by the rule at WORKING_SIDES, from a `folder.SizeSample`.
+
+    Returns {"image_size": [H, W] or None (the data's own size), ...the facts behind it}.
+    `images_per_second_32` probes fast-small at 32x32; it runs only when the images are larger.
+    """
+    from collections import Counter
+
+    if not sample.sizes:
+        return {"image_size": None}
+    H, W = Counter(sample.sizes).most_common(1)[0][0]
+    longer = max(H, W)
+    facts: dict[str, Any] = {"typical_size": [H, W], "sampled": len(sample.sizes),
+                             "train_files": sample.train_files}
+    if longer <= WORKING_SIDES[0]:
+        return {"image_size": None, **facts}
+    # Photos of one shape keep it; a mix of shapes is stretched to squares, as Keras does.
+    same_shape = all(abs(h * W - w * H) <= 0.05 * H * w for h, w in sample.sizes)
+    ips = images_per_second_32()
+    n = max(sample.train_files, 1)
+
+    def size(side: int) -> tuple[int, int]:
+        if side >= longer:
+            return H, W
+        return (max(1, round(side * H / longer)), max(1, round(side * W / longer))) if same_shape else (side, side)
+
+    def passes(hw: tuple[int, int]) -> float:
+        return budget_seconds * ips * 32 * 32 / (hw[0] * hw[1]) / n
+
+    def fits(hw: tuple[int, int]) -> bool:  # decoded uint8 RGB, with room for a copy while stacking
+        return available_bytes is None or 2 * n * hw[0] * hw[1] * 3 <= 0.8 * available_bytes
+
+    sides = [side for side in WORKING_SIDES if side < longer] + ([longer] if longer <= WORKING_SIDES[-1] else [])
+    chosen = next((side for side in reversed(sides) if passes(size(side)) >= PASSES_PER_IMAGE and fits(size(side))),
+                  sides[0])
+    hw = size(chosen)
+    return {"image_size": None if hw == (H, W) else list(hw), **facts, "same_shape": same_shape,
+            "images_per_second_32x32": round(ips, 1), "passes_per_image": round(passes(hw), 1)}
+
+
+def _decide_image_size(data: str, budget_seconds: float, threads: int | None,
+                       option: tuple[int, int] | None) -> dict[str, Any]:
+    """Before anything is decoded: --image-size if given, else the working size for DATA."""
+    from imgflow.data.decode import available_memory
+    from imgflow.data.folder import sample_image_sizes
+    from imgflow.data.load import named_source
+
+    if option is not None:
+        return {"image_size": list(option), "chosen_by": "--image-size"}
+    path = Path(data).expanduser()
+    if named_source(data) or not path.exists():  # named sets are small; a bad path fails in loading
+        return {"image_size": None}
+    sample = sample_image_sizes(path, SIZE_SAMPLE)
+
+    def probe() -> float:  # the speed does not depend on what the pixels show
+        images = np.random.default_rng(0).integers(0, 256, size=(128, 32, 32, 3), dtype=np.uint8)
+        return probe_throughput(SCALED_MODELS[-1], images, np.arange(128) % 2, 2, threads)
+
+    return working_image_size(sample, budget_seconds, probe, available_memory())
 
 
 def _observed_throughput(ctx: Context, run: str) -> float | None:
@@ -262,7 +353,8 @@ def _step(name: str, decision: str, why: str, metrics: dict | None = None, **ext
 def step_data(ctx: Context) -> dict:
     from imgflow.data.card import inspect
 
-    card = inspect(ctx.data, out_dir=ctx.out)
+    size = ctx.state.get("image_size")
+    card = inspect(ctx.data, out_dir=ctx.out, image_size=tuple(size) if size else None)
     counts = card["splits"]["train"]["per_class"]
     n_min, n_max = min(counts.values()), max(counts.values())
     ctx.state["test_split"] = 0.0 if card["splits"].get("test") else TEST_HOLDOUT
@@ -274,7 +366,7 @@ def step_data(ctx: Context) -> dict:
     return _step(
         STEP_NAMES[0],
         f"{len(card['classes'])} classes, {card['splits']['train']['count']} training images of shape "
-        f"{card['image_shape']}{held}",
+        f"{card['image_shape']}{_resized_from(ctx)}{held}",
         "Single-label image classification: each image gets one of the folder/class names. "
         f"Class counts range from {n_min} to {n_max}; {len(card['skipped'])} unreadable files were skipped.",
         {"classes": len(card["classes"]), "train_images": card["splits"]["train"]["count"],
@@ -327,17 +419,55 @@ def step_protocol(ctx: Context) -> dict:
                  {"smallest_class_train_images": n_min, **protocol})
 
 
+def _resized_from(ctx: Context) -> str:
+    """' (resized from HxW, ...)' when the workflow trains at another size than the data's, else ''."""
+    resize = ctx.state.get("resize") or {}
+    if not ctx.state.get("image_size"):
+        return ""
+    if resize.get("chosen_by") == "--image-size":
+        return " (resized as --image-size asked)"
+    H, W = resize["typical_size"]
+    return f" (resized from {H}x{W}, the most common size, for the time budget: step 4)"
+
+
+def _resize_decision(ctx: Context) -> tuple[str, str]:
+    """Step 4's words on the image size: (decision prefix, why), both '' when nothing was resized."""
+    resize = ctx.state.get("resize") or {}
+    size = ctx.state.get("image_size")
+    if not size:
+        return "", ""
+    h, w = size
+    if resize.get("chosen_by") == "--image-size":
+        return f"images resized to {h}x{w} (--image-size); ", ""
+    H, W = resize["typical_size"]
+    shape = ("keeping their shape" if resize["same_shape"] else
+             "stretched to squares, as the sampled images come in several shapes")
+    why = (f"Training time grows with the pixels: at {H}x{W} (the most common size of "
+           f"{resize['sampled']} images sampled) the budget would pay for about "
+           f"{resize['passes_per_image'] * h * w / (H * W):.1f} passes over each of the "
+           f"{resize['train_files']} training images. The working size is the largest longer side of "
+           f"{', '.join(map(str, WORKING_SIDES))} px at which it pays for at least {PASSES_PER_IMAGE} "
+           f"({resize['passes_per_image']:.0f} at {h}x{w}), measured at "
+           f"{resize['images_per_second_32x32']:.0f} images/s at 32x32 and scaled by the pixel count. "
+           "More time, or --image-size, buys more detail; predictions resize new images the same way. ")
+    return f"images resized to {h}x{w} from {H}x{W} ({shape}); ", why
+
+
 def step_prepare(ctx: Context) -> dict:
     from imgflow.data import channel_stats
 
     part, _ = _protocol_split(ctx)
     mean, std = channel_stats(part.images)
+    resized, resize_why = _resize_decision(ctx)
+    metrics = {"channel_mean": [round(m, 4) for m in mean], "channel_std": [round(s, 4) for s in std],
+               "images_used_for_statistics": len(part)}
+    if ctx.state.get("image_size"):
+        metrics["image_size"] = ctx.state["image_size"]
     return _step(
-        STEP_NAMES[3], "pixels scaled to [0, 1], then standardised per channel with the training part's mean and std",
-        "Statistics come from the training part only, never validation or test, so no information "
+        STEP_NAMES[3], resized + "pixels scaled to [0, 1], then standardised per channel with the training part's mean and std",
+        resize_why + "Statistics come from the training part only, never validation or test, so no information "
         "leaks into the evaluation. Images stay uint8 in memory and are converted per batch.",
-        {"channel_mean": [round(m, 4) for m in mean], "channel_std": [round(s, 4) for s in std],
-         "images_used_for_statistics": len(part)})
+        metrics)
 
 
 def step_baseline(ctx: Context) -> dict:
@@ -399,8 +529,11 @@ def detect_overfitting(history: list[dict], patience: int = 2) -> int | None:
 
 
 def _scaled_model_and_plan(ctx: Context, n_train: int, n_val: int) -> tuple[str, int, int, float]:
-    """(model, epochs, train_subset, images/s): the largest fast model that fits the step's budget."""
+    """(model, epochs, train_subset, images/s) of step 6: the largest fast model whose final run the
+    budget pays for FINAL_MIN_EPOCHS epochs of all the images, explored on what step 6's share buys."""
     seconds = BUDGET_SHARE["overfit"] * ctx.budget_seconds
+    final_images = EXPECTED_FINAL_SHARE * ctx.budget_seconds  # x images/s = images the final run sees
+    n_all = len(_train_part(ctx))
 
     def plan(model: str, batch_size: int) -> tuple[int, int, float]:
         ips = _measure_throughput(ctx, model, batch_size)
@@ -410,7 +543,7 @@ def _scaled_model_and_plan(ctx: Context, n_train: int, n_val: int) -> tuple[str,
     batch_size = _fast_recipe(n_train)["batch_size"]
     for model in SCALED_MODELS:
         epochs, subset, ips = plan(model, batch_size)
-        if subset == 0 or model == SCALED_MODELS[-1]:
+        if final_images * ips >= FINAL_MIN_EPOCHS * n_all or model == SCALED_MODELS[-1]:
             trained_batch = _fast_recipe(subset or n_train)["batch_size"]
             if trained_batch != batch_size:  # a small subset trains with small batches, at another speed
                 epochs, subset, ips = plan(model, trained_batch)
@@ -640,10 +773,12 @@ def step_tune(ctx: Context) -> dict:
         runs=[run for r in results for run in r["runs"]], candidates=results)
 
 
-def plan_final_run(seconds: float, images_per_second: float, n_train: int, validated_epochs: int) -> tuple[int, int]:
+def plan_final_run(seconds: float, images_per_second: float, n_train: int, validated_epochs: int,
+                   max_epochs: int | None = None) -> tuple[int, int]:
     """(epochs, train_subset) of the final retrain within `seconds`.
 
-    The validated epochs on all the images if they fit. Otherwise the run uses at least
+    When the validated epochs on all the images fit, as many whole epochs as the time pays for,
+    up to `max_epochs` (default: the validated ones). Otherwise the run uses at least
     1 - FINAL_UNUSED_LIMIT of its time: the largest whole number of epochs on all the images if
     that does, else one epoch more, each on as many images as the time pays for. E.g. 3.3
     epochs' worth -> 3 on all the images (9% unused), 1.5 -> 2 on 75% of them (1 on all would
@@ -654,7 +789,7 @@ def plan_final_run(seconds: float, images_per_second: float, n_train: int, valid
     """
     affordable = max(seconds - RUN_OVERHEAD_SECONDS, 0.0) * images_per_second  # images it can see
     if affordable >= validated_epochs * n_train:
-        return validated_epochs, 0
+        return max(validated_epochs, min(int(affordable // max(n_train, 1)), max_epochs or 0)), 0
     worth = affordable / max(n_train, 1)  # epochs' worth of time
     epochs = math.floor(worth)
     if epochs < 1 or worth - epochs > FINAL_UNUSED_LIMIT * worth:
@@ -681,7 +816,7 @@ def step_final(ctx: Context) -> dict:
         # its pace predicts the final run's better than a probe does.
         ips = (_observed_throughput(ctx, chosen["run"])
                or _measure_throughput(ctx, settings["model"], settings["batch_size"]))
-        epochs, subset = plan_final_run(seconds, ips, len(train), validated)
+        epochs, subset = plan_final_run(seconds, ips, len(train), validated, FINAL_EPOCHS_FACTOR * validated)
         if epochs != validated:
             # The schedule keeps its shape: the same fraction of the run warms up.
             settings["warmup_epochs"] = round(settings.get("warmup_epochs", 0.0) * epochs / validated, 2)
@@ -711,7 +846,7 @@ def step_final(ctx: Context) -> dict:
         f"retrained '{chosen['name']}' on "
         + (f"{trained_on} of the {len(train)} training images" if subset else f"all {len(train)} training images")
         + f" for {epochs} epoch{'s' if epochs != 1 else ''}"
-        + (f" ({validated} validated; what the rest of the budget paid for)" if epochs < validated or subset else "")
+        + (f" ({validated} validated; what the rest of the budget paid for)" if epochs != validated or subset else "")
         + "; "
         f"test {metric.replace('_', ' ')} {metrics[metric]:.4f}" + (" with test-time augmentation" if tta else "")
         + f" (majority baseline {metrics['majority_baseline_accuracy']:.4f})",
@@ -735,22 +870,28 @@ STEPS: list[Callable[[Context], dict]] = [step_data, step_metric, step_protocol,
 
 
 def _record_to_continue(record_path: Path, data: str, seed: int, budget_minutes: float,
-                        progress: bool) -> dict:
-    """The workflow.json to continue (the same DATA, seed and budget), or a new one."""
+                        progress: bool, threads: int | None = None,
+                        image_size: tuple[int, int] | None = None) -> dict:
+    """The workflow.json to continue (the same DATA, seed, budget and --image-size), or a new one."""
     from imgflow.runs import holds_run
     from imgflow.training.config import absolute_if_path
 
     out = record_path.parent
-    record = {"data": data, "seed": seed, "budget_minutes": budget_minutes, "steps": [], "state": {},
-              "elapsed_minutes": 0.0}
+    option = list(image_size) if image_size else None
+    record = {"data": data, "seed": seed, "budget_minutes": budget_minutes, "image_size": option,
+              "steps": [], "state": {}, "elapsed_minutes": 0.0}
     if not record_path.is_file():
         from imgflow.data import load_dataset
         from imgflow.training.engine import check_classifiable
 
         if holds_run(out):  # its report.html and plots would be replaced by the workflow's
             raise UserError(f"{out} holds a training run, not a workflow: choose another --out")
+        # The working size is chosen before decoding: a folder of photos is never held at full size.
+        resize = _decide_image_size(data, budget_minutes * 60, threads, image_size)
+        record["state"].update(image_size=resize["image_size"], resize=resize)
         # A bad DATA fails here, before anything is written.
-        check_classifiable(load_dataset(data, progress=progress))
+        size = tuple(resize["image_size"]) if resize["image_size"] else None
+        check_classifiable(load_dataset(data, image_size=size, progress=progress))
         return record
     from imgflow.reports.workflow_report import read_workflow_record
 
@@ -764,6 +905,11 @@ def _record_to_continue(record_path: Path, data: str, seed: int, budget_minutes:
     if saved_budget != budget_minutes:  # the plans so far were cut to the first budget
         raise UserError(f"{out} holds a workflow with a {saved_budget:g}-minute budget: "
                         f"continue it with --budget-minutes {saved_budget:g}, or use another --out")
+    if saved.get("image_size") != option:  # every run so far trained at the first size
+        given = "x".join(map(str, saved["image_size"])) if saved.get("image_size") else None
+        raise UserError(f"{out} holds a workflow " + (f"run with --image-size {given}: continue it with that"
+                        if given else "run without --image-size: continue it without one")
+                        + ", or use another --out")
     record.update(steps=saved["steps"], state=saved["state"], elapsed_minutes=saved["elapsed_minutes"])
     if len(record["steps"]) < len(STEPS):
         log.info("continuing the workflow in %s after step %d", out, len(record["steps"]))
@@ -771,8 +917,13 @@ def _record_to_continue(record_path: Path, data: str, seed: int, budget_minutes:
 
 
 def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int = 0,
-                 progress: bool | None = None, threads: int | None = None) -> dict:
-    """Run (or continue) the eight steps into `out`; return the workflow.json content."""
+                 progress: bool | None = None, threads: int | None = None,
+                 image_size: tuple[int, int] | None = None) -> dict:
+    """Run (or continue) the eight steps into `out`; return the workflow.json content.
+
+    image_size: (H, W) to train at; None lets step 1 choose (the data's own size, or a smaller
+    working size for large images: see WORKING_SIDES).
+    """
     from imgflow.training.config import check_seed_and_threads
 
     if not 0 < budget_minutes < math.inf:
@@ -784,7 +935,7 @@ def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int =
     if progress is None:
         progress = sys.stderr.isatty()
     record_path = out / "workflow.json"
-    record = _record_to_continue(record_path, data, seed, budget_minutes, progress)
+    record = _record_to_continue(record_path, data, seed, budget_minutes, progress, threads, image_size)
     out.mkdir(parents=True, exist_ok=True)
 
     ctx = Context(data=data, out=out, seed=seed, budget_seconds=budget_minutes * 60,

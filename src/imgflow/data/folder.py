@@ -11,6 +11,7 @@ skipped and listed as {"path", "reason"} with `path` relative to the source, nev
 """
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from collections import Counter
@@ -202,6 +203,44 @@ def read_image_folder(path: Path, image_size: tuple[int, int] | None = None,
         splits[split] = _stack(arrays, members, size, channels)
     return Dataset(name=dataset_name(path), source=source, sha256="", classes=classes,
                    train=splits["train"], test=splits.get("test"), skipped=skipped, notes=notes)
+
+
+@dataclass
+class SizeSample:
+    """What the headers of a few training images say about a folder's image sizes."""
+
+    train_files: int  # files in the training split's class folders (unread: some may be broken)
+    sizes: list[tuple[int, int]]  # (H, W) of the sampled images that opened, EXIF rotation applied
+
+
+# EXIF orientations 5-8 turn the stored image a quarter turn: height and width swap on decoding.
+_QUARTER_TURNS = {5, 6, 7, 8}
+
+
+def sample_image_sizes(path: Path, limit: int = 100) -> SizeSample:
+    """Sizes of up to `limit` training images spread evenly over the sorted listing, read from
+    their headers only (no pixel decoding), so a choice of size can precede decoding the lot."""
+    with open_reader(path) as reader:
+        listing = reader.list()
+        listing.files.sort(key=lambda f: f[0])
+        plan = _plan(listing, str(path))
+        train = sorted(i for (split, _), ks in plan.folders.items() if split == "train" for i in ks)
+        step = max(len(train) / limit, 1.0)
+        chosen = sorted({train[int(k * step)] for k in range(min(limit, len(train)))})
+        sizes = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a bomb or a broken file only drops out of the sample
+            for _, data in reader.read([listing.files[i][1] for i in chosen]):
+                if isinstance(data, Exception):
+                    continue
+                try:
+                    with Image.open(io.BytesIO(data)) as im:
+                        W, H = im.size
+                        turned = im.getexif().get(0x0112) in _QUARTER_TURNS
+                    sizes.append((W, H) if turned else (H, W))
+                except Exception:  # noqa: BLE001 - Pillow raises many types; decoding lists the file
+                    continue
+    return SizeSample(train_files=len(train), sizes=sizes)
 
 
 def dataset_name(path: Path) -> str:

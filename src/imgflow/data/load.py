@@ -26,6 +26,11 @@ _SKIPPED_SHOWN = 5  # skipped files named in the warning; the card lists more
 MAX_IMAGE_SIDE = 4096
 
 
+def named_source(spec: str) -> str | None:
+    """'cifar10' or 'fashion-mnist' when `spec` names one of them (any accepted spelling), else None."""
+    return _ALIASES.get(spec.strip().lower())
+
+
 def load_dataset(spec: str, image_size: tuple[int, int] | None = None,
                  cache_dir: str | os.PathLike | None = None, progress: bool = True,
                  remarks: bool = True) -> Dataset:
@@ -50,7 +55,7 @@ def load_dataset(spec: str, image_size: tuple[int, int] | None = None,
         if not 1 <= min(image_size) <= max(image_size) <= MAX_IMAGE_SIDE:
             raise UserError(f"--image-size {image_size[0]}x{image_size[1]} is out of range: every image is "
                             f"held in memory, so each side must be 1 to {MAX_IMAGE_SIDE} pixels (e.g. 32 or 224)")
-    name = _ALIASES.get(spec.strip().lower())
+    name = named_source(spec)
     if name == "cifar10":
         env = os.environ.get("IMGFLOW_CIFAR10")
         if env:

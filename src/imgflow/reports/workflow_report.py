@@ -20,6 +20,7 @@ from imgflow.reports.html import (Markup, figures as side_by_side, image, key_va
                                   page, paragraph, table, tag)
 from imgflow.reports.run_report import data_section, duration
 from imgflow.runs import RunPaths, read_metrics, read_run_config
+from imgflow.workflow import FINAL_EPOCHS_FACTOR, FINAL_MIN_EPOCHS, SCALED_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +407,10 @@ def _budget(record: dict, steps: list[dict], runs: dict, split: tuple[int, int] 
         if m.get("train_subset"):
             findings.append(f"The scaled-up model ({m['model']}) trained on a subset of "
                             f"{m['train_subset']:,} images per epoch: more time would use the "
-                            "whole training part, and a larger model.")
+                            "whole training part.")
+        if m.get("model") in SCALED_MODELS[1:]:
+            findings.append(f"{m['model']} was the largest fast model whose final run the budget could give "
+                            f"{FINAL_MIN_EPOCHS} epochs on all the images; more time would buy a larger one.")
         if m.get("overfit_epoch"):
             findings.append(f"{m['model']} overfit after epoch {m['overfit_epoch']} of {m['epochs']}: "
                             "the budget was enough to find where more training stops helping.")
@@ -442,6 +446,15 @@ def _budget(record: dict, steps: list[dict], runs: dict, split: tuple[int, int] 
             findings.append(f"It trained {epochs} epoch{'s' if epochs != 1 else ''}, fewer than the "
                             f"{validated} validated in step 7: the budget cuts passes before it cuts "
                             f"images. More time would give it all {validated}.")
+        elif epochs and validated and epochs > validated:
+            findings.append(f"It trained {epochs} epochs, more than the {validated} validated in step 7: "
+                            f"the rest of the budget paid for them (at most {FINAL_EPOCHS_FACTOR}x the "
+                            "validated epochs).")
+    resize = record.get("state", {}).get("resize") or {}
+    if resize.get("image_size") and resize.get("chosen_by") != "--image-size":
+        (h, w), (H, W) = resize["image_size"], resize["typical_size"]
+        findings.append(f"The images were trained at {h}x{w} instead of their {H}x{W} (step 4): more "
+                        "time would buy a larger working size, and with it more detail to learn from.")
     parts.append(tag("ul", *(tag("li", f) for f in findings)))
     return Markup("".join(parts))
 
