@@ -525,12 +525,12 @@ def test_workflow_image_size_option_wins_and_is_kept_on_continue(tmp_path, monke
 
 @pytest.mark.parametrize("budget, speeds, expected", [
     # Not even fast-small's final run affords 8 epochs in 60 s: the smallest is taken anyway,
-    # explored on the 766 images 6 epochs of its 9.6 s pay for.
-    (60, {"fast-large": 100.0, "fast-medium": 200.0, "fast-small": 1000.0}, ("fast-small", 6, 766)),
-    # fast-medium's final run affords 0.46 * 1000 s * 200 img/s / 10,000 = 9.2 epochs >= 8 (fast-large's
-    # 4.6 do not), so step 6 explores it on what its own 160 s pay for: 6 epochs of 4,900 images.
-    (1000, {"fast-large": 100.0, "fast-medium": 200.0, "fast-small": 5000.0}, ("fast-medium", 6, 4900)),
-    (1000, {"fast-large": 1000.0, "fast-medium": 2000.0, "fast-small": 5000.0}, ("fast-large", 18, 0)),
+    # explored on the 366 images 6 epochs of its 7.2 s pay for.
+    (60, {"fast-large": 100.0, "fast-medium": 200.0, "fast-small": 1000.0}, ("fast-small", 6, 366)),
+    # fast-medium's final run affords 0.57 * 1000 s * 200 img/s / 10,000 = 11.4 epochs >= 8 (fast-large's
+    # 5.7 do not), so step 6 explores it on what its own 120 s pay for: 6 epochs of 3,566 images.
+    (1000, {"fast-large": 100.0, "fast-medium": 200.0, "fast-small": 5000.0}, ("fast-medium", 6, 3566)),
+    (1000, {"fast-large": 1000.0, "fast-medium": 2000.0, "fast-small": 5000.0}, ("fast-large", 14, 0)),
 ])
 def test_step_6_scales_up_to_the_largest_model_whose_final_run_fits(tmp_path, monkeypatch, budget, speeds,
                                                                       expected):

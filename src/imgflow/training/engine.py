@@ -73,6 +73,10 @@ class TrainResult:
 # data split and order
 
 
+# Images above this many pixels train at their own size with a warning that suggests --image-size.
+LARGE_IMAGE_PIXELS = 128 * 128
+
+
 def check_classifiable(dataset: Dataset) -> None:
     """UserError unless the data set has the two classes or more a classifier needs."""
     if dataset.num_classes < 2:
@@ -782,6 +786,11 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
 
     dataset = load_run_data(config.to_dict(), progress=progress, remarks=True)
     check_classifiable(dataset)
+    H, W = dataset.image_shape[:2]
+    if config.image_size is None and H * W > LARGE_IMAGE_PIXELS:
+        log.warning("training at the data's own %dx%d: each image costs about %.0fx a 32x32 one; "
+                    "--image-size 64 or 96 trains far faster (imgflow workflow picks a size for its budget)",
+                    H, W, H * W / 1024)
     train_part, val_part = split_for_training(dataset.train, config)
     precision = resolve_precision(config.precision)
     threads = set_threads(config.threads)
