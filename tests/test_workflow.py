@@ -540,3 +540,9 @@ def test_step_6_scales_up_to_the_largest_model_whose_final_run_fits(tmp_path, mo
     monkeypatch.setattr(wf, "_measure_throughput", lambda ctx, model, batch: speeds[model])
     model, epochs, subset, ips = wf._scaled_model_and_plan(ctx, 8000, 1000)
     assert (model, epochs, subset) == expected and ips == speeds[model]
+
+
+def test_final_reserve_covers_a_tta_test_pass_at_inference_speed_and_the_reports():
+    # 10,000 test images x 4 views at 3 x 500 img/s, plus the reports.
+    assert wf.final_reserve_seconds(10_000, 500) == pytest.approx(40_000 / 1500 + wf.REPORT_SECONDS)
+    assert wf.final_reserve_seconds(0, 500) == wf.REPORT_SECONDS
