@@ -433,6 +433,10 @@ _STEP = {"name": "define the problem and assemble the data", "decision": "d", "w
     (lambda r: {**r, "state": []}, "'state' is a list, expected an object"),
     (lambda r: {**r, "elapsed_minutes": "x"}, "'elapsed_minutes' is a string (\"x\"), expected a number"),
     (lambda r: {**r, "steps": [_STEP], "state": {"metric": 1}}, "'state.metric' is a number (1), expected a string"),
+    (lambda r: {**r, "image_size": 64}, "'image_size' is a number (64), expected a list"),
+    (lambda r: {**r, "state": {"image_size": [64]}}, "'state.image_size' has 1 items, expected 2"),
+    (lambda r: {**r, "state": {"image_size": [8, 8], "resize": {"image_size": [8, 8]}}},
+     "'state.resize.typical_size' is missing"),
 ])
 def test_a_damaged_workflow_json_is_one_line(workflow_data, tmp_path, capsys, change, detail):
     out = tmp_path / "out"
@@ -469,13 +473,20 @@ def test_large_images_train_at_the_largest_side_the_budget_pays_for():
     # 120 s at 2,700 img/s (32x32): 96x128 still pays for 112 passes per image.
     roomy = wf.working_image_size(photos, 120, lambda: 2700.0, None)
     assert roomy["image_size"] == [96, 128] and roomy["same_shape"] and roomy["passes_per_image"] >= 40
+    assert roomy["limit"] == "top"  # no larger rung to try
     assert roomy["typical_size"] == [480, 640] and roomy["train_files"] == 240
     # At 100 img/s 36x48 pays for only 30 passes: the longer side drops to 32.
-    assert wf.working_image_size(photos, 120, lambda: 100.0, None)["image_size"] == [24, 32]
+    slow = wf.working_image_size(photos, 120, lambda: 100.0, None)
+    assert slow["image_size"] == [24, 32] and slow["limit"] == "budget"
     # Not even 32 is affordable: the smallest side anyway, never the full size.
-    assert wf.working_image_size(photos, 1, lambda: 100.0, None)["image_size"] == [24, 32]
+    tiny_budget = wf.working_image_size(photos, 1, lambda: 100.0, None)
+    assert tiny_budget["image_size"] == [24, 32] and tiny_budget["limit"] == "smallest"
     # Memory: 240 images of 96x128 need 2 x 8.8 MB, over 80% of 20 MB; 72x96 fits.
-    assert wf.working_image_size(photos, 120, lambda: 2700.0, 20_000_000)["image_size"] == [72, 96]
+    tight = wf.working_image_size(photos, 120, lambda: 2700.0, 20_000_000)
+    assert tight["image_size"] == [72, 96] and tight["limit"] == "memory"
+    # A long, thin shape keeps the models' 8 pixels a side.
+    strips = _sample([(40, 400)] * 3, train_files=240)
+    assert wf.working_image_size(strips, 1, lambda: 100.0, None)["image_size"] == [8, 32]
 
 
 def test_mixed_shapes_become_squares_and_affordable_native_sizes_stay():
@@ -538,11 +549,18 @@ def test_step_6_scales_up_to_the_largest_model_whose_final_run_fits(tmp_path, mo
     ctx.budget_seconds = budget
     monkeypatch.setattr(wf, "_train_part", lambda ctx: range(10_000))  # what the final run trains on
     monkeypatch.setattr(wf, "_measure_throughput", lambda ctx, model, batch: speeds[model])
-    model, epochs, subset, ips = wf._scaled_model_and_plan(ctx, 8000, 1000)
+    model, epochs, subset, ips, why = wf._scaled_model_and_plan(ctx, 8000, 1000)
     assert (model, epochs, subset) == expected and ips == speeds[model]
+    assert why == ("smallest" if budget == 60 else "final run affords it")
 
 
 def test_final_reserve_covers_a_tta_test_pass_at_inference_speed_and_the_reports():
     # 10,000 test images x 4 views at 3 x 500 img/s, plus the reports.
     assert wf.final_reserve_seconds(10_000, 500) == pytest.approx(40_000 / 1500 + wf.REPORT_SECONDS)
     assert wf.final_reserve_seconds(0, 500) == wf.REPORT_SECONDS
+
+
+def test_workflow_refuses_an_image_size_its_models_cannot_take(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=30, size=(8, 8))
+    assert main(["workflow", str(data), "--out", str(tmp_path / "out"), "--image-size", "4"]) == 2
+    assert "at least 8 pixels" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -35,9 +35,9 @@ BALANCE_LIMIT = 1.5  # max/min class count up to which plain accuracy is a fair 
 HOLDOUT_MIN_PER_CLASS = 50  # fewer training images in a class -> k-fold (a 20% hold-out would leave < 10)
 K_FOLDS = 5
 TEST_HOLDOUT = 0.2  # share of the data held out as the test split when the source has none
-# Share of the budget each exploration step (5-7) may spend. They take about half; the final
-# run gets whatever they leave, less FINAL_RESERVE ("final" is only its floor, a quarter of it,
-# when earlier steps overran). What the user deploys gains more from a further epoch than the
+# Share of the budget each exploration step (5-7) may spend. They take up to 37%; the final
+# run gets whatever they leave, less what its test evaluation and the reports need
+# (final_reserve_seconds; "final" is only its floor, a quarter of it, when earlier steps overran). What the user deploys gains more from a further epoch than the
 # exploration does from more images. One seed each (0), CIFAR-10 in 15 minutes: the earlier
 # 0.08/0.22/0.35 gave the final run 3 epochs and 0.8193; these give it 4, and 0.8299 once step 7
 # chose augmentation (0.8158 in a run that kept 'none' on a 0.0002 lead, before the
@@ -78,8 +78,9 @@ FINAL_EPOCHS_FACTOR = 3
 # at a 2-minute budget: the final run trained 1 epoch on 76 of them and tested 0.55 on a task
 # its validation had solved). The largest longer side on this ladder wins at which the whole
 # budget still pays for PASSES_PER_IMAGE training passes over every training image, at
-# fast-small's pace measured at 32x32 and scaled by the pixel count: at 15 minutes on the 2-core
-# machine of the README, 96 px for 1,000 images and 32 px for 10,000. `--image-size` overrides.
+# fast-small's pace measured at 32x32 and scaled by the pixel count: at 15 minutes, 96 px for
+# 1,000 images and 32 px for 10,000 on the README's Zen 1 (470 images/s), 128 and 64 px on its
+# Zen 5 (2,900 images/s). `--image-size` overrides.
 WORKING_SIDES = (32, 48, 64, 96, 128)
 PASSES_PER_IMAGE = 40
 SIZE_SAMPLE = 100  # image headers read to learn a folder's typical size
@@ -200,6 +201,8 @@ def working_image_size(sample, budget_seconds: float, images_per_second_32: Call
     """
     from collections import Counter
 
+    from imgflow.models.registry import MIN_IMAGE_SIZE
+
     if not sample.sizes:
         return {"image_size": None}
     H, W = Counter(sample.sizes).most_common(1)[0][0]
@@ -216,7 +219,10 @@ def working_image_size(sample, budget_seconds: float, images_per_second_32: Call
     def size(side: int) -> tuple[int, int]:
         if side >= longer:
             return H, W
-        return (max(1, round(side * H / longer)), max(1, round(side * W / longer))) if same_shape else (side, side)
+        if not same_shape:
+            return side, side
+        # The models need MIN_IMAGE_SIZE pixels a side: a very long, thin shape gets stretched.
+        return (max(MIN_IMAGE_SIZE, round(side * H / longer)), max(MIN_IMAGE_SIZE, round(side * W / longer)))
 
     def passes(hw: tuple[int, int]) -> float:
         return budget_seconds * ips * 32 * 32 / (hw[0] * hw[1]) / n
@@ -225,11 +231,17 @@ def working_image_size(sample, budget_seconds: float, images_per_second_32: Call
         return available_bytes is None or 2 * n * hw[0] * hw[1] * 3 <= 0.8 * available_bytes
 
     sides = [side for side in WORKING_SIDES if side < longer] + ([longer] if longer <= WORKING_SIDES[-1] else [])
-    chosen = next((side for side in reversed(sides) if passes(size(side)) >= PASSES_PER_IMAGE and fits(size(side))),
-                  sides[0])
+    chosen, limit = sides[0], "smallest"  # when no rung is affordable
+    for k in range(len(sides) - 1, -1, -1):
+        hw = size(sides[k])
+        if passes(hw) >= PASSES_PER_IMAGE and fits(hw):
+            larger = size(sides[k + 1]) if k + 1 < len(sides) else None
+            chosen = sides[k]
+            limit = "top" if larger is None else "budget" if passes(larger) < PASSES_PER_IMAGE else "memory"
+            break
     hw = size(chosen)
     return {"image_size": None if hw == (H, W) else list(hw), **facts, "same_shape": same_shape,
-            "images_per_second_32x32": round(ips, 1), "passes_per_image": round(passes(hw), 1)}
+            "images_per_second_32x32": round(ips, 1), "passes_per_image": round(passes(hw), 1), "limit": limit}
 
 
 def _decide_image_size(data: str, budget_seconds: float, threads: int | None,
@@ -238,8 +250,12 @@ def _decide_image_size(data: str, budget_seconds: float, threads: int | None,
     from imgflow.data.decode import available_memory
     from imgflow.data.folder import sample_image_sizes
     from imgflow.data.load import named_source
+    from imgflow.models.registry import MIN_IMAGE_SIZE
 
     if option is not None:
+        if min(option) < MIN_IMAGE_SIZE:
+            raise UserError(f"--image-size {option[0]}x{option[1]} is too small: the workflow's models need at "
+                            f"least {MIN_IMAGE_SIZE} pixels a side")
         return {"image_size": list(option), "chosen_by": "--image-size"}
     path = Path(data).expanduser()
     if named_source(data) or not path.exists():  # named sets are small; a bad path fails in loading
@@ -450,13 +466,20 @@ def _resize_decision(ctx: Context) -> tuple[str, str]:
     H, W = resize["typical_size"]
     shape = ("keeping their shape" if resize["same_shape"] else
              "stretched to squares, as the sampled images come in several shapes")
+    rule = {"smallest": f"The rule takes the largest longer side of {', '.join(map(str, WORKING_SIDES))} px at "
+                        f"which it pays for at least {PASSES_PER_IMAGE}; none does, so the smallest is used "
+                        f"({resize['passes_per_image']:.0f} at {h}x{w})",
+            "memory": f"{h}x{w} is the largest of {', '.join(map(str, WORKING_SIDES))} px (longer side) that "
+                      f"pays for at least {PASSES_PER_IMAGE} ({resize['passes_per_image']:.0f}) and whose "
+                      "decoded images fit in memory"}.get(
+        resize.get("limit"),
+        f"The working size is the largest longer side of {', '.join(map(str, WORKING_SIDES))} px at which "
+        f"it pays for at least {PASSES_PER_IMAGE} ({resize['passes_per_image']:.0f} at {h}x{w})")
     why = (f"Training time grows with the pixels: at {H}x{W} (the most common size of "
            f"{resize['sampled']} images sampled) the budget would pay for about "
            f"{resize['passes_per_image'] * h * w / (H * W):.1f} passes over each of the "
-           f"{resize['train_files']} training images. The working size is the largest longer side of "
-           f"{', '.join(map(str, WORKING_SIDES))} px at which it pays for at least {PASSES_PER_IMAGE} "
-           f"({resize['passes_per_image']:.0f} at {h}x{w}), measured at "
-           f"{resize['images_per_second_32x32']:.0f} images/s at 32x32 and scaled by the pixel count. "
+           f"{resize['train_files']} training images. {rule}, at "
+           f"{resize['images_per_second_32x32']:.0f} images/s measured at 32x32 and scaled by the pixel count. "
            "More time, or --image-size, buys more detail; predictions resize new images the same way. ")
     return f"images resized to {h}x{w} from {H}x{W} ({shape}); ", why
 
@@ -536,9 +559,10 @@ def detect_overfitting(history: list[dict], patience: int = 2) -> int | None:
     return best + 1 if train_falls and all(r["val_loss"] > val[best] for r in after[:patience]) else None
 
 
-def _scaled_model_and_plan(ctx: Context, n_train: int, n_val: int) -> tuple[str, int, int, float]:
-    """(model, epochs, train_subset, images/s) of step 6: the largest fast model whose final run the
-    budget pays for FINAL_MIN_EPOCHS epochs of all the images, explored on what step 6's share buys."""
+def _scaled_model_and_plan(ctx: Context, n_train: int, n_val: int) -> tuple[str, int, int, float, str]:
+    """(model, epochs, train_subset, images/s, why) of step 6: the largest fast model whose final run
+    the budget pays for FINAL_MIN_EPOCHS epochs of all the images, explored on what step 6's share
+    buys; why is "final run affords it", or "smallest" when none does."""
     seconds = BUDGET_SHARE["overfit"] * ctx.budget_seconds
     final_images = EXPECTED_FINAL_SHARE * ctx.budget_seconds  # x images/s = images the final run sees
     n_all = len(_train_part(ctx))
@@ -551,11 +575,12 @@ def _scaled_model_and_plan(ctx: Context, n_train: int, n_val: int) -> tuple[str,
     batch_size = _fast_recipe(n_train)["batch_size"]
     for model in SCALED_MODELS:
         epochs, subset, ips = plan(model, batch_size)
-        if final_images * ips >= FINAL_MIN_EPOCHS * n_all or model == SCALED_MODELS[-1]:
+        affords = final_images * ips >= FINAL_MIN_EPOCHS * n_all
+        if affords or model == SCALED_MODELS[-1]:
             trained_batch = _fast_recipe(subset or n_train)["batch_size"]
             if trained_batch != batch_size:  # a small subset trains with small batches, at another speed
                 epochs, subset, ips = plan(model, trained_batch)
-            return model, epochs, subset, ips
+            return model, epochs, subset, ips, "final run affords it" if affords else "smallest"
     raise AssertionError("unreachable")
 
 
@@ -579,11 +604,11 @@ def step_overfit(ctx: Context) -> dict:
     part, val = _protocol_split(ctx)
 
     def plan() -> dict[str, Any]:
-        model, epochs, subset, ips = _scaled_model_and_plan(ctx, len(part), len(val))
+        model, epochs, subset, ips, rule = _scaled_model_and_plan(ctx, len(part), len(val))
         settings = {**_base_settings(ctx), **_fast_recipe(subset or len(part)), "model": model,
                     "epochs": epochs, "train_subset": subset, "warmup_epochs": round(0.2 * epochs, 2),
                     "augment": "none", "weight_decay": 0.0, "label_smoothing": 0.0}
-        return {"images_per_second": ips, "settings": settings}
+        return {"images_per_second": ips, "settings": settings, "model_rule": rule}
 
     planned = _plan_once(ctx, "6-overfit", plan)
     settings, ips = planned["settings"], planned["images_per_second"]
@@ -606,7 +631,8 @@ def step_overfit(ctx: Context) -> dict:
         why = ("Within the budget the curves still improve together; more epochs or a larger model "
                "(more budget) would be the next move. Regularisation is tuned on this model anyway.")
     return _step(STEP_NAMES[5], decision, why,
-                 {"model": model, "epochs": epochs, "train_subset": subset, "best_val_acc": score,
+                 {"model": model, "model_rule": planned.get("model_rule"),
+                  "epochs": epochs, "train_subset": subset, "best_val_acc": score,
                   "overfit_epoch": best_epoch, "train_images_per_second": round(ips, 1),
                   "final_train_acc": history[-1]["train_acc"], "final_val_acc": history[-1]["val_acc"]},
                  runs=[str(run_dir.relative_to(ctx.out))])

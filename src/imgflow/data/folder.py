@@ -236,7 +236,9 @@ def sample_image_sizes(path: Path, limit: int = 100) -> SizeSample:
                 try:
                     with Image.open(io.BytesIO(data)) as im:
                         W, H = im.size
-                        turned = im.getexif().get(0x0112) in _QUARTER_TURNS
+                        # As decode_image: only an EXIF block turns an image (and without one,
+                        # getexif() would decode a PNG's pixels).
+                        turned = "exif" in im.info and im.getexif().get(0x0112) in _QUARTER_TURNS
                     sizes.append((W, H) if turned else (H, W))
                 except Exception:  # noqa: BLE001 - Pillow raises many types; decoding lists the file
                     continue

@@ -28,10 +28,14 @@ NUM_STEPS = 8  # the workflow's steps; a shorter record is an interrupted workfl
 # What the steps leave in the record's state for the later steps to read, and its kind.
 STATE_FIELDS = {"test_split": "a number", "balance_ratio": "a number", "classes": "a list",
                 "metric": "a string", "protocol": "an object", "scaled": "an object",
-                "chosen": "an object", "plans": "an object"}
+                "chosen": "an object", "plans": "an object", "resize": "an object"}  # + image_size: None or [H, W]
 RECORD_FIELDS = {"data": "a string", "seed": "an integer", "budget_minutes": "a number",
                  "elapsed_minutes": "a number", "steps": "a list", "state": "an object",
-                 "test_accuracy": "a number", "final_run": "a string", "report": "a string"}
+                 "test_accuracy": "a number", "final_run": "a string", "report": "a string",
+                 "image_size": "a list"}
+# What step 4 and the report read of a working size the workflow chose itself (state.resize).
+RESIZE_FIELDS = {"typical_size": "a list", "sampled": "an integer", "train_files": "an integer",
+                 "images_per_second_32x32": "a number", "passes_per_image": "a number", "limit": "a string"}
 STEP_FIELDS = {"name": "a string", "decision": "a string", "why": "a string"}
 OPTIONAL_STEP_FIELDS = {"metrics": "an object", "card": "an object", "figures": "an object",
                         "runs": "a list", "candidates": "a list", "usage": "a string", "seconds": "a number"}
@@ -408,9 +412,12 @@ def _budget(record: dict, steps: list[dict], runs: dict, split: tuple[int, int] 
             findings.append(f"The scaled-up model ({m['model']}) trained on a subset of "
                             f"{m['train_subset']:,} images per epoch: more time would use the "
                             "whole training part.")
-        if m.get("model") in SCALED_MODELS[1:]:
+        if m.get("model_rule") == "final run affords it" and m.get("model") != SCALED_MODELS[0]:
             findings.append(f"{m['model']} was the largest fast model whose final run the budget could give "
                             f"{FINAL_MIN_EPOCHS} epochs on all the images; more time would buy a larger one.")
+        elif m.get("model_rule") == "smallest":
+            findings.append(f"Not even {m['model']}'s final run could get {FINAL_MIN_EPOCHS} epochs on all the "
+                            "images within the budget; it was taken as the smallest fast model.")
         if m.get("overfit_epoch"):
             findings.append(f"{m['model']} overfit after epoch {m['overfit_epoch']} of {m['epochs']}: "
                             "the budget was enough to find where more training stops helping.")
@@ -451,7 +458,7 @@ def _budget(record: dict, steps: list[dict], runs: dict, split: tuple[int, int] 
                             f"the rest of the budget paid for them (at most {FINAL_EPOCHS_FACTOR}x the "
                             "validated epochs).")
     resize = record.get("state", {}).get("resize") or {}
-    if resize.get("image_size") and resize.get("chosen_by") != "--image-size":
+    if resize.get("image_size") and resize.get("limit") in ("budget", "smallest"):
         (h, w), (H, W) = resize["image_size"], resize["typical_size"]
         findings.append(f"The images were trained at {h}x{w} instead of their {H}x{W} (step 4): more "
                         "time would buy a larger working size, and with it more detail to learn from.")
@@ -500,6 +507,14 @@ def check_workflow_record(record: Any) -> dict:
     for key in ("scaled", "chosen"):  # the settings later runs start from
         if key in state:
             field(state[key], "settings", "an object", f"state.{key}.")
+    for name, size in (("'image_size'", record.get("image_size")), ("'state.image_size'", state.get("image_size"))):
+        if size is not None:
+            list_of(size, "an integer", name, 2)
+    resize = state.get("resize") or {}
+    if resize.get("image_size") is not None and resize.get("chosen_by") != "--image-size":
+        for key, kind in RESIZE_FIELDS.items():
+            field(resize, key, kind, "state.resize.")
+        list_of(resize["typical_size"], "an integer", "'state.resize.typical_size'", 2)
     return record
 
 
@@ -507,7 +522,9 @@ def check_record_to_continue(record: Any) -> dict:
     """check_workflow_record, with every setting the workflow continues from present."""
     check_workflow_record(record)
     for key, kind in RECORD_FIELDS.items():
-        if key not in ("test_accuracy", "final_run", "report"):  # written once the workflow ends
+        # The first three are written once the workflow ends; image_size is absent from records
+        # of versions before --image-size (None: the data's own size, as they trained).
+        if key not in ("test_accuracy", "final_run", "report", "image_size"):
             field(record, key, kind)
     return record
 
