@@ -37,8 +37,9 @@ K_FOLDS = 5
 TEST_HOLDOUT = 0.2  # share of the data held out as the test split when the source has none
 # Share of the budget each exploration step (5-7) may spend. They take up to 37%; the final
 # run gets whatever they leave, less what its test evaluation and the reports need
-# (final_reserve_seconds; "final" is only its floor, a quarter of it, when earlier steps overran). What the user deploys gains more from a further epoch than the
-# exploration does from more images. One seed each (0), CIFAR-10 in 15 minutes: the earlier
+# (final_reserve_seconds; "final" is only its floor, a quarter of it, when earlier steps
+# overran). What the user deploys gains more from a further epoch than the exploration does
+# from more images. One seed each (0), CIFAR-10 in 15 minutes: the earlier
 # 0.08/0.22/0.35 gave the final run 3 epochs and 0.8193; these give it 4, and 0.8299 once step 7
 # chose augmentation (0.8158 in a run that kept 'none' on a 0.0002 lead, before the
 # one-standard-error rule). Fashion-MNIST in 5 minutes: 0.9147 -> 0.9231 (noisy: an earlier
@@ -466,15 +467,16 @@ def _resize_decision(ctx: Context) -> tuple[str, str]:
     H, W = resize["typical_size"]
     shape = ("keeping their shape" if resize["same_shape"] else
              "stretched to squares, as the sampled images come in several shapes")
-    rule = {"smallest": f"The rule takes the largest longer side of {', '.join(map(str, WORKING_SIDES))} px at "
-                        f"which it pays for at least {PASSES_PER_IMAGE}; none does, so the smallest is used "
-                        f"({resize['passes_per_image']:.0f} at {h}x{w})",
-            "memory": f"{h}x{w} is the largest of {', '.join(map(str, WORKING_SIDES))} px (longer side) that "
-                      f"pays for at least {PASSES_PER_IMAGE} ({resize['passes_per_image']:.0f}) and whose "
-                      "decoded images fit in memory"}.get(
-        resize.get("limit"),
-        f"The working size is the largest longer side of {', '.join(map(str, WORKING_SIDES))} px at which "
-        f"it pays for at least {PASSES_PER_IMAGE} ({resize['passes_per_image']:.0f} at {h}x{w})")
+    rungs, passes = ", ".join(map(str, WORKING_SIDES)), f"{resize['passes_per_image']:.0f}"
+    if resize.get("limit") == "smallest":
+        rule = (f"The rule takes the largest longer side of {rungs} px at which it pays for at least "
+                f"{PASSES_PER_IMAGE}; none does, so the smallest is used ({passes} at {h}x{w})")
+    elif resize.get("limit") == "memory":
+        rule = (f"{h}x{w} is the largest of {rungs} px (longer side) that pays for at least "
+                f"{PASSES_PER_IMAGE} ({passes}) and whose decoded images fit in memory")
+    else:
+        rule = (f"The working size is the largest longer side of {rungs} px at which it pays for at "
+                f"least {PASSES_PER_IMAGE} ({passes} at {h}x{w})")
     why = (f"Training time grows with the pixels: at {H}x{W} (the most common size of "
            f"{resize['sampled']} images sampled) the budget would pay for about "
            f"{resize['passes_per_image'] * h * w / (H * W):.1f} passes over each of the "
