@@ -318,6 +318,24 @@ def test_a_plain_tar_cut_between_members_is_refused(tiny, tmp_path):
     assert len(load(tmp_path / "one-zero-block.tar").train) == 18
 
 
+def test_a_cut_tar_decoded_by_an_older_version_is_not_served_from_its_cache(tiny, tmp_path, monkeypatch):
+    from imgflow.data import cache
+    from imgflow.data.readers import TarReader
+
+    whole = pack(tiny, tmp_path / "tiny.tar").read_bytes()
+    with tarfile.open(tmp_path / "tiny.tar") as tar:
+        last = tar.getmembers()[-1]
+    (tmp_path / "cut.tar").write_bytes(whole[:last.offset])
+    with monkeypatch.context() as old:  # version 1 read the members before the cut and cached them
+        old.setattr(cache, "CACHE_VERSION", 1)
+        old.setattr(TarReader, "_check_not_truncated", lambda self: None)
+        cut = load(tmp_path / "cut.tar")
+        whole_set = load(tmp_path / "tiny.tar")
+        assert len(cut.train) + len(cut.test) == len(whole_set.train) + len(whole_set.test) - 1
+    with pytest.raises(UserError, match="truncated or corrupt tar archive"):
+        load(tmp_path / "cut.tar")
+
+
 def test_not_an_archive_is_a_user_error(tmp_path):
     (tmp_path / "file.bin").write_bytes(b"hello")
     with pytest.raises(UserError, match="not a directory, .zip or .tar"):

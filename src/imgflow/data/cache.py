@@ -28,7 +28,8 @@ from imgflow.data.dataset import Dataset, Split
 log = logging.getLogger(__name__)
 
 # Bump when any decoder's output for the same source bytes changes, so stale caches are not read.
-CACHE_VERSION = 1
+# 2: a plain .tar cut between two members is refused; version 1 cached the members before the cut.
+CACHE_VERSION = 2
 _HASH_CHUNK = 1 << 20  # bytes read per hashing step
 
 
