@@ -737,17 +737,21 @@ def test_evaluate_does_not_repeat_the_data_warnings_of_training(tmp_path, capsys
     assert code == 2 and "no test split" in err and caplog.records == []
 
 
-def test_large_images_at_their_own_size_get_a_warning_naming_image_size(tiny_data, tmp_path, caplog,
+def test_large_images_at_their_own_size_get_one_warning_naming_image_size(tiny_data, tmp_path, caplog,
                                                                        monkeypatch):
     import logging
 
     from imgflow.training import engine
 
     monkeypatch.setattr(engine, "LARGE_IMAGE_PIXELS", 15 * 15)  # tiny_data is 16x16
+    monkeypatch.setattr(engine, "_warned_large_images", set())
     with caplog.at_level(logging.WARNING):
         train_tiny(tiny_data, tmp_path / "own-size", epochs=1)
     assert "training at the data's own 16x16" in caplog.text and "--image-size" in caplog.text
     caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a second run in the same process (a tuning trial)
+        train_tiny(tiny_data, tmp_path / "own-size-again", epochs=1)
+    assert "data's own" not in caplog.text
     with caplog.at_level(logging.WARNING):
         train_tiny(tiny_data, tmp_path / "resized", epochs=1, image_size=(12, 12))
     assert "data's own" not in caplog.text

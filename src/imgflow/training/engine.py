@@ -73,8 +73,10 @@ class TrainResult:
 # data split and order
 
 
-# Images above this many pixels train at their own size with a warning that suggests --image-size.
+# Images above this many pixels train at their own size with a warning that suggests --image-size,
+# once per data set and size in a process (imgflow tune trains one run per trial).
 LARGE_IMAGE_PIXELS = 128 * 128
+_warned_large_images: set[tuple[str, int, int]] = set()
 
 
 def check_classifiable(dataset: Dataset) -> None:
@@ -787,7 +789,8 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
     dataset = load_run_data(config.to_dict(), progress=progress, remarks=True)
     check_classifiable(dataset)
     H, W = dataset.image_shape[:2]
-    if config.image_size is None and H * W > LARGE_IMAGE_PIXELS:
+    if config.image_size is None and H * W > LARGE_IMAGE_PIXELS and (dataset.name, H, W) not in _warned_large_images:
+        _warned_large_images.add((dataset.name, H, W))
         log.warning("training at the data's own %dx%d: each image costs about %.0fx a 32x32 one; "
                     "--image-size 64 or 96 trains far faster (imgflow workflow picks a size for its budget)",
                     H, W, H * W / 1024)
