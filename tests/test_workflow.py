@@ -85,11 +85,16 @@ def test_rerunning_a_finished_workflow_redoes_nothing(finished_workflow, workflo
 def test_interrupted_workflow_resumes_after_the_last_finished_step(workflow_data, tmp_path, monkeypatch):
     calls = []
 
+    from imgflow.reports.workflow_report import STATE_LEFT_BY_STEP
+
+    left = {"test_split": 0.0, "classes": ["a", "b"], "metric": "accuracy", "protocol": {}}
+
     def fake(i):
         def step(ctx):
             calls.append(i)
             if i == 4 and calls.count(4) == 1:
                 raise KeyboardInterrupt
+            ctx.state.update({key: left[key] for key in STATE_LEFT_BY_STEP.get(i + 1, ()) if key in left})
             return {"name": wf.STEP_NAMES[i], "decision": f"d{i}", "why": "w", "metrics": {}}
         return step
 
@@ -433,6 +438,11 @@ _STEP = {"name": "define the problem and assemble the data", "decision": "d", "w
     (lambda r: {**r, "state": []}, "'state' is a list, expected an object"),
     (lambda r: {**r, "elapsed_minutes": "x"}, "'elapsed_minutes' is a string (\"x\"), expected a number"),
     (lambda r: {**r, "steps": [_STEP], "state": {"metric": 1}}, "'state.metric' is a number (1), expected a string"),
+    (lambda r: {**r, "steps": [_STEP], "state": {"test_split": 0.0}},
+     "step 1 is finished but 'state.classes', which it leaves for the steps after it, is missing"),
+    (lambda r: {**r, "steps": [_STEP] * 6, "state": {"test_split": 0.0, "classes": ["a", "b"], "metric": "accuracy",
+                                                      "protocol": {"kind": "hold-out"}}},
+     "step 6 is finished but 'state.scaled', which it leaves for the steps after it, is missing"),
     (lambda r: {**r, "image_size": 64}, "'image_size' is a number (64), expected a list"),
     (lambda r: {**r, "state": {"image_size": [64]}}, "'state.image_size' has 1 items, expected 2"),
     (lambda r: {**r, "state": {"image_size": [8, 8], "resize": {"image_size": [8, 8]}}},

@@ -36,6 +36,9 @@ RECORD_FIELDS = {"data": "a string", "seed": "an integer", "budget_minutes": "a 
 # What step 4 and the report read of a working size the workflow chose itself (state.resize).
 RESIZE_FIELDS = {"typical_size": "a list", "sampled": "an integer", "train_files": "an integer",
                  "images_per_second_32x32": "a number", "passes_per_image": "a number", "limit": "a string"}
+# What a finished step leaves in the state for the steps after it, by step number.
+STATE_LEFT_BY_STEP = {1: ("test_split", "classes"), 2: ("metric",), 3: ("protocol",), 6: ("scaled",),
+                      7: ("chosen",)}
 STEP_FIELDS = {"name": "a string", "decision": "a string", "why": "a string"}
 OPTIONAL_STEP_FIELDS = {"metrics": "an object", "card": "an object", "figures": "an object",
                         "runs": "a list", "candidates": "a list", "usage": "a string", "seconds": "a number"}
@@ -526,6 +529,11 @@ def check_record_to_continue(record: Any) -> dict:
         # of versions before --image-size (None: the data's own size, as they trained).
         if key not in ("test_accuracy", "final_run", "report", "image_size"):
             field(record, key, kind)
+    for number in range(1, len(record["steps"]) + 1):
+        for key in STATE_LEFT_BY_STEP.get(number, ()):
+            if key not in record["state"]:
+                raise MalformedContent(f"step {number} is finished but 'state.{key}', which it leaves for "
+                                       "the steps after it, is missing")
     return record
 
 
