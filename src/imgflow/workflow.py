@@ -596,10 +596,13 @@ def _fast_recipe(n_train: int) -> dict[str, Any]:
     Batch 32 only below 2,048 images (16 steps of 128 per epoch): the final run inherits the
     batch, and at 32 a CPU trains a third slower (Fashion-MNIST at 5 minutes explores on ~3,000
     images; with the limit at 4,096 its final run got batch 32 and 2 epochs on 85% of the data).
+    With airbench's BatchNorm lr x64 and lookahead every 5 steps: fast-large for 8 epochs with
+    the first candidate's regularisation (CIFAR-10, 45k images, seed 0) validated 0.8908 with
+    them and alternating flips, 0.8848 without, for 2% more time.
     """
     batch = 128 if n_train >= 2048 else 32
     return {"optimizer": "sgd", "momentum": 0.9, "lr": 0.2 * batch / 256, "batch_size": batch,
-            "schedule": "onecycle", "warmup_epochs": 0.0}
+            "schedule": "onecycle", "warmup_epochs": 0.0, "bn_lr_scale": 64.0, "lookahead": 5}
 
 
 def step_overfit(ctx: Context) -> dict:
@@ -651,14 +654,16 @@ def step_overfit(ctx: Context) -> dict:
 # Weight decay 1.7e-3 at step 6's lr 0.1 per 128 images and momentum 0.9 decays each weight per
 # image as much as the `fast` preset's 1.33e-3 at lr 0.75 per 512 and momentum 0.85
 # (lr * decay / (1 - momentum) / batch); step 6 scales lr with the batch, so it holds at any batch.
-RECIPE_REGULARISATION = {"augment": "flip+translate", "label_smoothing": 0.2, "weight_decay": 1.7e-3}
+# Flips alternate (airbench): each image is mirrored in every other epoch, from a random start,
+# so a short run sees both views of every image equally often.
+AUGMENTATION = {"augment": "flip+translate", "flip": "alternate"}
+RECIPE_REGULARISATION = {**AUGMENTATION, "label_smoothing": 0.2, "weight_decay": 1.7e-3}
 CANDIDATES = [
     ("augment+smooth+decay", "flip + 2-pixel translations, label smoothing 0.2, weight decay 1.7e-3",
      RECIPE_REGULARISATION, 3),
-    ("augment", "flip + 2-pixel translations",
-     {"augment": "flip+translate"}, 1),
+    ("augment", "flip + 2-pixel translations", AUGMENTATION, 1),
     ("smooth+decay", "label smoothing 0.2, weight decay 1.7e-3, no augmentation",
-     {**RECIPE_REGULARISATION, "augment": "none"}, 2),
+     {**RECIPE_REGULARISATION, "augment": "none", "flip": "random"}, 2),
     ("augment+smooth+decay+half-lr", "the first candidate at half the learning rate",
      {**RECIPE_REGULARISATION, "lr_scale": 0.5}, 3),
 ]
