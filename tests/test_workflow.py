@@ -329,6 +329,17 @@ def test_detect_overfitting(val_losses, expected):
     assert wf.detect_overfitting(history) == expected
 
 
+def test_step_6_names_memorisation_that_the_loss_curve_has_not_shown_yet():
+    # The seed-0 CIFAR-10 run's last epoch: validation loss was lowest there, the gap 23 points.
+    decision, why, memorises = wf.overfit_verdict("fast-large", 6, None, 0.9936, 0.7610)
+    assert memorises and "memorises its training images (training accuracy 0.994, validation 0.761)" in decision
+    assert "A gap of 23 points" in why
+    decision, why, memorises = wf.overfit_verdict("fast-small", 6, None, 0.72, 0.70)
+    assert not memorises and decision == "fast-small did not overfit within 6 epochs" and "2 points apart" in why
+    decision, _, memorises = wf.overfit_verdict("fast-small", 6, 4, 0.72, 0.70)
+    assert memorises and "lowest at epoch 4" in decision
+
+
 def _context(tmp_path, data, **state):
     return wf.Context(data=str(data), out=tmp_path, seed=0, budget_seconds=60, started=time.perf_counter(),
                       elapsed_before=0.0, progress=False, state=dict(state))

@@ -561,6 +561,33 @@ def detect_overfitting(history: list[dict], patience: int = 2) -> int | None:
     return best + 1 if train_falls and all(r["val_loss"] > val[best] for r in after[:patience]) else None
 
 
+# Training accuracy this far above validation accuracy, without regularisation, is the model
+# fitting its training images' particulars: capacity to spare, even before validation loss turns.
+MEMORISATION_GAP = 0.10
+
+
+def overfit_verdict(model: str, epochs: int, best_epoch: int | None, train_acc: float,
+                    val_acc: float) -> tuple[str, str, bool]:
+    """(decision, why, memorises) of step 6, from the curves' turn and the last epoch's accuracies."""
+    if best_epoch:
+        return (f"{model} overfits: validation loss is lowest at epoch {best_epoch} and rises after "
+                "it while training loss keeps falling",
+                "Capacity is now enough to memorise the training data, which is what regularisation "
+                "needs to work on.", True)
+    gap = train_acc - val_acc
+    if gap >= MEMORISATION_GAP:
+        return (f"{model} memorises its training images (training accuracy {train_acc:.3f}, validation "
+                f"{val_acc:.3f}), though its validation loss had not turned up within {epochs} epochs",
+                f"A gap of {100 * gap:.0f} points between training and validation accuracy, without any "
+                "regularisation, is capacity to spare: the model learns its training images' particulars. "
+                "The curves did not show the turn this step looks for (validation loss rising for 2 epochs "
+                "while training loss falls), but regularisation has enough to work on.", True)
+    return (f"{model} did not overfit within {epochs} epochs",
+            f"Training and validation accuracy ended {100 * gap:.0f} points apart and validation loss did "
+            "not turn up: more epochs or a larger model (more budget) would be the next move. "
+            "Regularisation is tuned on this model anyway.", False)
+
+
 def _scaled_model_and_plan(ctx: Context, n_train: int, n_val: int) -> tuple[str, int, int, float, str]:
     """(model, epochs, train_subset, images/s, why) of step 6: the largest fast model whose final run
     the budget pays for FINAL_MIN_EPOCHS epochs of all the images, explored on what step 6's share
@@ -627,18 +654,12 @@ def step_overfit(ctx: Context) -> dict:
                            "final_val_acc": history[-1]["val_acc"], "final_val_loss": history[-1]["val_loss"],
                            "final_val_score": _val_score(ctx, run_dir, history),
                            "seconds_per_epoch": float(np.median([r["seconds"] for r in history]))}
-    if best_epoch:
-        decision = (f"{model} overfits: validation loss is lowest at epoch {best_epoch} and rises after "
-                    "it while training loss keeps falling")
-        why = "Capacity is now enough to memorise the training data, which is what regularisation needs to work on."
-    else:
-        decision = f"{model} did not overfit within {epochs} epochs"
-        why = ("Within the budget the curves still improve together; more epochs or a larger model "
-               "(more budget) would be the next move. Regularisation is tuned on this model anyway.")
+    decision, why, memorises = overfit_verdict(model, epochs, best_epoch, history[-1]["train_acc"],
+                                               history[-1]["val_acc"])
     return _step(STEP_NAMES[5], decision, why,
                  {"model": model, "model_rule": planned.get("model_rule"),
                   "epochs": epochs, "train_subset": subset, "best_val_acc": score,
-                  "overfit_epoch": best_epoch, "train_images_per_second": round(ips, 1),
+                  "overfit_epoch": best_epoch, "memorises": memorises, "train_images_per_second": round(ips, 1),
                   "final_train_acc": history[-1]["train_acc"], "final_val_acc": history[-1]["val_acc"]},
                  runs=[str(run_dir.relative_to(ctx.out))])
 

@@ -424,6 +424,10 @@ def _budget(record: dict, steps: list[dict], runs: dict, split: tuple[int, int] 
         if m.get("overfit_epoch"):
             findings.append(f"{m['model']} overfit after epoch {m['overfit_epoch']} of {m['epochs']}: "
                             "the budget was enough to find where more training stops helping.")
+        elif m.get("memorises"):
+            findings.append(f"{m['model']} memorised its training images within {m['epochs']} epochs "
+                            "(step 6), but its validation loss had not turned up: more epochs would show "
+                            "where more training stops helping.")
         else:
             findings.append(f"{m['model']} did not overfit within {m['epochs']} epochs: the budget "
                             "ended before the capacity limit was found. More time would buy more "
