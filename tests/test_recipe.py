@@ -455,7 +455,7 @@ def test_lookahead_decay_ramps_up_cubically_to_airbench_value():
     assert la.decay_at(100, 100) == pytest.approx(0.95 ** 5)
 
 
-def test_lookahead_moves_slow_weights_toward_live_ones_and_finish_installs_them():
+def test_lookahead_moves_slow_weights_toward_live_ones_and_jumps_the_live_ones_to_them():
     from imgflow.training.engine import Lookahead
 
     model = _bn_model()
@@ -477,10 +477,28 @@ def test_lookahead_moves_slow_weights_toward_live_ones_and_finish_installs_them(
     assert torch.allclose(la.state["0.weight"], model[0].weight)
     assert torch.allclose(model[1].running_mean, start["1.running_mean"] + 3.0)  # stats averaged too
     assert "1.num_batches_tracked" not in la.state and int(model[1].num_batches_tracked) == 7  # counters not
-    with torch.no_grad():
-        model[0].weight.add_(5.0)
-    la.finish(model)
-    assert torch.allclose(model[0].weight, start["0.weight"] + 1.25)
+
+
+def test_lookahead_syncs_after_the_last_step_and_first_takes_the_live_weights():
+    from imgflow.training.engine import Lookahead
+
+    def train(total_steps):
+        """(initial weight, final weight, lookahead) after `total_steps` steps that each add 1."""
+        model = _bn_model()
+        start = model[0].weight.clone()
+        la = Lookahead(model, every=5)
+        for step in range(1, total_steps + 1):
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+            la.after_step(model, step, total_steps)
+        return start, model[0].weight, la
+
+    start, end, _ = train(3)  # one sync, after the last step: nothing dropped, nothing undone
+    assert torch.allclose(end, start + 3.0)
+    start, end, la = train(7)  # syncs after step 5 (takes the live weights) and step 7 (the last)
+    decay = la.decay_at(7, 7)
+    assert torch.allclose(end, start + decay * 5.0 + (1 - decay) * 7.0)
+    assert torch.allclose(la.state["0.weight"], end)
 
 
 def test_bn_lr_scale_gives_batchnorm_its_own_learning_rate():
@@ -563,3 +581,18 @@ def test_benchmark_ctrl_c_lets_the_training_child_save_its_checkpoint(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
         assert proc.returncode != 0 and "KeyboardInterrupt" in err, target  # the benchmark stops...
         assert saved.read_text() == "checkpoint", target  # ...after its child has saved
+
+
+def test_a_run_shorter_than_its_lookahead_period_keeps_what_it_trained(tiny_data, tmp_path):
+    """One sync, after the last step, takes the live weights: the run ends as without lookahead
+    (it used to end on the slow copy, i.e. the initial weights)."""
+    from safetensors.torch import load_file
+
+    from conftest import train_tiny
+
+    train_tiny(tiny_data, tmp_path / "plain", epochs=1)
+    train_tiny(tiny_data, tmp_path / "lookahead", epochs=1, lookahead=1000)
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    averaged = load_file(tmp_path / "lookahead" / "model.safetensors")
+    assert plain.keys() == averaged.keys()
+    assert all(torch.equal(plain[k], averaged[k]) for k in plain)

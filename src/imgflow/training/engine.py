@@ -176,8 +176,9 @@ class Lookahead:
     The slow copy's decay grows as 0.95^every * (step/total)^3: early on it is ~0 (the live
     weights run free); at the end it is 0.77 for every=5, a memory of ~4 updates (~20 steps),
     which smooths the last, small-lr steps of a short run. BatchNorm statistics are averaged the
-    same way, so they match the averaged weights. `finish` puts the slow weights in the model for
-    good. (Weights that share storage would be updated twice; no registered model ties weights.)
+    same way, so they match the averaged weights. The last step syncs too, so the model ends on
+    the slow weights and no step is dropped. (Weights that share storage would be updated twice;
+    no registered model ties weights.)
     """
 
     def __init__(self, model: torch.nn.Module, every: int):
@@ -195,8 +196,15 @@ class Lookahead:
                 self.state[k].lerp_(v, 1.0 - decay)
                 v.copy_(self.state[k])
 
-    def finish(self, model: torch.nn.Module) -> None:
-        self.update(model, decay=1.0)
+    def after_step(self, model: torch.nn.Module, step: int, total_steps: int) -> None:
+        """Sync after every `every`-th step and after the last one.
+
+        The first sync takes the live weights as they are (decay 0): the slow copy then never
+        holds the initial weights, which a run shorter than `every` steps would otherwise end on
+        with weight 0.77. In a run of thousands of steps the first decay is ~1e-9 anyway.
+        """
+        if step % self.every == 0 or step == total_steps:
+            self.update(model, 0.0 if step <= self.every else self.decay_at(step, total_steps))
 
 
 def _clean_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -528,8 +536,8 @@ class Learner:
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        if self.lookahead is not None and step % self.lookahead.every == 0:
-            self.lookahead.update(self.model, self.lookahead.decay_at(step, self.total_steps))
+        if self.lookahead is not None:
+            self.lookahead.after_step(self.model, step, self.total_steps)
 
     def all_finite(self) -> bool:
         """True when weights, BatchNorm statistics and the EMA hold no inf or nan."""
@@ -688,8 +696,6 @@ def finish_epoch(learner: Learner, val_part: Split | None, loop: LoopState, trai
     """Close the epoch the loop has just trained: check the weights, validate; return its
     history row (without seconds)."""
     config = learner.config
-    if learner.lookahead is not None and loop.global_step == learner.total_steps:
-        learner.lookahead.finish(learner.model)  # the last epoch validates and saves the averaged weights
     if not learner.all_finite():
         raise TrainingDiverged(
             f"the weights became inf/nan in epoch {loop.epoch + 1}: lower --lr (now {config.lr}) "
