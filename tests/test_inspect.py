@@ -119,6 +119,15 @@ def test_cli_unknown_data_exits_2_with_one_line(spec, tmp_path, capsys, monkeypa
                    "to an image folder/.zip/.tar(.gz)")
 
 
+@pytest.mark.parametrize("command", [["inspect", "{long}"], ["train", "{long}", "--model", "fast-small"],
+                                     ["workflow", "{long}"]])
+def test_cli_a_path_too_long_for_the_file_system_is_one_line(command, tmp_path, capsys):
+    long = str(tmp_path / ("x" * 300))  # one component over the 255-byte limit
+    assert main([part.format(long=long) for part in command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("imgflow: error: ") and "x" * 300 in err
+
+
 def test_cli_bad_input_in_a_subprocess_has_no_traceback(tmp_path):
     (tmp_path / "nothing" / "train").mkdir(parents=True)
     result = subprocess.run([sys.executable, "-m", "imgflow", "inspect", str(tmp_path / "nothing")],

@@ -346,7 +346,7 @@ def _escape_unencodable_output() -> None:
 
 
 _PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EEXIST, errno.ENOTDIR,
-                errno.EISDIR, errno.ENOENT, errno.EDQUOT}
+                errno.EISDIR, errno.ENOENT, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, errno.EIO}
 
 
 def main(argv: list[str] | None = None) -> int:
