@@ -21,6 +21,7 @@ from datagen import make_image_folder
 from imgflow.cli import main
 from imgflow.data import Split
 from imgflow.data.splits import holdout_test, kfold_split, split_train_val, stratified_subset
+from imgflow.errors import UserError
 from imgflow.training.config import MAX_LR
 from imgflow.training.engine import TrainingDiverged, epoch_order, read_history
 
@@ -735,6 +736,14 @@ def test_evaluate_does_not_repeat_the_data_warnings_of_training(tmp_path, capsys
         caplog.clear()
         code, err = _run_cli(capsys, "evaluate", str(run))  # no test split: one line, no warnings before it
     assert code == 2 and "no test split" in err and caplog.records == []
+
+
+def test_a_shift_as_large_as_the_images_is_refused_before_training(tiny_data, tmp_path):
+    with pytest.raises(UserError, match=r"--translate 16 must be smaller than the images' 16x16: give a shift "
+                                        r"below 16 pixels"):
+        train_tiny(tiny_data, tmp_path / "run", epochs=1, augment="flip+translate", translate=16)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    train_tiny(tiny_data, tmp_path / "ok", epochs=1, augment="flip+translate", translate=15)
 
 
 def test_large_images_at_their_own_size_get_one_warning_naming_image_size(tiny_data, tmp_path, caplog,

@@ -795,6 +795,9 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
     dataset = load_run_data(config.to_dict(), progress=progress, remarks=True)
     check_classifiable(dataset)
     H, W = dataset.image_shape[:2]
+    if "translate" in config.augment and config.translate >= min(H, W):  # reflection needs a shift < the side
+        raise UserError(f"--translate {config.translate} must be smaller than the images' {H}x{W}: "
+                        f"give a shift below {min(H, W)} pixels (the presets use 2)")
     if config.image_size is None and H * W > LARGE_IMAGE_PIXELS and (dataset.name, H, W) not in _warned_large_images:
         _warned_large_images.add((dataset.name, H, W))
         log.warning("training at the data's own %dx%d: each image costs about %.0fx a 32x32 one; "
