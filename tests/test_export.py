@@ -252,3 +252,19 @@ def test_export_bad_run_dir_is_exit_2(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("imgflow: error: run directory not found") and err.count("\n") == 1
+
+
+def test_an_onnx_file_with_a_damaged_embedded_card_is_one_line(exported, tmp_path, capsys):
+    import onnx
+
+    out, _ = exported
+    proto = onnx.load(str(out / "model.onnx"))
+    for prop in proto.metadata_props:
+        if prop.key == CARD_METADATA_KEY:
+            prop.value = prop.value[: len(prop.value) // 2]  # cut mid-way: not JSON any more
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    onnx.save(proto, str(alone / "model.onnx"))  # no model.json beside it: the embedded card is read
+    assert main(["predict", str(alone / "model.onnx"), str(alone)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "embedded model card is not valid JSON" in err

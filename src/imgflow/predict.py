@@ -166,7 +166,11 @@ def read_model_card(onnx_path: Path, embedded: str | None = None) -> dict:
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise UserError(f"cannot read {candidate}: {exc}") from None
     if embedded:
-        return json.loads(embedded)
+        try:
+            return json.loads(embedded)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{onnx_path}: its embedded model card is not valid JSON ({exc}): export the "
+                            "model again with 'imgflow export', or put its model.json beside it") from None
     raise UserError(f"no model.json beside {onnx_path}, and none embedded in it: export the "
                     "model with 'imgflow export'")
 
