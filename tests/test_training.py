@@ -743,7 +743,8 @@ def test_a_shift_as_large_as_the_images_is_refused_before_training(tiny_data, tm
                                         r"below 16 pixels"):
         train_tiny(tiny_data, tmp_path / "run", epochs=1, augment="flip+translate", translate=16)
     assert not (tmp_path / "run" / "model.safetensors").exists()
-    train_tiny(tiny_data, tmp_path / "ok", epochs=1, augment="flip+translate", translate=15)
+    train_tiny(tiny_data, tmp_path / "ok", epochs=1, augment="flip+translate", translate=15)  # the largest allowed
+    assert (tmp_path / "ok" / "model.safetensors").is_file()
 
 
 def test_large_images_at_their_own_size_get_one_warning_naming_image_size(tiny_data, tmp_path, caplog,

@@ -545,7 +545,10 @@ def step_baseline(ctx: Context) -> dict:
         metrics, runs=[str(run_dir.relative_to(ctx.out))])
 
 
-def detect_overfitting(history: list[dict], patience: int = 2) -> int | None:
+OVERFIT_PATIENCE = 2  # epochs validation loss must rise in a row, while training loss falls, to call it overfitting
+
+
+def detect_overfitting(history: list[dict], patience: int = OVERFIT_PATIENCE) -> int | None:
     """The epoch after which validation loss rose for `patience` epochs while training loss fell.
 
     Returns that best epoch (1-based), or None when the curves show no overfitting.
@@ -580,8 +583,9 @@ def overfit_verdict(model: str, epochs: int, best_epoch: int | None, train_acc: 
                 f"{val_acc:.3f}), though its validation loss had not turned up within {epochs} epochs",
                 f"A gap of {100 * gap:.0f} points between training and validation accuracy, without any "
                 "regularisation, is capacity to spare: the model learns its training images' particulars. "
-                "The curves did not show the turn this step looks for (validation loss rising for 2 epochs "
-                "while training loss falls), but regularisation has enough to work on.", True)
+                "The curves did not show the turn this step looks for (validation loss rising for "
+                f"{OVERFIT_PATIENCE} epochs while training loss falls), but regularisation has enough to work on.",
+                True)
     return (f"{model} did not overfit within {epochs} epochs",
             f"Training and validation accuracy ended {100 * gap:.0f} points apart and validation loss did "
             "not turn up: more epochs or a larger model (more budget) would be the next move. "
@@ -678,13 +682,14 @@ def step_overfit(ctx: Context) -> dict:
 # Flips alternate (airbench): each image is mirrored in every other epoch, from a random start,
 # so a short run sees both views of every image equally often.
 AUGMENTATION = {"augment": "flip+translate", "flip": "alternate"}
-RECIPE_REGULARISATION = {**AUGMENTATION, "label_smoothing": 0.2, "weight_decay": 1.7e-3}
+SMOOTHING_AND_DECAY = {"label_smoothing": 0.2, "weight_decay": 1.7e-3}
+RECIPE_REGULARISATION = {**AUGMENTATION, **SMOOTHING_AND_DECAY}
 CANDIDATES = [
     ("augment+smooth+decay", "flip + 2-pixel translations, label smoothing 0.2, weight decay 1.7e-3",
      RECIPE_REGULARISATION, 3),
     ("augment", "flip + 2-pixel translations", AUGMENTATION, 1),
     ("smooth+decay", "label smoothing 0.2, weight decay 1.7e-3, no augmentation",
-     {**RECIPE_REGULARISATION, "augment": "none", "flip": "random"}, 2),
+     {**SMOOTHING_AND_DECAY, "augment": "none"}, 2),
     ("augment+smooth+decay+half-lr", "the first candidate at half the learning rate",
      {**RECIPE_REGULARISATION, "lr_scale": 0.5}, 3),
 ]
