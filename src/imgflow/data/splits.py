@@ -81,10 +81,37 @@ def holdout_test(dataset: Dataset, fraction: float, seed: int = 0) -> Dataset:
                                f"images ({fraction:.0%}, stratified, seed {seed}) as the test split"])
 
 
+def largest_remainder(counts: np.ndarray, total: int) -> np.ndarray:
+    """Split `total` over classes in proportion to `counts`, summing to exactly `total`.
+
+    Each class gets the floor of its quota and the leftover goes one each to the largest
+    fractional remainders (ties to the lower label): rounding each class on its own can overshoot
+    (1,002 of 1,000 asked) or undershoot. `total` must be in [0, counts.sum()].
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    assert 0 <= total <= counts.sum(), f"cannot take {total} of {counts.sum()}"
+    quota = counts * total  # quota / counts.sum(), in integers: no float ties gone astray
+    base = quota // counts.sum()
+    remainder = quota - base * counts.sum()
+    # stable sort on -remainder: equal remainders keep label order
+    extra = np.argsort(-remainder, kind="stable")[: total - int(base.sum())]
+    base[extra] += 1
+    return base
+
+
 def stratified_subset(split: Split, size: int, seed: int) -> Split:
-    """At most `size` images, keeping class proportions (seeded); the whole split if smaller."""
+    """Exactly min(`size`, len) images, keeping class proportions (seeded); the whole split if smaller.
+
+    Classes get their share by `largest_remainder`; within a class, the chosen images are the last
+    of its members in a seeded shuffle (as the validation hold-out takes them).
+    """
     if size <= 0 or size >= len(split):
         return split
     order = np.random.default_rng([seed, 0x5B5E]).permutation(len(split))
-    keep = _per_class_tail(split.labels, order, size / len(split))
+    ordered = split.labels[order]
+    classes, counts = np.unique(ordered, return_counts=True)
+    keep = np.zeros(len(order), dtype=bool)
+    for c, n in zip(classes, largest_remainder(counts, size)):
+        where = np.flatnonzero(ordered == c)
+        keep[where[len(where) - n:]] = True
     return split.subset(np.sort(order[keep]))
