@@ -87,7 +87,8 @@ def test_test_classes_map_to_train_indices(tmp_path):
 def test_test_class_missing_from_train_is_a_user_error(tmp_path):
     root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=3, test=False)
     make_image_folder(root / "test", classes=("zebra",), per_class=1, flat=True)
-    with pytest.raises(UserError, match="test class\\(es\\) zebra have no training images"):
+    with pytest.raises(UserError, match=r"1 test class without training images \(zebra\): add their "
+                                        r"images under train/<class>/ or remove them from test/"):
         load(root)
 
 
@@ -208,7 +209,24 @@ def test_unusable_files_are_skipped_and_listed(tiny, caplog):
     assert reasons["train/a/notes.txt"] == "not an image Pillow can read"
     assert "truncated" in reasons["train/a/truncated.png"] or "cannot decode" in reasons["train/a/truncated.png"]
     assert len(ds.train) == 18  # the good images all still there
-    assert "skipped 4 file(s)" in caplog.text
+    assert "skipped 4 files that could not be used" in caplog.text
+
+
+def test_skipped_files_are_warned_about_once_per_data_set_and_size_in_a_process(tiny, caplog):
+    """A workflow loads its data set six times: one warning, said in words ("1 file")."""
+    (tiny / "train" / "a" / "broken.png").write_bytes(b"nope")
+    with caplog.at_level(logging.DEBUG, logger="imgflow.data.load"):
+        load(tiny)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert [r.getMessage() for r in warnings] == [
+            "tiny: skipped 1 file that could not be used: train/a/broken.png (not an image Pillow can read)"]
+        caplog.clear()
+        load(tiny)
+        load(tiny)
+        assert [r.levelno for r in caplog.records if "skipped 1 file" in r.getMessage()] == [logging.DEBUG] * 2
+        caplog.clear()
+        load(tiny, image_size=(4, 4))  # another size is another data set for the user
+        assert [r.levelno for r in caplog.records if "skipped 1 file" in r.getMessage()] == [logging.WARNING]
 
 
 def test_entries_that_are_not_readable_files_are_skipped_and_listed(tiny):

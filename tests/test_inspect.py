@@ -64,6 +64,23 @@ def test_no_test_split_is_null_and_said_in_the_text(tmp_path):
     assert header.split() == ["#", "class", "train"]  # no test column
 
 
+def test_text_card_says_counts_in_words(tmp_path):
+    root = make_image_folder(tmp_path / "one", classes=("x",), per_class=1, test_per_class=1)
+    (root / "train" / "x" / "bad.png").write_bytes(b"nope")
+    text = format_card(inspect(str(root), out_dir=tmp_path / "out"))
+    assert "one: 1 class, images 8x8x3" in text
+    assert "  train    1 image" in text.splitlines() and "  test     1 image" in text.splitlines()
+    assert "skipped 1 file:" in text and "(s)" not in text
+
+
+def test_plural():
+    from imgflow.text import plural
+
+    assert [plural(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
+    assert plural(1200, "image") == "1,200 images" and plural(3, "class") == "3 classes"
+    assert plural(1, "class") == "1 class" and plural(2, "batch", "batches") == "2 batches"
+
+
 def test_text_card_table_and_skipped_list(tiny, tmp_path):
     for i in range(23):
         (tiny / "train" / "cat" / f"bad{i:02d}.png").write_bytes(b"not a png")
@@ -73,7 +90,7 @@ def test_text_card_table_and_skipped_list(tiny, tmp_path):
     rows = [line.split() for line in text.splitlines()]
     assert ["0", "cat", "6", "3"] in rows and ["1", "dog", "6", "3"] in rows
     assert ["total", "12", "6"] in rows
-    assert "skipped 23 file(s):" in text
+    assert "skipped 23 files:" in text
     assert "train/cat/bad19.png: not an image Pillow can read" in text
     assert "train/cat/bad20.png" not in text and "... and 3 more" in text
 

@@ -16,6 +16,7 @@ from imgflow.data.dataset import Dataset, Split
 from imgflow.data.examples import save_example_grid
 from imgflow.data.load import load_dataset
 from imgflow.data.stats import channel_stats
+from imgflow.text import plural
 
 _SKIPPED_LISTED = 20  # skipped files named in the text card
 
@@ -60,11 +61,11 @@ def format_card(card: dict) -> str:
     H, W, C = card["image_shape"]
     train, test = card["splits"]["train"], card["splits"].get("test")
     lines = [
-        f"{card['name']}: {len(card['classes'])} classes, images {H}x{W}x{C}",
+        f"{card['name']}: {plural(len(card['classes']), 'class')}, images {H}x{W}x{C}",
         f"  source   {card['source']}",
         f"  sha256   {card['sha256']}",
-        f"  train    {train['count']:,} images",
-        f"  test     {test['count']:,} images" if test else "  test     no test split",
+        f"  train    {plural(train['count'], 'image')}",
+        f"  test     {plural(test['count'], 'image')}" if test else "  test     no test split",
         "  channel mean " + " ".join(f"{m:.4f}" for m in card["channel_mean"])
         + "   std " + " ".join(f"{s:.4f}" for s in card["channel_std"])
         + "   (training split, pixels in [0, 1])",
@@ -85,7 +86,7 @@ def format_card(card: dict) -> str:
     skipped = card["skipped"]
     lines.append("")
     if skipped:
-        lines.append(f"skipped {len(skipped)} file(s):")
+        lines.append(f"skipped {plural(len(skipped), 'file')}:")
         lines += [f"  {s['path']}: {s['reason']}" for s in skipped[:_SKIPPED_LISTED]]
         if len(skipped) > _SKIPPED_LISTED:
             lines.append(f"  ... and {len(skipped) - _SKIPPED_LISTED} more (see --json)")

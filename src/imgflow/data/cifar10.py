@@ -20,6 +20,7 @@ import numpy as np
 from imgflow.data.dataset import Dataset, Split
 from imgflow.data.download import download
 from imgflow.errors import UserError
+from imgflow.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _parse_batch(obj: Any, what: str, num_classes: int) -> Split:
     except (TypeError, ValueError):
         raise UserError(f"{what}: b'labels' is not a list of integers") from None
     if labels.shape != (len(data),):
-        raise UserError(f"{what}: {len(data)} images but {labels.size} labels")
+        raise UserError(f"{what}: {plural(len(data), 'image')} but {plural(labels.size, 'label')}")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise UserError(f"{what}: labels outside 0..{num_classes - 1}")
     N = len(data)

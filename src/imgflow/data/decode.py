@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from imgflow.errors import UserError
+from imgflow.text import plural
 
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -107,7 +108,7 @@ def check_fits_in_memory(count: int, image_size: tuple[int, int], channels: int,
     need = count * image_size[0] * image_size[1] * channels
     available = available_memory()
     if available is not None and need > 0.8 * available:
-        raise UserError(f"{count:,} images of {image_size[0]}x{image_size[1]} from {source} need "
+        raise UserError(f"{plural(count, 'image')} of {image_size[0]}x{image_size[1]} from {source} need "
                         f"{need / 2**30:.1f} GiB in memory, more than the {available / 2**30:.1f} GiB "
                         "available: use a smaller --image-size")
 

@@ -8,6 +8,7 @@ import numpy as np
 from imgflow.data.dataset import Dataset
 from imgflow.fileio import atomic_write
 from imgflow.data.decode import resize_array
+from imgflow.text import plural
 
 MAX_ROWS = 20  # classes shown; beyond that the grid stops being readable
 _TILE = 96  # target tile side in pixels: 32x32 images are upscaled 3x (nearest neighbour)
@@ -67,7 +68,7 @@ def save_example_grid(dataset: Dataset, path: Path, per_class: int = 8, seed: in
 
     label_width = 0.085 * max(len(dataset.classes[i]) for i in shown) + 0.3  # inches, ~10 pt text
     up_to = "up to " if any(len(row) < per_row for row in rows) else ""
-    title = f"{dataset.name}: {up_to}{per_row} random training images per class"
+    title = f"{dataset.name}: {up_to}{plural(per_row, 'random training image')} per class"
     if len(shown) < len(dataset.classes):
         title += f" (first {len(shown)} of {len(dataset.classes)} classes)"
     height = canvas.shape[0] / _DPI + 0.5

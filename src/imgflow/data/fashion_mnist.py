@@ -18,6 +18,7 @@ import numpy as np
 from imgflow.data.dataset import Dataset, Split
 from imgflow.data.download import download
 from imgflow.errors import UserError
+from imgflow.text import plural
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 URL_BASE = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -91,8 +92,8 @@ def _split(images_path: Path, labels_path: Path) -> Split:
     images = read_idx(images_path, ndim=3)
     labels = read_idx(labels_path, ndim=1)
     if len(images) != len(labels):
-        raise UserError(f"{images_path} holds {len(images)} images but {labels_path} "
-                        f"{len(labels)} labels")
+        raise UserError(f"{images_path} holds {plural(len(images), 'image')} but {labels_path} "
+                        f"{plural(len(labels), 'label')}")
     if len(labels) and labels.max() >= len(CLASSES):
         raise UserError(f"{labels_path}: labels outside 0..{len(CLASSES) - 1}")
     return Split(images[..., None].copy(), labels.astype(np.int64))  # (N, 28, 28, 1)

@@ -26,6 +26,7 @@ from imgflow.data.dataset import Dataset, Split
 from imgflow.data.decode import check_fits_in_memory, decode_image, resize_array
 from imgflow.data.readers import Listing, open_reader, printable
 from imgflow.errors import UserError
+from imgflow.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +172,14 @@ def read_image_folder(path: Path, image_size: tuple[int, int] | None = None,
         notes.append(f"class folder {folder} {what}{consequence}")
     stray = sorted(c for (split, c), ks in usable.items() if split == "test" and ks and c not in classes)
     if stray:
-        raise UserError(f"{source}: test class(es) {', '.join(stray)} have no training images; "
-                        "add images under train/<class>/ or remove the test folder(s)")
+        raise UserError(f"{source}: {plural(len(stray), 'test class', 'test classes')} without training "
+                        f"images ({', '.join(stray)}): add their images under train/<class>/ or "
+                        "remove them from test/")
     if not classes:
         detail = ""
         if skipped:
             first = skipped[0]
-            detail = f" ({len(skipped)} files skipped, e.g. {first['path']}: {first['reason']})"
+            detail = f" ({plural(len(skipped), 'file')} skipped, e.g. {first['path']}: {first['reason']})"
         raise UserError(f"no images found in {source}{detail}: expected image files in "
                         "train/<class>/ (optionally test/<class>/) or <class>/ folders")
 

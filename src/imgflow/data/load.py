@@ -14,12 +14,16 @@ from imgflow.data.decode import check_fits_in_memory, resize_images
 from imgflow.data.folder import dataset_name, read_image_folder
 from imgflow.data.readers import DirReader, is_tar_archive
 from imgflow.errors import UserError
+from imgflow.text import plural
 
 log = logging.getLogger(__name__)
 
 _ALIASES = {"cifar10": "cifar10", "cifar-10": "cifar10", "fashion-mnist": "fashion-mnist",
             "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
 _SKIPPED_SHOWN = 5  # skipped files named in the warning; the card lists more
+# (source, sha256, image size) whose remarks were warned about in this process: a workflow or a
+# tuning study loads one data set many times, and one warning says it all.
+_remarked: set[tuple[str, str, tuple[int, int] | None]] = set()
 
 
 # Every image is decoded into one uint8 array in memory; 4096x4096x3 is 48 MB per image.
@@ -84,7 +88,7 @@ def load_dataset(spec: str, image_size: tuple[int, int] | None = None,
             raise UserError(f"no data set '{spec}': give cifar10, fashion-mnist, or a path to "
                             "an image folder/.zip/.tar(.gz)")
         dataset = _load_path(path, root, image_size, progress)
-    _log_remarks(dataset, logging.WARNING if remarks else logging.INFO)
+    _log_remarks(dataset, image_size, remarks)
     return dataset
 
 
@@ -144,9 +148,8 @@ def _cached(root: Path, digest: str, image_size, build, progress: bool) -> Datas
             dataset = dataclasses.replace(
                 dataset, train=_resized(dataset.train, image_size),
                 test=None if dataset.test is None else _resized(dataset.test, image_size))
-        log.info("decoded %d images in %.1f s", len(dataset.train)
-                 + (len(dataset.test) if dataset.test is not None else 0),
-                 time.perf_counter() - start)
+        count = len(dataset.train) + (len(dataset.test) if dataset.test is not None else 0)
+        log.info("decoded %s in %.1f s", plural(count, "image"), time.perf_counter() - start)
         return dataset
 
     dataset, hit = cache.cached(root, cache.arrays_key(digest, image_size=image_size),
@@ -160,13 +163,23 @@ def _resized(split: Split, size: tuple[int, int]) -> Split:
     return Split(resize_images(split.images, size), split.labels)
 
 
-def _log_remarks(dataset: Dataset, level: int) -> None:
-    """Say what the load had to do, every time (not only when it decoded)."""
+def _log_remarks(dataset: Dataset, image_size: tuple[int, int] | None, remarks: bool) -> None:
+    """Say what the load had to do (not only when it decoded): as a warning the first time this
+    process loads the data set at this image size, at DEBUG after that; at INFO when `remarks`
+    is False (a run's data, reported when the run trained)."""
+    key = (dataset.source, dataset.sha256, image_size)
+    if not remarks:
+        level = logging.INFO
+    elif key in _remarked:
+        level = logging.DEBUG
+    else:
+        level = logging.WARNING
+        _remarked.add(key)
     for note in dataset.notes:
         log.log(level, "%s: %s", dataset.name, note)
     if dataset.skipped:
         shown = "; ".join(f"{s['path']} ({s['reason']})" for s in dataset.skipped[:_SKIPPED_SHOWN])
         more = len(dataset.skipped) - _SKIPPED_SHOWN
-        log.log(level, "%s: skipped %d file(s) that could not be used: %s%s", dataset.name,
-                    len(dataset.skipped), shown, f"; and {more} more" if more > 0 else "")
+        log.log(level, "%s: skipped %s that could not be used: %s%s", dataset.name,
+                plural(len(dataset.skipped), "file"), shown, f"; and {more} more" if more > 0 else "")
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from imgflow.data.dataset import Dataset, Split
 from imgflow.errors import UserError
+from imgflow.text import plural
 
 
 def _per_class_tail(labels: np.ndarray, order: np.ndarray, fraction: float) -> np.ndarray:
@@ -41,7 +42,7 @@ def split_train_val(train: Split, fraction: float, mode: str, seed: int) -> tupl
     train_idx, val_idx = order[~is_val], order[is_val]
     if len(val_idx) == 0 or len(train_idx) == 0:
         raise UserError(f"--val-split {fraction} leaves an empty training or validation part of "
-                        f"{len(train)} images: choose a fraction that keeps both non-empty")
+                        f"{plural(len(train), 'image')}: choose a fraction that keeps both non-empty")
     return train.subset(train_idx), train.subset(val_idx)
 
 
@@ -71,14 +72,15 @@ def holdout_test(dataset: Dataset, fraction: float, seed: int = 0) -> Dataset:
     order = np.random.default_rng([seed, 0x7E57]).permutation(len(dataset.train))
     is_test = _per_class_tail(dataset.train.labels, order, fraction)
     if is_test.sum() == 0 or (~is_test).sum() == 0:
-        raise UserError(f"cannot hold out {fraction:.0%} of {len(dataset.train)} images as a test split "
-                        "(it is taken per class, and rounds to none or all of them): add images, "
-                        "change --test-split, or add a test/<class>/ folder")
+        raise UserError(f"cannot hold out {fraction:.0%} of {plural(len(dataset.train), 'image')} as a "
+                        "test split (it is taken per class, and rounds to none or all of them): add "
+                        "images, change --test-split, or add a test/<class>/ folder")
     return dataclasses.replace(
         dataset, train=dataset.train.subset(np.sort(order[~is_test])),
         test=dataset.train.subset(np.sort(order[is_test])),
-        notes=[*dataset.notes, f"no test split in the source: held out {int(is_test.sum())} training "
-                               f"images ({fraction:.0%}, stratified, seed {seed}) as the test split"])
+        notes=[*dataset.notes, "no test split in the source: held out "
+                               f"{plural(int(is_test.sum()), 'training image')} "
+                               f"({fraction:.0%}, stratified, seed {seed}) as the test split"])
 
 
 def largest_remainder(counts: np.ndarray, total: int) -> np.ndarray:
