@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -52,6 +53,20 @@ def test_card_has_the_design_keys_and_right_numbers(tiny, tmp_path):
     with Image.open(png) as im:
         assert im.format == "PNG" and im.width > 300 and im.height > 100
     assert [p.name for p in png.parent.iterdir()] == ["examples.png"]  # no temp files left
+
+
+def test_without_out_dir_examples_go_to_a_named_folder_and_are_announced(tiny, tmp_path, monkeypatch,
+                                                                         caplog):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with caplog.at_level(logging.INFO, logger="imgflow.data.card"):
+        card = inspect(str(tiny))
+    png = Path("runs") / "inspect" / "tiny" / "examples.png"
+    assert card["examples"] == str(png) and (work / png).is_file()
+    assert [p.name for p in work.iterdir()] == ["runs"]  # nothing else in the working directory
+    assert f"wrote the example grid to {png}" in caplog.text
+    assert DESIGN_KEYS <= card.keys() and card["classes"] == ["cat", "dog"]
 
 
 def test_no_test_split_is_null_and_said_in_the_text(tmp_path):

@@ -8,6 +8,8 @@ notes (remarks made while loading), examples (path of examples.png).
 """
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,8 @@ from imgflow.data.examples import save_example_grid
 from imgflow.data.load import load_dataset
 from imgflow.data.stats import channel_stats
 from imgflow.text import plural
+
+log = logging.getLogger(__name__)
 
 _SKIPPED_LISTED = 20  # skipped files named in the text card
 
@@ -48,11 +52,25 @@ def make_card(dataset: Dataset) -> dict:
     }
 
 
-def inspect(spec: str, out_dir: Path, image_size: tuple[int, int] | None = None) -> dict:
-    """Load `spec`, write `out_dir/examples.png`, and return the data set card."""
+def default_inspect_dir(name: str) -> Path:
+    """Where `inspect` writes when no directory is given: runs/inspect/<name>/, relative to the
+    current directory, so a file never lands in the working directory unannounced."""
+    return Path("runs") / "inspect" / (name if name not in ("", ".", "..") else "data")
+
+
+def inspect(spec: str, out_dir: str | os.PathLike | None = None,
+            image_size: tuple[int, int] | None = None) -> dict:
+    """Load `spec`, write `out_dir/examples.png`, and return the data set card.
+
+    out_dir: default `default_inspect_dir(<data set name>)`; created if missing. The card's
+        "examples" key holds the path written.
+    """
     dataset = load_dataset(spec, image_size=image_size)
     card = make_card(dataset)
-    card["examples"] = str(save_example_grid(dataset, Path(out_dir) / "examples.png"))
+    folder = Path(out_dir) if out_dir is not None else default_inspect_dir(dataset.name)
+    examples = save_example_grid(dataset, folder / "examples.png")  # creates the folder
+    log.info("wrote the example grid to %s", examples)
+    card["examples"] = str(examples)
     return card
 
 
