@@ -69,6 +69,103 @@ def test_single_wrapping_directory_is_peeled(tiny, tmp_path, suffix):
     assert ds.classes == ["a", "b", "c"] and len(ds.train) == 18 and len(ds.test) == 6
 
 
+def _source(folder, tmp_path, kind):
+    """`folder` itself, or packed as .zip, .tar or .tar.gz (members relative to it)."""
+    return folder if kind == "dir" else pack(folder, tmp_path / f"{folder.name}{kind}")
+
+
+KINDS = ["dir", ".zip", ".tar", ".tar.gz"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_chain_of_wrapping_directories_is_peeled(tiny, tmp_path, kind):
+    """A zip of `export/dataset/train/cat/*.jpg` read as one class "dataset" before."""
+    root = tmp_path / "export-zip"
+    make_image_folder(root / "export" / "dataset", classes=("b", "a", "c"), per_class=6, test_per_class=2)
+    (root / "export" / "README.txt").write_text("exported by a tool")  # text beside: still a wrapper
+    ds = load(_source(root, tmp_path, kind))
+    assert ds.classes == ["a", "b", "c"] and len(ds.train) == 18 and len(ds.test) == 6
+    np.testing.assert_array_equal(ds.train.images, load(tiny).train.images)
+    assert ds.skipped == [] and ds.notes == ["ignored entries outside export/dataset/: export/README.txt"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_class_folders_inside_a_chain_of_wrappers_without_a_test_split(tmp_path, kind):
+    root = tmp_path / "photos"
+    make_image_folder(root / "2024" / "animals", classes=("cat", "dog"), per_class=5, flat=True)
+    # Folders of other files beside the images (a data set's meta/) do not hide the wrapper.
+    (root / "2024" / "meta").mkdir()
+    (root / "2024" / "meta" / "classes.txt").write_text("cat\ndog\n")
+    ds = load(_source(root, tmp_path, kind))
+    assert ds.classes == ["cat", "dog"] and len(ds.train) == 10 and ds.test is None
+    assert ds.notes == ["ignored entries outside 2024/animals/: 2024/meta"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_class_folders_a_level_down_beside_an_image_are_refused_naming_where_they_are(tmp_path, kind):
+    root = tmp_path / "photos"
+    make_image_folder(root / "animals", classes=("cat", "dog"), per_class=3, flat=True)
+    make_image(0, 2).save(root / "cover.png")  # an image at the top: "animals" is not a mere wrapper
+    source = _source(root, tmp_path, kind)
+    fix = (f"give {root / 'animals'} as DATA" if kind == "dir" else "extract the archive and give its "
+           "folder animals/ as DATA, or pack the class folders at the archive's top")
+    with pytest.raises(UserError) as caught:
+        load(source)
+    assert str(caught.value) == (f"{source}: the class folders seem to be one level down, in animals/ "
+                                 f"(animals/cat, animals/dog): {fix}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ambiguous_class_level_is_refused_naming_the_candidates(tmp_path, kind):
+    """animals/cat, animals/dog, plants/rose: the classes are two (animals, plants) or three."""
+    root = tmp_path / "nature"
+    make_image_folder(root / "animals", classes=("cat", "dog"), per_class=3, flat=True)
+    make_image_folder(root / "plants", classes=("rose",), per_class=3, flat=True)
+    source = _source(root, tmp_path, kind)
+    with pytest.raises(UserError) as caught:
+        load(source)
+    assert str(caught.value) == (
+        f"{source}: cannot tell which folders are the classes: animals, plants hold no images directly, "
+        "only sub-folders (animals/cat, animals/dog, plants/rose). If the sub-folders are the classes, "
+        "put them side by side in one folder and give that; if not, put each class's images directly "
+        "in its folder")
+    with pytest.raises(UserError, match="cannot tell which folders are the classes"):
+        folder_mod.sample_image_sizes(source)  # the size probe refuses it too, before any decoding
+
+
+def test_class_folders_a_level_down_inside_train_are_refused(tmp_path):
+    root = tmp_path / "d"
+    make_image_folder(root / "train" / "images", classes=("cat", "dog"), per_class=3, flat=True)
+    with pytest.raises(UserError, match=r"the class folders seem to be one level down, in train/images/ "
+                                        r"\(train/images/cat, train/images/dog\): move them up into train/ "
+                                        r"\(and test/\)"):
+        load(root)
+
+
+def test_nested_data_read_as_one_class_by_an_older_version_is_not_served_from_its_cache(tmp_path,
+                                                                                       monkeypatch):
+    from imgflow.data import cache
+
+    make_image_folder(tmp_path / "z" / "export" / "dataset", classes=("a", "b"), per_class=2)
+    archive = pack(tmp_path / "z", tmp_path / "z.zip")
+    with monkeypatch.context() as old:  # version 2 peeled one wrapping folder at most
+        old.setattr(cache, "CACHE_VERSION", 2)
+        old.setattr(folder_mod, "_wrapping_dirs", lambda paths, images: paths[0][:1])
+        old.setattr(folder_mod, "_check_class_level", lambda *args: None)
+        assert load(archive).classes == ["dataset"]
+    assert load(archive).classes == ["a", "b"]
+
+
+def test_sub_folders_of_the_same_name_in_every_class_are_not_classes(tmp_path):
+    """cat/2019, dog/2019: names repeat, so the top folders are the classes, files nested."""
+    root = tmp_path / "years"
+    for year in ("2019", "2020"):
+        make_image_folder(root / "cat" / year, classes=("x",), per_class=2, flat=True)
+        make_image_folder(root / "dog" / year, classes=("x",), per_class=1, flat=True)
+    ds = load(root)
+    assert ds.classes == ["cat", "dog"] and np.bincount(ds.train.labels).tolist() == [4, 2]
+
+
 def test_top_level_class_folders_mean_no_test_split(tmp_path):
     root = make_image_folder(tmp_path / "flat", classes=("cat", "dog"), per_class=5, flat=True)
     for source in (root, pack(root, tmp_path / "flat.zip"), pack(root, tmp_path / "w.zip", prefix="photos/")):

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 # Bump when any decoder's output for the same source bytes changes, so stale caches are not read.
 # 2: a plain .tar cut between two members is refused; version 1 cached the members before the cut.
-CACHE_VERSION = 2
+# 3: chains of wrapping folders are peeled, class folders a level too high refused; version 2 read
+#    a zip of export/dataset/train/<class>/ as one class.
+CACHE_VERSION = 3
 _HASH_CHUNK = 1 << 20  # bytes read per hashing step
 
 

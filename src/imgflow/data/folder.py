@@ -1,16 +1,20 @@
 """Labelled image folders: a directory, .zip, .tar or .tar.gz of class folders.
 
-Layouts (after an optional single wrapping directory, as in `cifar10/train/...`):
+Layouts (after a chain of wrapping directories, if any: `cifar10/train/...`, or
+`export/dataset/train/...`, where each holds nothing but the next, bar files that are not images):
 - `train/<class>/...` with optional `test/<class>/...`;
 - `<class>/...` at the top level: no test split.
-Files may sit at any depth inside a class folder. Class names are sorted, so label i is the i-th
-name in sorted order (for CIFAR-10 folders that is the official label order) and test classes
-map to the same indices as train's; a test class with no training images is an error.
+Files may sit at any depth inside a class folder, but class folders that hold no image directly,
+only sub-folders of names found once (`animals/cat`, `plants/rose`), are refused: those may be
+the classes, and guessing wrong would train on the wrong labels. Class names are sorted, so label
+i is the i-th name in sorted order (for CIFAR-10 folders that is the official label order) and
+test classes map to the same indices as train's; a test class with no training images is an error.
 A class folder without usable images is left out and reported. Files that cannot be used are
 skipped and listed as {"path", "reason"} with `path` relative to the source, never a crash.
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import warnings
@@ -37,41 +41,83 @@ SPLITS = ("train", "test")
 class _Plan:
     """Which files belong to which split and class folder."""
 
-    wrapper: str  # stripped wrapping directory + "/", or ""
+    wrapper: str  # stripped chain of wrapping directories + "/", or ""
     split_layout: bool  # train/<class>/ (and test/<class>/) rather than <class>/ at the top
     has_test: bool
     # (split, class folder) -> file indices into the listing
     folders: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)  # top-level entries outside the layout
+    ignored: list[str] = field(default_factory=list)  # top-level entries outside train/ and test/
+    outside: list[str] = field(default_factory=list)  # entries beside the wrapping directories
+
+
+@functools.cache
+def _image_suffixes() -> frozenset[str]:
+    return frozenset(ext.lower() for ext in Image.registered_extensions())  # '.jpg', '.png', ...
+
+
+def _looks_like_image(name: str) -> bool:
+    """Whether a file name has an image suffix Pillow knows. Only the layout is decided by names
+    (a README or a meta/ folder of text files must not decide it); decoding goes by content."""
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in _image_suffixes()
+
+
+def _wrapping_dirs(paths: list[list[str]], images: list[bool]) -> list[str]:
+    """The chain of single wrapping directories to peel off (`export/dataset/` of a zip holding
+    `export/dataset/train/cat/1.jpg`): while every image sits inside one directory, not directly
+    in it and not in train/ or test/, that directory only wraps the data. Files that look like
+    images (`images`, per path) decide it when there are any; others (README.txt, meta/) are
+    left outside."""
+    basis = [p for p, image in zip(paths, images) if image] or paths
+    chain: list[str] = []
+    while basis and all(len(p) >= 3 for p in basis):  # each file at least wrapper/folder/file
+        tops = {p[0] for p in basis}
+        if len(tops) != 1 or next(iter(tops)) in SPLITS:
+            break
+        chain.append(next(iter(tops)))
+        basis = [p[1:] for p in basis]
+    return chain
+
+
+def _beside(parts: list[str], chain: list[str]) -> str | None:
+    """The entry beside the wrapping chain that `parts` lies in ('food/meta'); None if inside it
+    (or one of the wrapping directories itself)."""
+    for k, name in enumerate(chain):
+        if k >= len(parts):
+            return None
+        if parts[k] != name:
+            return "/".join(parts[:k + 1])
+    return None
 
 
 def _plan(listing: Listing, source: str) -> _Plan:
-    paths = [rel.split("/") for rel, _ in listing.files]
-    dirs = [d.split("/") for d in listing.dirs]
-    tops = {p[0] for p in paths} | {d[0] for d in dirs}
-    wrapper = ""
-    # One wrapping directory (a zip of `cifar10/train/...` or of `photos/<class>/...`) is peeled
-    # off when everything sits inside it and it holds folders, not only files.
-    if (len(tops) == 1 and next(iter(tops)) not in SPLITS and paths
-            and all(len(p) >= 3 for p in paths)):
-        wrapper = next(iter(tops)) + "/"
-        paths = [p[1:] for p in paths]
-        dirs = [d[1:] for d in dirs if len(d) > 1]
-        tops = {p[0] for p in paths} | {d[0] for d in dirs}
+    all_paths = [rel.split("/") for rel, _ in listing.files]
+    images = [_looks_like_image(p[-1]) for p in all_paths]
+    all_dirs = [d.split("/") for d in sorted(listing.dirs)]
+    chain = _wrapping_dirs(all_paths, images)
+    wrapper = "".join(name + "/" for name in chain)
+    cut = len(chain)
+    paths = [p[cut:] if p[:cut] == chain else None for p in all_paths]
+    dirs = [d[cut:] for d in all_dirs if d[:cut] == chain and len(d) > cut]
+    outside = sorted({entry for parts in all_dirs + [p for p, q in zip(all_paths, paths) if q is None]
+                      if (entry := _beside(parts, chain)) is not None})
+    tops = {p[0] for p in paths if p is not None} | {d[0] for d in dirs}
 
     has_split_layout = "train" in tops
     if not has_split_layout and "test" in tops:
         raise UserError(f"{source} has a test/ folder but no train/ folder: expected "
                         "train/<class>/* (and optionally test/<class>/*)")
     plan = _Plan(wrapper=wrapper, split_layout=has_split_layout,
-                 has_test=has_split_layout and "test" in tops)
+                 has_test=has_split_layout and "test" in tops, outside=outside)
     depth = 1 if has_split_layout else 0  # index of the class folder in a path
     for d in dirs:  # register class folders even when empty, to report them
         if len(d) > depth and (depth == 0 or d[0] in SPLITS):
             split = d[0] if depth else "train"
             plan.folders.setdefault((split, d[depth]), [])
     for index, p in enumerate(paths):
+        if p is None:
+            continue
         rel = wrapper + "/".join(p)
         if depth and p[0] not in SPLITS:
             if p[0] not in plan.ignored:
@@ -83,7 +129,46 @@ def _plan(listing: Listing, source: str) -> _Plan:
             plan.folders.setdefault((split, p[depth]), []).append(index)
     if depth:
         plan.ignored += sorted({d[0] for d in dirs if d[0] not in SPLITS} - set(plan.ignored))
+    _check_class_level(plan, paths, images, depth, source)
     return plan
+
+
+def _check_class_level(plan: _Plan, paths: list[list[str] | None], images: list[bool], depth: int,
+                       source: str) -> None:
+    """Refuse class folders that look one level too high: none holds an image directly, only
+    sub-folders, and those sub-folders have names of their own (`animals/cat`, `animals/dog`,
+    `plants/rose`): they may be the classes. Read as one class each, such data would train on
+    the wrong labels without a word. Sub-folder names repeated across class folders
+    (`cat/2019`, `dog/2019`) cannot be classes, so those class folders stand, files nested."""
+    train = [paths[i] for (split, _), ks in plan.folders.items() if split == "train" for i in ks
+             if images[i]]
+    if not train or any(len(p) == depth + 2 for p in train):  # no image names, or images directly
+        return
+    pairs = sorted({(p[depth], p[depth + 1]) for p in train})
+    if len({sub for _, sub in pairs}) < len(pairs):
+        return
+    raise UserError(_nested_message(plan, pairs, source))
+
+
+def _nested_message(plan: _Plan, pairs: list[tuple[str, str]], source: str) -> str:
+    """One line naming where the class folders seem to be, and what to give instead."""
+    prefix = plan.wrapper + ("train/" if plan.split_layout else "")
+    shown = ", ".join(f"{prefix}{c}/{sub}" for c, sub in pairs[:4]) + (", ..." if len(pairs) > 4 else "")
+    parents = sorted({c for c, _ in pairs})
+    if len(parents) > 1:
+        return (f"{source}: cannot tell which folders are the classes: "
+                f"{', '.join(prefix + c for c in parents)} hold no images directly, only sub-folders "
+                f"({shown}). If the sub-folders are the classes, put them side by side in one folder "
+                "and give that; if not, put each class's images directly in its folder")
+    level = prefix + parents[0] + "/"
+    if plan.split_layout:
+        fix = f"move them up into {plan.wrapper}train/ (and test/)"
+    elif Path(source).is_dir():
+        fix = f"give {Path(source) / level} as DATA"
+    else:
+        fix = (f"extract the archive and give its folder {level} as DATA, or pack the class folders "
+               "at the archive's top")
+    return f"{source}: the class folders seem to be one level down, in {level} ({shown}): {fix}"
 
 
 def skip_reason(exc: BaseException) -> str:
@@ -154,6 +239,8 @@ def read_image_folder(path: Path, image_size: tuple[int, int] | None = None,
 
     skipped = listing.refused + plan.skipped + decode_skipped
     notes: list[str] = []
+    if plan.outside:
+        notes.append(f"ignored entries outside {plan.wrapper}: {', '.join(plan.outside)}")
     if plan.ignored:
         notes.append(f"ignored top-level entries outside train/ and test/: {', '.join(plan.ignored)}")
 
