@@ -148,7 +148,7 @@ def test_cli_unknown_data_exits_2_with_one_line(spec, tmp_path, capsys, monkeypa
     assert main(["inspect", spec]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"imgflow: error: no data set '{spec}': give cifar10, fashion-mnist, or a path "
-                   "to an image folder/.zip/.tar(.gz)")
+                   "to an image folder/.zip/.tar(.gz) or a .npz of arrays")
 
 
 @pytest.mark.parametrize("command", [["inspect", "{long}"], ["train", "{long}", "--model", "fast-small"],

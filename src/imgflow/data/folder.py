@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from imgflow.data.arrays import train_images_shape
 from imgflow.data.dataset import Dataset, Split
 from imgflow.data.decode import check_fits_in_memory, decode_image, resize_array
 from imgflow.data.readers import Listing, open_reader, printable
@@ -308,7 +309,11 @@ _QUARTER_TURNS = {5, 6, 7, 8}
 
 def sample_image_sizes(path: Path, limit: int = 100) -> SizeSample:
     """Sizes of up to `limit` training images spread evenly over the sorted listing, read from
-    their headers only (no pixel decoding), so a choice of size can precede decoding the lot."""
+    their headers only (no pixel decoding), so a choice of size can precede decoding the lot.
+    A .npz of arrays has one size: its train_images' header says it."""
+    if Path(path).suffix.lower() == ".npz" and Path(path).is_file():
+        N, H, W = train_images_shape(Path(path))[:3]
+        return SizeSample(train_files=N, sizes=[(H, W)] * min(limit, N))
     with open_reader(path) as reader:
         listing = reader.list()
         listing.files.sort(key=lambda f: f[0])
@@ -335,10 +340,10 @@ def sample_image_sizes(path: Path, limit: int = 100) -> SizeSample:
 
 
 def dataset_name(path: Path) -> str:
-    """A folder's or archive's name without archive suffixes: 'cifar10-jpeg.zip' -> 'cifar10-jpeg'."""
+    """A folder's or file's name without archive suffixes: 'cifar10-jpeg.zip' -> 'cifar10-jpeg'."""
     path = Path(path)
     name = printable(path.resolve().name if path.name in ("", ".", "..") else path.name)
-    for suffix in (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".zip", ".tar"):
+    for suffix in (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".zip", ".tar", ".npz"):
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from imgflow.data import cache, cifar10, fashion_mnist
+from imgflow.data.arrays import read_arrays_file
 from imgflow.data.dataset import Dataset, Split
 from imgflow.data.decode import check_fits_in_memory, resize_images
 from imgflow.data.folder import dataset_name, read_image_folder
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 _ALIASES = {"cifar10": "cifar10", "cifar-10": "cifar10", "fashion-mnist": "fashion-mnist",
             "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
+_PATH_KINDS = "an image folder/.zip/.tar(.gz) or a .npz of arrays"
 _SKIPPED_SHOWN = 5  # skipped files named in the warning; the card lists more
 # (source, sha256, image size) whose remarks were warned about in this process: a workflow or a
 # tuning study loads one data set many times, and one warning says it all.
@@ -41,8 +43,9 @@ def load_dataset(spec: str, image_size: tuple[int, int] | None = None,
     """Load a data set as uint8 (N, H, W, C) splits with int64 labels and its provenance.
 
     spec: `cifar10` (env IMGFLOW_CIFAR10 if set, else the official download), `fashion-mnist`,
-        or a path to an image folder, .zip, .tar or .tar.gz (see `imgflow.data.folder`), or to
-        an official `cifar-10-python.tar.gz` / extracted `cifar-10-batches-py` folder.
+        or a path to an image folder, .zip, .tar or .tar.gz (see `imgflow.data.folder`), to
+        an official `cifar-10-python.tar.gz` / extracted `cifar-10-batches-py` folder, or to a .npz
+        of arrays (see `imgflow.data.arrays`).
     image_size: (H, W) to resize every image to; None keeps the data's own size (for folders of
         mixed sizes: the most common one). How modes, alpha and sizes are handled:
         `imgflow.data.decode`; folder layouts, skipped files, empty classes: `imgflow.data.folder`.
@@ -52,7 +55,7 @@ def load_dataset(spec: str, image_size: tuple[int, int] | None = None,
         was reported when the run trained).
     """
     if not spec:  # Path("") is the working directory: never what was meant
-        raise UserError("empty DATA: give cifar10, fashion-mnist, or a path to an image folder/.zip/.tar(.gz)")
+        raise UserError(f"empty DATA: give cifar10, fashion-mnist, or a path to {_PATH_KINDS}")
     root = cache.cache_root(cache_dir)
     if image_size is not None:
         image_size = (int(image_size[0]), int(image_size[1]))
@@ -85,15 +88,16 @@ def load_dataset(spec: str, image_size: tuple[int, int] | None = None,
     else:
         path = Path(spec).expanduser()
         if not path.exists():
-            raise UserError(f"no data set '{spec}': give cifar10, fashion-mnist, or a path to "
-                            "an image folder/.zip/.tar(.gz)")
+            raise UserError(f"no data set '{spec}': give cifar10, fashion-mnist, or a path to {_PATH_KINDS}")
         dataset = _load_path(path, root, image_size, progress)
     _log_remarks(dataset, image_size, remarks)
     return dataset
 
 
 def _load_path(path: Path, root: Path, image_size, progress: bool) -> Dataset:
-    """A directory or archive: official CIFAR-10 batches or an image folder."""
+    """A directory or archive: official CIFAR-10 batches or an image folder; or a .npz of arrays."""
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return _load_arrays_file(path, root, image_size, progress)
     if path.is_dir():
         official = cifar10.is_official_dir(path)
         if official is not None:
@@ -106,6 +110,18 @@ def _load_path(path: Path, root: Path, image_size, progress: bool) -> Dataset:
         raise UserError(f"{path} is neither a file nor a directory")
     digest = _source_sha256(path, root)
     dataset = _cached(root, digest, image_size, build, progress)
+    return dataclasses.replace(dataset, name=dataset_name(path), source=str(path), sha256=digest)
+
+
+def _load_arrays_file(path: Path, root: Path, image_size, progress: bool) -> Dataset:
+    digest = _source_sha256(path, root)
+    if image_size is None:
+        # Not cached: reading the .npz is the work a cache hit would do (np.load of .npy members),
+        # so a cached copy would only double the disk it takes. Resized arrays are cached below,
+        # since resizing is the slow part.
+        dataset = read_arrays_file(path)
+    else:
+        dataset = _cached(root, digest, image_size, lambda: read_arrays_file(path), progress)
     return dataclasses.replace(dataset, name=dataset_name(path), source=str(path), sha256=digest)
 
 
