@@ -550,6 +550,12 @@ def test_airbench_options_train_end_to_end(tiny_data, tmp_path):
     assert len(rows) == 2 and all(math.isfinite(float(v)) for r in rows for v in r.split(",")[1:6])
 
 
+def _default_sigint():
+    # A shell's background job (`cmd &`) starts with SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: give the benchmark the Ctrl-C handling it has in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_benchmark_ctrl_c_lets_the_training_child_save_its_checkpoint(tmp_path):
     # A stand-in for `imgflow train` that needs a second to save on Ctrl-C: the benchmark passes
     # the Ctrl-C on and waits, where subprocess.run would kill it after a quarter of a second.
@@ -568,7 +574,7 @@ def test_benchmark_ctrl_c_lets_the_training_child_save_its_checkpoint(tmp_path):
     for target in ("group", "benchmark only"):  # Ctrl-C in a terminal, or `kill -INT PID`
         saved.unlink(missing_ok=True)
         proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+                                text=True, start_new_session=True, preexec_fn=_default_sigint)
         try:
             assert proc.stdout.readline().strip() == "ready"
             if target == "group":

@@ -425,8 +425,8 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     (["--momentum", "5"], "--momentum"),
     (["--seed", "99999999999999999999"], "--seed"),
     (["--fold", "1"], "--fold 1 needs --folds"),
-    (["--val-split", "0.05", "--val-subset", "1"], "validation part"),
-    (["--train-subset", "1"], "training image(s) left"),
+    (["--val-split", "0.001"], "empty training or validation part"),
+    (["--train-subset", "1"], "1 training image left"),
 ])
 def test_invalid_train_options_exit_2_and_write_nothing(tiny_data, tmp_path, capsys, args, message):
     out = tmp_path / "run"

@@ -40,6 +40,7 @@ from imgflow.inference import loss_and_accuracy, predict_logits
 from imgflow.models import count_params, create_model
 from imgflow.precision import autocast, resolve_precision, set_threads
 from imgflow.preprocess import Preprocessing, to_model_input
+from imgflow.text import plural
 from imgflow.runs import RunPaths, holds_run, is_finished, load_run_data, read_run_config, state_dict_mismatch
 from imgflow.training.augment import (alternating_flips, augment_batch, flip_mask, seeded_generator,
                                       step_generator)
@@ -94,12 +95,9 @@ def split_for_training(train: Split, config: TrainConfig) -> tuple[Split, Split 
         train_part, val_part = split_train_val(train, config.val_split, config.val_mode, config.seed)
     if val_part is not None:
         val_part = stratified_subset(val_part, config.val_subset, config.seed)
-        if len(val_part) == 0:
-            raise UserError(f"the validation part of {len(train)} training images is empty: "
-                            "raise --val-split (or --val-subset)")
     train_part = stratified_subset(train_part, config.train_subset, config.seed)
     if len(train_part) < 2:
-        raise UserError(f"only {len(train_part)} training image(s) left after the validation split "
+        raise UserError(f"only {plural(len(train_part), 'training image')} left after the validation split "
                         "and --train-subset: lower --val-split or raise --train-subset")
     return train_part, val_part
 
