@@ -29,7 +29,7 @@ from throughput import RESULTS, machine_info, machine_slug
 from imgflow.fileio import read_json, write_json
 from imgflow.precision import default_threads
 from imgflow.training.config import PRESETS
-from imgflow.training.engine import read_history
+from imgflow.history import read_history
 
 log = logging.getLogger("benchmarks.ablation")
 

@@ -32,7 +32,8 @@ from imgflow.preprocess import Preprocessing
 from imgflow.runs import create_run_model, load_run_data, load_trained_model, read_run_config
 from imgflow.training.batchnorm import batchnorm_sample, reestimate_batchnorm
 from imgflow.training.config import TrainConfig
-from imgflow.training.engine import load_checkpoint, split_for_training
+from imgflow.training.batches import split_for_training
+from imgflow.training.checkpoint import load_checkpoint
 
 log = logging.getLogger("benchmarks.batchnorm_lag")
 

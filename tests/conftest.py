@@ -32,7 +32,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def train_tiny(data: Path, run_dir: Path, resume: bool = False, **overrides):
     from imgflow.training.config import resolve_config
-    from imgflow.training.engine import train
+    from imgflow.training.loop import train
 
     settings = dict(model="seed-baseline", epochs=3, batch_size=16, precision="fp32")
     settings.update(overrides)

@@ -13,7 +13,7 @@ from conftest import train_tiny
 from imgflow.cli import main
 from imgflow.preprocess import Preprocessing, to_model_input
 from imgflow.training.batchnorm import batchnorm_sample, has_batchnorm, reestimate_batchnorm
-from imgflow.training.engine import read_history
+from imgflow.history import read_history
 
 
 def _tiny_bn_net() -> nn.Module:
@@ -68,7 +68,7 @@ def test_train_with_precise_bn_saves_the_reestimated_statistics(tiny_data, tmp_p
     from imgflow.inference import loss_and_accuracy, predict_logits
     from imgflow.runs import load_run_data, load_trained_model
     from imgflow.training.config import TrainConfig
-    from imgflow.training.engine import split_for_training
+    from imgflow.training.batches import split_for_training
 
     train_tiny(tiny_data, tmp_path / "run", model="seed-batchnorm", epochs=2, precise_bn=50)
     run = json.loads((tmp_path / "run" / "config.json").read_text())

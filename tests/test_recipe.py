@@ -18,7 +18,7 @@ from imgflow.cli import build_parser, main
 from imgflow.errors import UserError
 from imgflow.inference import predict_logits, tta_views
 from imgflow.preprocess import Preprocessing
-from imgflow.training.augment import (alternating_flips, augment_batch, flip_mask, random_cutout, random_flip,
+from imgflow.augment import (alternating_flips, augment_batch, flip_mask, random_cutout, random_flip,
                                       random_translate, shift, step_generator)
 from imgflow.training.config import PRESET_INFO, PRESETS, config_from_args, describe_presets, resolve_config
 from imgflow.training.schedule import lr_at
@@ -447,7 +447,7 @@ def _bn_model() -> torch.nn.Module:
 
 
 def test_lookahead_decay_ramps_up_cubically_to_airbench_value():
-    from imgflow.training.engine import Lookahead
+    from imgflow.training.averaging import Lookahead
 
     la = Lookahead(_bn_model(), every=5)
     assert la.decay_at(0, 100) == 0.0
@@ -456,7 +456,7 @@ def test_lookahead_decay_ramps_up_cubically_to_airbench_value():
 
 
 def test_lookahead_moves_slow_weights_toward_live_ones_and_jumps_the_live_ones_to_them():
-    from imgflow.training.engine import Lookahead
+    from imgflow.training.averaging import Lookahead
 
     model = _bn_model()
     la = Lookahead(model, every=5)
@@ -480,7 +480,7 @@ def test_lookahead_moves_slow_weights_toward_live_ones_and_jumps_the_live_ones_t
 
 
 def test_lookahead_syncs_after_the_last_step_and_first_takes_the_live_weights():
-    from imgflow.training.engine import Lookahead
+    from imgflow.training.averaging import Lookahead
 
     def train(total_steps):
         """(initial weight, final weight, lookahead) after `total_steps` steps that each add 1."""
@@ -503,7 +503,7 @@ def test_lookahead_syncs_after_the_last_step_and_first_takes_the_live_weights():
 
 def test_bn_lr_scale_gives_batchnorm_its_own_learning_rate():
     from imgflow.training.config import TrainConfig
-    from imgflow.training.engine import build_optimizer
+    from imgflow.training.optim import build_optimizer
 
     model = _bn_model()
     plain = build_optimizer(model, TrainConfig("x", "fast-small"))
@@ -518,7 +518,7 @@ def test_bn_lr_scale_gives_batchnorm_its_own_learning_rate():
 
 def test_set_lr_scales_each_group_and_treats_old_groups_as_unscaled():
     from imgflow.training.config import TrainConfig
-    from imgflow.training.engine import build_optimizer, set_lr
+    from imgflow.training.optim import build_optimizer, set_lr
 
     model = _bn_model()
     optimizer = build_optimizer(model, TrainConfig("x", "fast-small", optimizer="sgd", bn_lr_scale=64.0))

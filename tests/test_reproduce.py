@@ -51,7 +51,7 @@ def test_reproduce_seed_trains_both_models_and_writes_the_table(tiny_data, tmp_p
 
 def test_seconds_per_epoch_is_the_median_so_a_paused_epoch_does_not_count(tiny_data, tmp_path):
     from imgflow.reproduce import reproduce_seed
-    from imgflow.training.engine import read_history, write_history
+    from imgflow.history import read_history, write_history
 
     out = tmp_path / "repro"
     reproduce_seed(str(tiny_data), out, epochs=3, models=("seed-baseline",), progress=False)

@@ -1,4 +1,4 @@
-"""The training engine: learning, determinism, exact resume, guards, and the files it writes."""
+"""The training loop: learning, determinism, exact resume, guards, and the files it writes."""
 from __future__ import annotations
 
 import csv
@@ -23,7 +23,9 @@ from imgflow.data import Split
 from imgflow.data.splits import holdout_test, kfold_split, split_train_val, stratified_subset
 from imgflow.errors import UserError
 from imgflow.training.config import MAX_LR
-from imgflow.training.engine import TrainingDiverged, epoch_order, read_history
+from imgflow.history import read_history
+from imgflow.training.batches import epoch_order
+from imgflow.training.step import TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,7 +176,7 @@ def test_resume_without_checkpoint_starts_from_the_beginning(tiny_data, tmp_path
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     from imgflow.training.config import resolve_config
-    from imgflow.training.engine import train
+    from imgflow.training.loop import train
 
     config = resolve_config(str(tiny_data), dict(model="seed-baseline", epochs=1, batch_size=16, precision="fp32"))
     train(config, fresh, resume=True, progress=False)
@@ -183,9 +185,9 @@ def test_resume_without_checkpoint_starts_from_the_beginning(tiny_data, tmp_path
 
 def test_weights_that_turn_nan_at_an_epochs_last_step_are_not_saved(tiny_data, tmp_path, monkeypatch):
     """The loss of that step was still finite: only the end-of-epoch check can see it."""
-    import imgflow.training.engine as engine
+    import imgflow.training.step as training_step
 
-    real_build = engine.build_optimizer
+    real_build = training_step.build_optimizer
 
     def poisoning_optimizer(model, config):
         optimizer = real_build(model, config)
@@ -202,7 +204,7 @@ def test_weights_that_turn_nan_at_an_epochs_last_step_are_not_saved(tiny_data, t
         optimizer.step = step
         return optimizer
 
-    monkeypatch.setattr(engine, "build_optimizer", poisoning_optimizer)
+    monkeypatch.setattr(training_step, "build_optimizer", poisoning_optimizer)
     with pytest.raises(TrainingDiverged, match="weights became inf/nan in epoch 1"):
         train_tiny(tiny_data, tmp_path / "run")
     assert not (tmp_path / "run" / "model.safetensors").exists()
@@ -231,9 +233,9 @@ def test_numbers_too_large_to_train_with_are_refused_up_front(tiny_data, tmp_pat
 
 
 def test_an_update_that_overflows_float32_is_reported_as_divergence(tiny_data, tmp_path, monkeypatch):
-    import imgflow.training.engine as engine
+    import imgflow.training.step as training_step
 
-    real_build = engine.build_optimizer
+    real_build = training_step.build_optimizer
 
     def overflowing_optimizer(model, config):
         optimizer = real_build(model, config)
@@ -244,7 +246,7 @@ def test_an_update_that_overflows_float32_is_reported_as_divergence(tiny_data, t
         optimizer.step = step
         return optimizer
 
-    monkeypatch.setattr(engine, "build_optimizer", overflowing_optimizer)
+    monkeypatch.setattr(training_step, "build_optimizer", overflowing_optimizer)
     with pytest.raises(TrainingDiverged, match="the update overflowed float32 at epoch 1, step 1: lower --lr"):
         train_tiny(tiny_data, tmp_path / "run")
     assert not (tmp_path / "run" / "model.safetensors").exists()
@@ -257,9 +259,9 @@ def test_one_class_is_not_a_classification_problem(tmp_path, capsys):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch):
-    import imgflow.training.engine as engine
+    import imgflow.training.step as training_step
 
-    real = engine.F.cross_entropy
+    real = training_step.F.cross_entropy
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -267,7 +269,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_data, t
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 10 else loss  # step 11 is in epoch 2 (8 steps/epoch)
 
-    monkeypatch.setattr(engine.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(training_step.F, "cross_entropy", poisoned)
     with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2"):
         train_tiny(tiny_data, tmp_path / "run")
     state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=True)
@@ -293,16 +295,16 @@ def test_early_stopping_restores_the_best_weights(tiny_data, tmp_path):
 
 
 def test_ctrl_c_in_the_epoch_that_stops_early_still_finishes_the_run(tiny_data, tmp_path, monkeypatch):
-    import imgflow.training.engine as engine
+    import imgflow.training.loop as training_loop
 
-    real_record = engine._record_for_early_stopping
+    real_record = training_loop._record_for_early_stopping
 
     def record_then_ctrl_c(loop, val_loss, model):
         real_record(loop, val_loss, model)
         if loop.best["bad_epochs"] >= 1:  # this epoch stops the run: Ctrl-C arrives now
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(engine, "_record_for_early_stopping", record_then_ctrl_c)
+    monkeypatch.setattr(training_loop, "_record_for_early_stopping", record_then_ctrl_c)
     result = train_tiny(tiny_data, tmp_path / "run", epochs=8, lr=3e-2, early_stopping=1)
     assert result.stopped_early and len(result.history) < 8
     assert (tmp_path / "run" / "model.safetensors").is_file()
@@ -389,7 +391,7 @@ def test_train_with_test_split_and_folds(tmp_path):
 
 def test_val_subset_validates_on_a_stratified_part_of_the_hold_out():
     from imgflow.training.config import TrainConfig
-    from imgflow.training.engine import split_for_training
+    from imgflow.training.batches import split_for_training
 
     split = _labelled_split((100, 60, 40))
     full = split_for_training(split, TrainConfig("x", "seed-baseline", val_split=0.5, val_mode="stratified"))
@@ -512,14 +514,14 @@ def test_a_failed_overwrite_keeps_the_earlier_run(tiny_run, tiny_data, tmp_path,
 
 
 def test_ctrl_c_during_an_overwrite_keeps_the_earlier_run(tiny_run, tiny_data, tmp_path, monkeypatch, capsys):
-    import imgflow.training.engine as engine
+    import imgflow.training.loop as training_loop
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     run_dir = _with_derived_artifacts(shutil.copytree(tiny_run, tmp_path / "run"))
     before = _snapshot(run_dir)
-    monkeypatch.setattr(engine, "write_history", interrupted)  # at the end of the first epoch
+    monkeypatch.setattr(training_loop, "write_history", interrupted)  # at the end of the first epoch
     code, err = _run_cli(capsys, "-q", "train", str(tiny_data), "--model", "seed-baseline", "--epochs", "1",
                          "--out", str(run_dir), "--overwrite")
     assert code == 130 and "keeps its earlier run" in err
@@ -528,7 +530,7 @@ def test_ctrl_c_during_an_overwrite_keeps_the_earlier_run(tiny_run, tiny_data, t
 
 def test_a_killed_overwrite_leaves_the_earlier_run_and_the_next_one_cleans_up(tiny_run, tiny_data, tmp_path,
                                                                               capsys):
-    from imgflow.training.engine import OVERWRITE_STAGING
+    from imgflow.training.rundir import OVERWRITE_STAGING
 
     run_dir = shutil.copytree(tiny_run, tmp_path / "run")
     (run_dir / OVERWRITE_STAGING / "checkpoint").mkdir(parents=True)  # as a kill -9 mid-overwrite leaves it
@@ -620,12 +622,12 @@ def _interrupted_copy(tiny_run, run_dir: Path, **checkpoint_changes) -> Path:
 def test_an_unreadable_checkpoint_is_one_line_saying_how_to_start_over(tiny_run, tmp_path, capsys, monkeypatch,
                                                                        content):
     """Never PyTorch's multi-line message, with its advice to load with weights_only=False."""
-    import imgflow.training.engine as engine
+    import imgflow.training.loop as training_loop
 
     run_dir = tmp_path / "run"
     checkpoint = _interrupted_copy(tiny_run, run_dir)
     if content != "another model":  # refused before the data set loads and prints its remarks
-        monkeypatch.setattr(engine, "load_run_data", lambda *a, **k: pytest.fail("loaded the data first"))
+        monkeypatch.setattr(training_loop, "load_run_data", lambda *a, **k: pytest.fail("loaded the data first"))
     if content == "a list":
         torch.save([1, 2], checkpoint)
     elif content == "another model":
@@ -751,10 +753,10 @@ def test_large_images_at_their_own_size_get_one_warning_naming_image_size(tiny_d
                                                                        monkeypatch):
     import logging
 
-    from imgflow.training import engine
+    import imgflow.training.batches as training_batches
 
-    monkeypatch.setattr(engine, "LARGE_IMAGE_PIXELS", 15 * 15)  # tiny_data is 16x16
-    monkeypatch.setattr(engine, "_warned_large_images", set())
+    monkeypatch.setattr(training_batches, "LARGE_IMAGE_PIXELS", 15 * 15)  # tiny_data is 16x16
+    monkeypatch.setattr(training_batches, "_warned_large_images", set())
     with caplog.at_level(logging.WARNING):
         train_tiny(tiny_data, tmp_path / "own-size", epochs=1)
     assert "training at the data's own 16x16" in caplog.text and "--image-size" in caplog.text

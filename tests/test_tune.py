@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import imgflow.training.engine as engine
+import imgflow.training.loop as training_loop
 from imgflow.cli import main
 from imgflow.errors import UserError
 from imgflow.training.config import resolve_config
@@ -67,7 +67,7 @@ def test_the_printed_command_trains_the_best_trial_again(study, tmp_path):
 
 def test_an_interrupted_study_continues_to_the_same_trials(study, tiny_data, tmp_path, monkeypatch):
     _, uninterrupted = study
-    real_train = engine.train
+    real_train = training_loop.train
     interrupted = []
 
     def train_cut_short(config, run_dir, *args, on_epoch=None, **kwargs):
@@ -78,7 +78,7 @@ def test_an_interrupted_study_continues_to_the_same_trials(study, tiny_data, tmp
                 raise KeyboardInterrupt("Ctrl-C")
         return real_train(config, run_dir, *args, on_epoch=stop_in_trial_3, **kwargs)
 
-    monkeypatch.setattr(engine, "train", train_cut_short)
+    monkeypatch.setattr(training_loop, "train", train_cut_short)
     out = tmp_path / "study"
     with pytest.raises(KeyboardInterrupt, match="run the same 'imgflow tune' command"):
         _tune(tiny_data, out)

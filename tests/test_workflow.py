@@ -110,9 +110,9 @@ def test_interrupted_workflow_resumes_after_the_last_finished_step(workflow_data
 def test_a_step_interrupted_before_it_ends_continues_with_its_saved_plan(workflow_data, tmp_path,
                                                                             monkeypatch):
     """Re-planning on resume would change the run's settings (and the engine would refuse them)."""
-    from imgflow.training import engine
+    import imgflow.training.loop as training_loop
 
-    real_train = engine.train
+    real_train = training_loop.train
     speeds = iter([1e6] + [5.0] * 20)  # the machine looks 200,000x slower on the second invocation
     monkeypatch.setattr(wf, "_measure_throughput", lambda ctx, model, batch: next(speeds))
 
@@ -120,7 +120,7 @@ def test_a_step_interrupted_before_it_ends_continues_with_its_saved_plan(workflo
         real_train(config, run_dir, **kwargs)
         raise KeyboardInterrupt  # after the baseline run's last checkpoint, before the step ends
 
-    monkeypatch.setattr(engine, "train", interrupted)
+    monkeypatch.setattr(training_loop, "train", interrupted)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         wf.run_workflow(str(workflow_data), out, budget_minutes=0.5, seed=0, progress=False)
@@ -129,7 +129,7 @@ def test_a_step_interrupted_before_it_ends_continues_with_its_saved_plan(workflo
     assert len(record["steps"]) == 4 and record["elapsed_minutes"] > 0  # the time spent is counted
     elapsed_before = record["elapsed_minutes"]
 
-    monkeypatch.setattr(engine, "train", real_train)
+    monkeypatch.setattr(training_loop, "train", real_train)
     monkeypatch.setattr(wf, "STEPS", wf.STEPS[:5])  # the baseline step is what this test is about
     again = wf.run_workflow(str(workflow_data), out, budget_minutes=0.5, seed=0, progress=False)
     baseline = again["steps"][4]["metrics"]
@@ -175,7 +175,7 @@ def test_balanced_accuracy_scores_a_run_by_mean_per_class_recall(finished_workfl
 
 
 def test_k_fold_reuses_the_step_6_run_as_fold_0_of_the_reference(tmp_path, monkeypatch):
-    from imgflow.training import engine
+    import imgflow.history
 
     trained = []
     monkeypatch.setattr(wf, "_train", lambda ctx, name, settings: (
@@ -183,7 +183,7 @@ def test_k_fold_reuses_the_step_6_run_as_fold_0_of_the_reference(tmp_path, monke
         (ctx.out / "runs" / name, [{"val_acc": 0.5, "val_loss": 1.0}]))[1])
     # the reference scores 0.52, the candidate 0.50: a tie on 30 images (standard error ~0.09)
     monkeypatch.setattr(wf, "_val_score", lambda ctx, run_dir, history: 0.5 if "augment" in str(run_dir) else 0.52)
-    monkeypatch.setattr(engine, "read_history", lambda path: [{"val_acc": 0.4, "val_loss": 1.1}])
+    monkeypatch.setattr(imgflow.history, "read_history", lambda path: [{"val_acc": 0.4, "val_loss": 1.1}])
     settings = {"model": "fast-small", "epochs": 2, "folds": 3, "fold": 0, "lr": 0.1}
     scaled = {"epochs": 2, "seconds_per_epoch": 1.0, "settings": settings, "run": "runs/6-overfit",
               "final_val_acc": 0.4, "final_val_loss": 1.1, "final_val_score": 0.4}

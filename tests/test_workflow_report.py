@@ -44,7 +44,7 @@ def _write_history(path: Path, val_losses: list[float]) -> list[dict]:
 def workflow_out(tmp_path_factory) -> Path:
     from imgflow.evaluation import evaluate_run
     from imgflow.reports import report_run
-    from imgflow.training.engine import read_history
+    from imgflow.history import read_history
 
     root = tmp_path_factory.mktemp("wfr")
     data = make_image_folder(root / "data", classes=CLASSES, per_class=20, size=(8, 8))

@@ -92,7 +92,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from imgflow.training.config import config_from_args
-    from imgflow.training.engine import train
+    from imgflow.training.loop import train
 
     config = config_from_args(args)
     result = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from imgflow.augment import shift
 from imgflow.precision import autocast
 from imgflow.preprocess import Preprocessing, to_model_input
-from imgflow.training.augment import shift
+from imgflow.progress import progress_bar
 
 
 def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
@@ -31,7 +31,7 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, pr
     assert not model.training, "predict_logits needs model.eval()"
     model = model.to(memory_format=torch.channels_last)  # as in training: faster convolutions
     out = []
-    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+    with progress_bar(enabled=progress, total=len(images), desc=desc, unit="img", leave=False) as bar:
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
             views = tta_views(batch) if tta else [batch]

@@ -14,7 +14,10 @@ from imgflow.precision import set_threads
 from imgflow.runs import RunPaths, is_finished, load_run_data, load_trained_model, read_metrics, read_run_config
 from imgflow.training.batchnorm import has_batchnorm, reestimate_on_training_part
 from imgflow.training.config import TrainConfig, resolve_config
-from imgflow.training.engine import config_differences, read_history, split_for_training, train
+from imgflow.history import read_history
+from imgflow.training.batches import split_for_training
+from imgflow.training.loop import train
+from imgflow.training.rundir import config_differences
 
 log = logging.getLogger(__name__)
 

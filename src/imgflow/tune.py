@@ -162,7 +162,9 @@ def _three_digits(value):
 def _run_trial(trial, optuna, base: TrainConfig, space: dict[str, Dimension], out: Path, index: int,
                progress: bool) -> float:
     """Train one trial's run; return its score. Raises optuna.TrialPruned when it is stopped."""
-    from imgflow.training.engine import TrainingDiverged, read_history, train
+    from imgflow.history import read_history
+    from imgflow.training.loop import train
+    from imgflow.training.step import TrainingDiverged
 
     params = {name: _three_digits(dim.suggest(trial, name)) for name, dim in space.items()}
     trial.set_user_attr("trained", params)

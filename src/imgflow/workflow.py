@@ -278,7 +278,7 @@ def _observed_throughput(ctx: Context, run: str) -> float | None:
     moment's load on a shared machine the way a probe of a few steps is: on CIFAR-10 at the
     15-minute budget, probes of fast-small read 429-505 images/s, its runs 437-470.
     """
-    from imgflow.training.engine import read_history
+    from imgflow.history import read_history
 
     run_dir = ctx.out / run
     try:
@@ -324,7 +324,9 @@ def _plan_once(ctx: Context, name: str, make: Callable[[], dict[str, Any]]) -> d
 def _train(ctx: Context, name: str, settings: dict[str, Any]):
     """Train one run under OUT/runs/NAME (continuing it if an earlier invocation was interrupted)."""
     from imgflow.training.config import resolve_config
-    from imgflow.training.engine import config_differences, read_history, train
+    from imgflow.history import read_history
+    from imgflow.training.loop import train
+    from imgflow.training.rundir import config_differences
 
     run_dir = ctx.out / "runs" / name
     config = resolve_config(ctx.data, settings)
@@ -355,7 +357,7 @@ def _val_score(ctx: Context, run_dir: Path, history: list[dict]) -> float:
     from imgflow.preprocess import Preprocessing
     from imgflow.runs import load_trained_model
     from imgflow.training.config import TrainConfig
-    from imgflow.training.engine import split_for_training
+    from imgflow.training.batches import split_for_training
 
     model, config = load_trained_model(run_dir)
     _, val = split_for_training(_train_part(ctx), TrainConfig.from_dict(config["train"]))
@@ -701,7 +703,7 @@ def _train_candidate(ctx: Context, name: str, label: str, settings: dict[str, An
 
     trained: fold -> run directory (relative to OUT) of a fold already trained with these settings.
     """
-    from imgflow.training.engine import read_history
+    from imgflow.history import read_history
 
     trained = trained or {}
     accs, scores, losses, runs = [], [], [], []
@@ -775,7 +777,7 @@ def _reference_score(ctx: Context, scaled: dict) -> float:
     """The step-6 run's validation score (recomputed for a workflow.json from before it was kept)."""
     if "final_val_score" in scaled:
         return scaled["final_val_score"]
-    from imgflow.training.engine import read_history
+    from imgflow.history import read_history
 
     run_dir = ctx.out / scaled["run"]
     return _val_score(ctx, run_dir, read_history(run_dir / "history.csv"))
@@ -954,7 +956,7 @@ def _record_to_continue(record_path: Path, data: str, seed: int, budget_minutes:
               "steps": [], "state": {}, "elapsed_minutes": 0.0}
     if not record_path.is_file():
         from imgflow.data import load_dataset
-        from imgflow.training.engine import check_classifiable
+        from imgflow.training.batches import check_classifiable
 
         if holds_run(out):  # its report.html and plots would be replaced by the workflow's
             raise UserError(f"{out} holds a training run, not a workflow: choose another --out")

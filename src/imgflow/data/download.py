@@ -9,9 +9,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tqdm import tqdm
 
 from imgflow.errors import UserError
+from imgflow.progress import interactive, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ def download(url: str, dest: Path, md5: str, progress: bool = True, hint: str = 
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT) as response:
             total = response.headers.get("Content-Length")
-            with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
-                      desc=dest.name, disable=None if progress else True, leave=False) as bar:
+            with progress_bar(enabled=progress and interactive(), total=int(total) if total else None, unit="B", unit_scale=True,
+                              desc=dest.name, leave=False) as bar:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     h.update(chunk)

@@ -33,7 +33,7 @@ def _labels(run_dirs: Sequence[Path]) -> list[str]:
 
 def _summary(run_dir: Path) -> dict:
     """What the table needs from one run: its config, history and (evaluating if needed) metrics."""
-    from imgflow.training.engine import read_history
+    from imgflow.history import read_history
 
     config = require_run_files(run_dir)
     paths = RunPaths(run_dir)

@@ -366,7 +366,7 @@ def report_run(run_dir: Path, out_dir: Path | None = None) -> Path:
     """Write plots/*.png and report.html for one run into out_dir (default: the run directory)."""
     from imgflow.data.card import make_card
     from imgflow.data.examples import save_example_grid
-    from imgflow.training.engine import read_history
+    from imgflow.history import read_history
 
     run_dir = Path(run_dir)
     config = require_run_files(run_dir)

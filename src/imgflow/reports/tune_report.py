@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 def _histories(out: Path, trials: list[dict]) -> dict[str, list[dict]]:
     """Each trial's history.csv (trials whose run directory is gone are left out)."""
     from imgflow.errors import UserError
-    from imgflow.training.engine import read_history
+    from imgflow.history import read_history
 
     histories = {}
     for t in trials:

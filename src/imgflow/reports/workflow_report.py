@@ -67,7 +67,7 @@ FINAL_FIGURES = [
 
 def _run(out: Path, relative: str) -> dict | None:
     """A run named in workflow.json: its config and history, or None when it is gone."""
-    from imgflow.training.engine import read_history
+    from imgflow.history import read_history
 
     run_dir = out / relative
     try:

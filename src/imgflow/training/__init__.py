@@ -7,9 +7,9 @@ from importlib import import_module
 _EXPORTS = {
     "TrainConfig": "imgflow.training.config",
     "resolve_config": "imgflow.training.config",
-    "train": "imgflow.training.engine",
-    "TrainResult": "imgflow.training.engine",
-    "TrainingDiverged": "imgflow.training.engine",
+    "train": "imgflow.training.loop",
+    "TrainResult": "imgflow.training.loop",
+    "TrainingDiverged": "imgflow.training.step",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,0 +1,81 @@
+"""The checkpoint: everything a run needs to continue bit for bit (DEVELOPERS.md, exact resume)."""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from imgflow.errors import UserError
+from imgflow.fileio import atomic_write
+from imgflow.training.step import Learner
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+_CHECKPOINT_KEYS = ("model", "optimizer", "rng", "history", "epoch", "step", "global_step", "sums",
+                    "best", "elapsed")
+
+
+def unreadable_checkpoint(path: Path, detail: str) -> UserError:
+    return UserError(f"checkpoint {path} is unreadable ({detail}): delete {Path(path).parent} to start "
+                     "the run over, or train again with --overwrite")
+
+
+def load_checkpoint(path: Path) -> dict:
+    # weights_only: the restricted unpickler, tensors and plain containers only. PyTorch's own
+    # message on failure spans lines and suggests weights_only=False, which would run any code
+    # the file holds: never pass it on.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol ..." on foreign pickles
+            checkpoint = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means a corrupt or foreign file
+        raise unreadable_checkpoint(path, f"truncated, corrupt or not an imgflow checkpoint: "
+                                          f"{type(exc).__name__}") from None
+    missing = [k for k in _CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else ["all"]
+    if missing or not isinstance(checkpoint["epoch"], int):
+        raise unreadable_checkpoint(path, f"not an imgflow checkpoint: missing {', '.join(missing) or 'epoch'}")
+    return checkpoint
+
+
+def new_sums() -> dict:
+    return {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+
+
+def no_best() -> dict:
+    return {"val_loss": math.inf, "epoch": None, "state": None, "bad_epochs": 0}
+
+
+@dataclass
+class LoopState:
+    """Where the loop is and what it has measured: the checkpoint carries all of it."""
+
+    history: list[dict] = field(default_factory=list)  # one row per finished epoch
+    epoch: int = 0  # epochs finished
+    step: int = 0  # steps finished in the current epoch
+    global_step: int = 0  # steps finished in the run: what the lr schedule reads
+    sums: dict = field(default_factory=new_sums)  # running loss, accuracy and seconds of this epoch
+    best: dict = field(default_factory=no_best)  # early stopping: best val_loss, its epoch and weights
+    elapsed: float = 0.0  # seconds trained by the processes before this one
+
+
+def save_training_state(path: Path, learner: Learner, loop: LoopState, seconds_here: float) -> None:
+    """Checkpoint the learner and the loop (seconds_here: trained by this process so far)."""
+    save_checkpoint(path, {**learner.state_dict(), "rng": torch.get_rng_state(),
+                           "history": loop.history, "epoch": loop.epoch, "step": loop.step,
+                           "global_step": loop.global_step, "sums": loop.sums, "best": loop.best,
+                           "elapsed": loop.elapsed + seconds_here})
+
+
+def restore_checkpoint(checkpoint: dict, learner: Learner) -> LoopState:
+    """Load a checkpoint into the learner and the global RNG; return the loop state it holds."""
+    learner.load_state_dict(checkpoint)
+    torch.set_rng_state(checkpoint["rng"])
+    return LoopState(history=checkpoint["history"], epoch=checkpoint["epoch"], step=checkpoint["step"],
+                     global_step=checkpoint["global_step"], sums=checkpoint["sums"], best=checkpoint["best"],
+                     elapsed=checkpoint["elapsed"])

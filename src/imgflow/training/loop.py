@@ -1,0 +1,377 @@
+"""The training loop: train epochs, validate, checkpoint, resume exactly, save the final weights.
+
+Exact resume rests on three rules:
+- the data order of an epoch and the augmentation of a step are drawn from generators seeded by
+  (seed, epoch[, step]) alone, so they need no saved state;
+- everything else that changes (weights, optimiser, EMA, dropout's global RNG, metric sums,
+  history, early-stopping state) is in the checkpoint, saved only at step boundaries;
+- a checkpoint replaces the previous one by an atomic rename, so a kill -9 at any moment leaves
+  the last complete one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from imgflow.data import Dataset, Split
+from imgflow.fileio import write_json
+from imgflow.history import read_history, write_history
+from imgflow.precision import resolve_precision, set_threads
+from imgflow.progress import interactive, progress_bar
+from imgflow.runs import RunPaths, is_finished, load_run_data, state_dict_mismatch
+from imgflow.text import plural
+from imgflow.training.batches import EpochBatches, check_classifiable, check_image_size, split_for_training
+from imgflow.training.batchnorm import has_batchnorm, reestimate_on_training_part
+from imgflow.training.checkpoint import (LoopState, load_checkpoint, new_sums, restore_checkpoint,
+                                         save_training_state, unreadable_checkpoint)
+from imgflow.training.config import TrainConfig
+from imgflow.training.rundir import (OVERWRITE_STAGING, check_run_dir, recording_divergence, run_config,
+                                     save_final, swap_in)
+from imgflow.training.schedule import lr_at
+from imgflow.training.step import Learner, TrainingDiverged, evaluate_part, prepare_model, preprocessing_for
+from imgflow.weights import detached_copy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C into a flag checked between steps, so a checkpoint is consistent."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this step; a checkpoint is being saved (Ctrl-C again to abort)")
+
+
+@contextmanager
+def _sigint_as_flag():
+    stop = _StopRequest()
+    try:
+        previous = signal.signal(signal.SIGINT, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train_one_epoch(learner: Learner, batches: EpochBatches, loop: LoopState,
+                    lr_of_step: Callable[[int], float], after_step: Callable[[], None],
+                    progress: bool) -> dict[str, float]:
+    """Train epoch loop.epoch from step loop.step to its end.
+
+    lr_of_step: the schedule, global step -> lr. after_step: called after every step (it
+    checkpoints when due). Returns the whole epoch's {"train_loss", "train_acc"}, steps run by
+    an interrupted process included.
+    """
+    config = learner.config
+    epoch, sums = loop.epoch, loop.sums
+    t_epoch = time.perf_counter() - sums["seconds"]  # a resumed epoch counts its earlier seconds
+    bar = progress_bar(enabled=progress, total=batches.steps, initial=loop.step,
+                       desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=False)
+    with bar:
+        for step in range(loop.step, batches.steps):
+            images, labels = batches.batch(epoch, step)
+            logits, loss = learner.train_step(images, labels, lr_of_step(loop.global_step), loop.global_step + 1,
+                                              f"epoch {epoch + 1}, step {step + 1}")
+            loop.global_step += 1
+            loop.step = step + 1
+            sums["loss"] += loss.item() * len(labels)
+            sums["correct"] += int((logits.argmax(1) == labels).sum())
+            sums["seen"] += len(labels)
+            sums["seconds"] = time.perf_counter() - t_epoch
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}",
+                            acc=f"{sums['correct'] / sums['seen']:.3f}",
+                            img_s=f"{sums['seen'] / max(sums['seconds'], 1e-9):.0f}", refresh=False)
+            after_step()
+    return {"train_loss": sums["loss"] / sums["seen"], "train_acc": sums["correct"] / sums["seen"]}
+
+
+def validate_epoch(learner: Learner, val_part: Split | None, loop: LoopState) -> dict:
+    """Return the epoch's {"val_loss", "val_acc"} (None without a validation part), measured on
+    the weights that would be saved; keep them in loop.best when early stopping wants them."""
+    config = learner.config
+    if val_part is None:
+        return {"val_loss": None, "val_acc": None}
+    with learner.evaluated_weights():
+        val = evaluate_part(learner.model, val_part, learner.prep, learner.precision, config.eval_batch_size)
+        if not math.isfinite(val["loss"]):
+            raise TrainingDiverged(
+                f"validation loss became {val['loss']} after epoch {loop.epoch + 1}: lower --lr (now "
+                f"{config.lr}) and start again with --overwrite")
+        if config.early_stopping:
+            _record_for_early_stopping(loop, val["loss"], learner.model)
+    return {"val_loss": val["loss"], "val_acc": val["accuracy"]}
+
+
+def _record_for_early_stopping(loop: LoopState, val_loss: float, model: torch.nn.Module) -> None:
+    if val_loss < loop.best["val_loss"]:
+        loop.best = {"val_loss": val_loss, "epoch": loop.epoch + 1,
+                     "state": detached_copy(model.state_dict()), "bad_epochs": 0}
+    else:
+        loop.best["bad_epochs"] += 1
+
+
+def finish_epoch(learner: Learner, val_part: Split | None, loop: LoopState, trained: dict,
+                 lr_of_step: Callable[[int], float]) -> dict:
+    """Close the epoch the loop has just trained: check the weights, validate; return its
+    history row (without seconds)."""
+    config = learner.config
+    if not learner.all_finite():
+        raise TrainingDiverged(
+            f"the weights became inf/nan in epoch {loop.epoch + 1}: lower --lr (now {config.lr}) "
+            "and start again with --overwrite")
+    # The lr of the epoch's last step (from the step count: a resume may land after it).
+    return {"epoch": loop.epoch + 1, **trained, **validate_epoch(learner, val_part, loop),
+            "lr": lr_of_step(loop.global_step - 1)}
+
+
+def _final_weights(config: TrainConfig, learner: Learner, loop: LoopState) -> tuple[dict, float | None]:
+    """(state, its validation accuracy) the run ends with: the best epoch's, the EMA's, or the last."""
+    if config.early_stopping and loop.best["state"] is not None:
+        log.info("restoring the best weights, from epoch %d (val_loss %.4f)", loop.best["epoch"],
+                 loop.best["val_loss"])
+        return loop.best["state"], loop.history[loop.best["epoch"] - 1]["val_acc"]
+    return learner.final_state(), loop.history[-1]["val_acc"] if loop.history else None
+
+
+def _with_precise_bn(learner: Learner, state: dict, train_part: Split, val_part: Split | None,
+                     val_acc: float | None) -> tuple[dict, dict]:
+    """`state` with BatchNorm statistics re-estimated on config.precise_bn training images;
+    and what that did ({"images", "seconds", "val_accuracy_before", "val_accuracy"})."""
+    config, model = learner.config, learner.model
+    started = time.perf_counter()
+    model.load_state_dict(state)
+    images = reestimate_on_training_part(model, train_part, config.precise_bn, config.seed, learner.prep,
+                                         learner.precision, config.eval_batch_size)
+    done = {"images": images, "seconds": None, "val_accuracy_before": val_acc, "val_accuracy": None}
+    if val_part is not None:
+        done["val_accuracy"] = evaluate_part(model, val_part, learner.prep, learner.precision,
+                                              config.eval_batch_size)["accuracy"]
+        log.info("BatchNorm statistics re-estimated on %d training images: val accuracy %.4f -> %.4f",
+                 images, val_acc, done["val_accuracy"])
+    done["seconds"] = round(time.perf_counter() - started, 2)
+    return detached_copy(model.state_dict()), done
+
+
+def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: bool = False,
+          progress: bool | None = None, checkpoint_seconds: float | None = None,
+          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train config.model on config.data into run_dir; return the history and where it went.
+
+    progress: show progress bars (None: in a terminal or a notebook; each epoch's line is logged
+    either way). checkpoint_seconds: also checkpoint mid-epoch when this long has passed since the
+    last one (default: $IMGFLOW_CHECKPOINT_SECONDS, else 60; 0 = after every step).
+    on_epoch: called with each epoch's history row once that epoch is checkpointed; an exception
+    it raises stops the run there, resumable (`tune` prunes trials this way).
+    """
+    if checkpoint_seconds is None:
+        checkpoint_seconds = float(os.environ.get("IMGFLOW_CHECKPOINT_SECONDS", 60))
+    if progress is None:
+        progress = interactive()
+    config.validate()
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, config, resume, overwrite)
+    if overwrite and not resume and run_dir.is_dir():
+        return _train_replacing(config, run_dir, progress, checkpoint_seconds, on_epoch)
+    return _train_into(config, run_dir, resume, progress, checkpoint_seconds, on_epoch)
+
+
+def _train_replacing(config: TrainConfig, run_dir: Path, progress: bool,
+                     checkpoint_seconds: float, on_epoch: Callable[[dict], None] | None) -> TrainResult:
+    """--overwrite: train into a staging directory, and swap it in only once the run has finished.
+
+    Any failure (divergence, bad data, Ctrl-C, a crash) leaves the earlier run as it was. This
+    beats moving the old run aside and restoring it on failure: a kill -9 or a power cut runs
+    no restore, and would leave the old run hidden and half a new one in its place; here it
+    leaves only the staging directory, which the next --overwrite deletes first. The price:
+    an interrupted overwrite cannot be resumed; it starts again.
+    """
+    staging = run_dir / OVERWRITE_STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # left behind by a killed overwrite
+    try:
+        result = _train_into(config, staging, False, progress, checkpoint_seconds, on_epoch)
+    except KeyboardInterrupt:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise KeyboardInterrupt(f"{run_dir} keeps its earlier run; run the same command again to "
+                                "replace it") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    swap_in(staging, run_dir)
+    log.info("replaced the earlier run in %s", run_dir)
+    return dataclasses.replace(result, run_dir=run_dir)
+
+
+@dataclass
+class _Run:
+    """What a run trains with, all built before its directory is touched."""
+
+    config: TrainConfig
+    dataset: Dataset
+    train_part: Split
+    val_part: Split | None
+    batches: EpochBatches
+    learner: Learner
+    threads: int
+
+    def lr_of_step(self, step: int) -> float:
+        """The schedule: global step -> lr. At most half the run warms up, so a preset shortened
+        with --epochs still decays."""
+        config, total = self.config, self.learner.total_steps
+        warmup_steps = min(int(round(config.warmup_epochs * self.batches.steps)), total // 2)
+        return lr_at(step, total, config.lr, config.schedule, warmup_steps, final_fraction=config.lr_floor)
+
+
+def _set_up(config: TrainConfig, progress: bool) -> _Run:
+    """Load and check the data, split it, build the model and its learner."""
+    dataset = load_run_data(config.to_dict(), progress=progress, remarks=True)
+    check_classifiable(dataset)
+    check_image_size(dataset, config)
+    train_part, val_part = split_for_training(dataset.train, config)
+    precision = resolve_precision(config.precision)
+    threads = set_threads(config.threads)
+    prep = preprocessing_for(config, dataset, train_part)
+    model = prepare_model(config, dataset, train_part, prep, precision)
+    batches = EpochBatches(train_part, config)
+    learner = Learner(model, config, prep, precision, config.epochs * batches.steps)
+    return _Run(config, dataset, train_part, val_part, batches, learner, threads)
+
+
+def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
+                checkpoint_seconds: float, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """train(), once the run directory is known to be free (or resumed): load, train, save."""
+    paths = RunPaths(run_dir)
+    # A damaged checkpoint is refused before the data set loads (and prints its remarks).
+    checkpoint = load_checkpoint(paths.checkpoint) if resume and paths.checkpoint.is_file() else None
+    run = _set_up(config, progress)
+    finished = checkpoint is None or checkpoint["epoch"] >= config.epochs
+    if resume and finished and is_finished(run_dir):
+        log.info("%s has already finished; nothing to resume", run_dir)
+        return TrainResult(run_dir, read_history(paths.history))
+    # Everything is validated and loaded: only now touch the run directory.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    described = run_config(config, run.dataset, run.train_part, run.val_part, run.learner.prep,
+                           run.learner.model, run.learner.precision, run.threads)
+    if not paths.config.is_file():
+        write_json(paths.config, described)
+    loop = _restored(checkpoint, run, paths) if checkpoint is not None else LoopState()
+    log.info("training %s (%s params) on %s: %s / %s, %s of %s, %s, %s", config.model,
+             f"{described['model']['params']:,}", run.dataset.name, plural(len(run.train_part), "train image"),
+             plural(len(run.val_part) if run.val_part else 0, "val image"), plural(config.epochs, "epoch"),
+             plural(run.batches.steps, "step"), run.learner.precision, plural(run.threads, "thread"))
+    started = time.perf_counter()
+    with _sigint_as_flag() as stop, recording_divergence(paths):
+        checkpointer = _Checkpointer(paths, run.learner, loop, checkpoint_seconds, stop)
+        _train_epochs(run, loop, checkpointer, progress, on_epoch)
+    return _finish(run, loop, paths, seconds=loop.elapsed + time.perf_counter() - started)
+
+
+def _restored(checkpoint: dict, run: _Run, paths: RunPaths) -> LoopState:
+    try:
+        loop = restore_checkpoint(checkpoint, run.learner)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # tensors of another shape, ...
+        raise unreadable_checkpoint(paths.checkpoint, f"it does not fit this run: "
+                                                      f"{state_dict_mismatch(exc)}") from None
+    log.info("resuming %s at epoch %d, step %d/%d", paths.root, loop.epoch + 1, loop.step, run.batches.steps)
+    return loop
+
+
+class _Checkpointer:
+    """Saves the checkpoint when due (every `interval` seconds, at each epoch's end, on Ctrl-C)."""
+
+    def __init__(self, paths: RunPaths, learner: Learner, loop: LoopState, interval: float, stop: _StopRequest):
+        self.paths, self.learner, self.loop, self.interval, self.stop = paths, learner, loop, interval, stop
+        self.started = self.last = time.perf_counter()
+
+    def save(self) -> None:
+        save_training_state(self.paths.checkpoint, self.learner, self.loop, time.perf_counter() - self.started)
+        self.last = time.perf_counter()
+
+    def stop_if_asked(self) -> None:
+        if self.stop.requested:
+            raise KeyboardInterrupt(f"checkpoint saved; continue with --resume --out {self.paths.root}")
+
+    def after_step(self) -> None:
+        if self.stop.requested or time.perf_counter() - self.last >= self.interval:
+            self.save()
+            self.stop_if_asked()
+
+
+def _train_epochs(run: _Run, loop: LoopState, checkpointer: _Checkpointer, progress: bool,
+                  on_epoch: Callable[[dict], None] | None) -> None:
+    """Train the epochs left, checkpointing and writing history.csv after each."""
+    config, paths = run.config, checkpointer.paths
+    run.learner.model.train()
+    while loop.epoch < config.epochs:
+        epoch_started = time.perf_counter() - loop.sums["seconds"]  # earlier when resumed mid-epoch
+        trained = train_one_epoch(run.learner, run.batches, loop, run.lr_of_step, checkpointer.after_step,
+                                  progress)
+        row = finish_epoch(run.learner, run.val_part, loop, trained, run.lr_of_step)
+        row["seconds"] = round(time.perf_counter() - epoch_started, 3)
+        loop.history.append(row)
+        log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %s  val_acc %s  lr %.3g  %.1fs",
+                 row["epoch"], config.epochs, row["train_loss"], row["train_acc"],
+                 "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}",
+                 "-" if row["val_acc"] is None else f"{row['val_acc']:.4f}", row["lr"], row["seconds"])
+        write_history(paths.history, loop.history)
+        loop.epoch, loop.step, loop.sums = loop.epoch + 1, 0, new_sums()
+        if config.early_stopping and loop.best["bad_epochs"] >= config.early_stopping:
+            loop.epoch = config.epochs  # nothing left to do on resume
+            log.info("early stopping: val_loss has not improved for %s", plural(config.early_stopping, "epoch"))
+            checkpointer.save()
+            return  # finish the run even if Ctrl-C came now: only the weights are left to save
+        checkpointer.save()
+        checkpointer.stop_if_asked()
+        if on_epoch is not None:
+            on_epoch(row)
+
+
+def _finish(run: _Run, loop: LoopState, paths: RunPaths, seconds: float) -> TrainResult:
+    """Save the weights the run ends with (best, averaged, BatchNorm re-estimated) and its result."""
+    config = run.config
+    # From the history, not a flag: a run resumed after its last checkpoint must say it too.
+    stopped_early = len(loop.history) < config.epochs
+    state, val_acc = _final_weights(config, run.learner, loop)
+    precise_bn = None
+    if config.precise_bn and has_batchnorm(run.learner.model):
+        state, precise_bn = _with_precise_bn(run.learner, state, run.train_part, run.val_part, val_acc)
+        val_acc = precise_bn["val_accuracy"]
+    elif config.precise_bn:
+        log.info("--precise-bn: %s has no BatchNorm layer, nothing to re-estimate", config.model)
+    save_final(paths, config, state, {
+        "epochs_run": len(loop.history), "best_epoch": loop.best["epoch"], "stopped_early": stopped_early,
+        "train_seconds": round(seconds, 2),
+        # Images trained per second of the whole run (validation and checkpoints included).
+        "train_images_per_second": round(len(loop.history) * len(run.train_part) / max(seconds, 1e-9), 1),
+        "final_val_accuracy": val_acc,  # of the weights saved
+        "precise_bn": precise_bn,
+    })
+    return TrainResult(paths.root, loop.history, loop.best["epoch"], stopped_early, seconds)

@@ -1,0 +1,39 @@
+"""The optimiser of a run: parameter groups, weight decay, per-group learning-rate scales."""
+from __future__ import annotations
+
+import torch
+
+from imgflow.training.config import TrainConfig
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Conv/dense weights with weight decay; BatchNorm parameters and biases without.
+
+    Decaying BatchNorm and biases only hurts. Each group's `lr_scale` multiplies the scheduled
+    lr: BatchNorm gets `bn_lr_scale` (airbench trains its BatchNorm biases 64x faster: their
+    gradients are small, and they set where each activation bends). airbench's BatchNorm has no
+    trainable scale, like the fast family here; in a model whose BatchNorm scales train
+    (seed-batchnorm), they get the multiplier too.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay,
+               "lr_scale": 1.0},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+    if config.bn_lr_scale != 1.0:
+        norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
+        norm = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters()}
+        groups[1]["params"] = [p for p in groups[1]["params"] if id(p) not in norm]
+        groups.append({"params": [p for p in params if id(p) in norm], "weight_decay": 0.0,
+                       "lr_scale": config.bn_lr_scale})
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, eps=config.adam_eps)
+    # Keras' Adam has no weight decay; with --weight-decay it is the classic L2 form.
+    return torch.optim.Adam(groups, lr=config.lr, eps=config.adam_eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled lr, times each group's lr_scale (absent in checkpoints from before it: 1)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,153 @@
+"""One training step, and the model and input preparation it runs on.
+
+`Learner` is the only place a step is taken: the loop, the workflow's throughput probe and the
+throughput benchmark all time this same code.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imgflow.data import Dataset, Split, channel_stats
+from imgflow.errors import UserError
+from imgflow.inference import loss_and_accuracy, predict_logits
+from imgflow.models import create_model
+from imgflow.precision import autocast
+from imgflow.preprocess import Preprocessing, to_model_input
+from imgflow.training.averaging import Lookahead, WeightEMA
+from imgflow.training.config import TrainConfig
+from imgflow.training.optim import build_optimizer, set_lr
+from imgflow.weights import detached_copy
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def prepare_model(config: TrainConfig, dataset: Dataset, train_part: Split, prep: Preprocessing,
+                  precision: str) -> torch.nn.Module:
+    """Create the model with the seed's initialisation; fit data-dependent layers if any."""
+    H, W, C = dataset.image_shape
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, num_classes=dataset.num_classes, in_channels=C, image_size=(H, W))
+    if hasattr(model, "init_whitening"):
+        # Fitted on a fixed, seeded sample of the training part (never validation or test).
+        n = min(5000, len(train_part))
+        idx = np.random.default_rng([config.seed, 0x3417]).choice(len(train_part), n, replace=False)
+        model.init_whitening(to_model_input(torch.from_numpy(train_part.images[np.sort(idx)]), prep))
+    # channels_last: oneDNN's convolutions run faster on NHWC in fp32 too (1.3x measured on
+    # seed-baseline here), and uint8 NHWC batches become NHWC floats without a copy.
+    return model.to(memory_format=torch.channels_last)
+
+
+def preprocessing_for(config: TrainConfig, dataset: Dataset, train_part: Split) -> Preprocessing:
+    H, W, C = dataset.image_shape
+    if config.normalize == "standardize":
+        mean, std = channel_stats(train_part.images)  # training part only: no peeking at val/test
+        std = [max(s, 1e-3) for s in std]
+    else:
+        mean, std = [0.0] * C, [1.0] * C
+    return Preprocessing(tuple(mean), tuple(std), (H, W), C)
+
+
+def evaluate_part(model: torch.nn.Module, part: Split, prep: Preprocessing, precision: str,
+                   batch_size: int) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    logits = predict_logits(model, part.images, prep, precision, batch_size)
+    model.train(was_training)
+    return loss_and_accuracy(logits, part.labels)
+
+
+class Learner:
+    """The model, how its input is prepared, and everything that updates its weights."""
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, prep: Preprocessing, precision: str,
+                 total_steps: int):
+        self.model, self.config, self.prep, self.precision = model, config, prep, precision
+        self.total_steps = total_steps
+        self.optimizer = build_optimizer(model, config)
+        self.ema = WeightEMA(model, config.ema) if config.ema > 0 else None
+        self.lookahead = Lookahead(model, config.lookahead) if config.lookahead > 0 else None
+
+    def logits_and_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits, loss) of a uint8 batch, the loss in fp32 whatever the precision."""
+        with autocast(self.precision):
+            logits = self.model(to_model_input(images, self.prep, channels_last=True))
+        return logits, F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float, step: int,
+                   where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """Train optimiser step number `step` (1-based) on a uint8 batch at `lr`; return its
+        (logits, loss). A loss or update that is not finite raises TrainingDiverged (`where`
+        names the step in its message)."""
+        set_lr(self.optimizer, lr)
+        logits, loss = self.logits_and_loss(images, labels)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss.item()} at {where or f'step {step}'}: lower --lr "
+                                   f"(now {self.config.lr}) and start again with --overwrite")
+        update_or_diverge(self, loss, step, where or f"step {step}")
+        return logits, loss
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        """Take optimiser step number `step` (1-based) down `loss`, then the averaging ones."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if self.lookahead is not None:
+            self.lookahead.after_step(self.model, step, self.total_steps)
+
+    def all_finite(self) -> bool:
+        """True when weights, BatchNorm statistics and the EMA hold no inf or nan."""
+        averaged = self.ema.state.values() if self.ema is not None else []
+        return all(bool(torch.isfinite(t).all()) for t in [*self.model.state_dict().values(), *averaged]
+                   if t.is_floating_point())
+
+    @contextmanager
+    def evaluated_weights(self):
+        """Put the weights that would be saved (the EMA's, if any) in the model for a while."""
+        if self.ema is None:
+            yield
+            return
+        live = detached_copy(self.model.state_dict())
+        self.model.load_state_dict(self.ema.state)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(live)
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        return self.ema.state if self.ema is not None else self.model.state_dict()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state if self.ema is not None else None,
+                "lookahead": self.lookahead.state if self.lookahead is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.state = state["ema"]
+        if self.lookahead is not None:
+            self.lookahead.state = state["lookahead"]
+
+
+def update_or_diverge(learner: Learner, loss: torch.Tensor, step: int, where: str) -> None:
+    """learner.update, with a float32 overflow inside the optimiser reported as divergence."""
+    try:
+        learner.update(loss, step)
+    except RuntimeError as exc:
+        # PyTorch refuses a scalar (lr x scale, decay) that does not fit the float32 weights.
+        if "overflow" not in str(exc):
+            raise
+        config = learner.config
+        raise TrainingDiverged(
+            f"the update overflowed float32 at {where}: lower --lr (now {config.lr}), --weight-decay "
+            f"(now {config.weight_decay}) or --bn-lr-scale (now {config.bn_lr_scale}) and start again "
+            "with --overwrite") from None
