@@ -13,6 +13,7 @@ from imgflow.inference import loss_and_accuracy, predict_logits
 from imgflow.precision import resolve_precision, set_threads
 from imgflow.preprocess import Preprocessing
 from imgflow.runs import RunPaths, load_run_data, load_trained_model
+from imgflow.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,12 @@ def save_predictions(path: Path, probs: np.ndarray, labels: np.ndarray) -> None:
     atomic_write(path, write)
 
 
+def no_test_split_advice(run_dir: Path) -> str:
+    """How to get test numbers for a run whose data has no test split (ends a message)."""
+    return (f"give the data a test split (a test/<class>/ folder beside train/<class>/) and run 'imgflow "
+            f"evaluate {run_dir}', or train again with --test-split 0.2 to hold out 20% of each class for it")
+
+
 def evaluate_run(run_dir: Path, tta: bool = False, progress: bool | None = None) -> dict:
     """Evaluate a run's saved model on its data set's test split; write metrics.json."""
     run_dir = Path(run_dir)
@@ -63,10 +70,9 @@ def evaluate_run(run_dir: Path, tta: bool = False, progress: bool | None = None)
     if progress is None:
         progress = sys.stderr.isatty()
     train_cfg = config["train"]
-    dataset = load_run_data(train_cfg, progress=progress)
+    dataset = load_run_data(train_cfg, progress=progress, run_dir=run_dir)
     if dataset.test is None:
-        raise UserError(f"data set {dataset.name} has no test split: add a test/<class>/ folder, "
-                        "or train with --test-split 0.2 to hold one out")
+        raise UserError(f"data set {dataset.name} has no test split: {no_test_split_advice(run_dir)}")
     if dataset.classes != config["data"]["classes"]:
         raise UserError(f"the classes of {train_cfg['data']} changed since {run_dir} was trained")
     if config["data"].get("sha256") not in (None, dataset.sha256):
@@ -88,8 +94,8 @@ def evaluate_run(run_dir: Path, tta: bool = False, progress: bool | None = None)
     paths = RunPaths(run_dir)
     save_predictions(paths.predictions, probs, dataset.test.labels)
     write_json(paths.metrics, metrics)
-    log.info("test accuracy %.4f, loss %.4f on %d images -> %s",
-             metrics["accuracy"], metrics["loss"], metrics["num_images"], paths.metrics)
+    log.info("test accuracy %.4f, loss %.4f on %s -> %s",
+             metrics["accuracy"], metrics["loss"], plural(metrics["num_images"], "image"), paths.metrics)
     return metrics
 
 

@@ -168,20 +168,25 @@ def is_finished(run_dir: Path) -> bool:
     return paths.weights.is_file() and paths.config.is_file() and "result" in read_run_config(run_dir)
 
 
-def load_run_data(train_config: dict, progress: bool = False, remarks: bool = False):
-    """The data set a run was trained on, with the same test hold-out (from config.json's 'train').
+def load_run_data(train_config: dict, progress: bool = False, remarks: bool = False,
+                  run_dir: Path | None = None):
+    """The data set a run trains or was trained on, with the same test hold-out (from config.json's
+    'train', or the config of a run about to start).
 
     remarks: warn about skipped files and conversions; off by default, as they were reported
-    when the run trained (and are in its report).
+        when the run trained (and are in its report).
+    run_dir: the finished or started run whose config.json recorded the data: a missing path is
+        then data that moved since, not a DATA mistyped on the command line (None: a new run).
     """
     from imgflow.data import load_dataset
     from imgflow.data.splits import holdout_test
 
     image_size = tuple(train_config["image_size"]) if train_config.get("image_size") else None
     spec = train_config["data"]
-    if Path(spec).is_absolute() and not Path(spec).exists():  # folders are recorded as absolute paths
+    # Folders are recorded as absolute paths; a missing DATA of a new run is load_dataset's to name.
+    if run_dir is not None and Path(spec).is_absolute() and not Path(spec).exists():
         raise UserError(f"the run's data {spec} is gone (moved or deleted): put it back there, as "
-                        "its config.json records that path")
+                        f"{RunPaths(Path(run_dir)).config} records that path")
     dataset = load_dataset(spec, image_size=image_size, progress=progress, remarks=remarks)
     return holdout_test(dataset, train_config.get("test_split", 0.0))
 

@@ -26,7 +26,10 @@ from tqdm import tqdm
 
 from imgflow.errors import UserError
 from imgflow.fileio import expect, read_json_checked, write_json
-from imgflow.runs import holds_run, read_run_config
+from imgflow.history import read_history
+from imgflow.reports.tune_report import write_tune_report
+from imgflow.runs import holds_run, load_run_data, read_run_config
+from imgflow.text import plural
 from imgflow.training.config import AUGMENTS, MAX_LR, MAX_WEIGHT_DECAY, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -162,7 +165,6 @@ def _three_digits(value):
 def _run_trial(trial, optuna, base: TrainConfig, space: dict[str, Dimension], out: Path, index: int,
                progress: bool) -> float:
     """Train one trial's run; return its score. Raises optuna.TrialPruned when it is stopped."""
-    from imgflow.history import read_history
     from imgflow.training.loop import train
     from imgflow.training.step import TrainingDiverged
 
@@ -195,6 +197,36 @@ def _run_trial(trial, optuna, base: TrainConfig, space: dict[str, Dimension], ou
 def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = None,
              budget_minutes: float | None = None, progress: bool = False) -> dict:
     """Run (or continue) a study of `trials` trials in `out`; return the record written to tune.json."""
+    space = _check_request(base, out, trials, search, budget_minutes)
+    out = Path(out)
+    started = _base_record(out, base, space)
+    optuna = _optuna()
+    _check_data(base, progress)  # before anything is written: a wrong DATA leaves no study behind
+    study = _open_study(out, base, space, optuna)
+    t0 = time.perf_counter()
+    record = _record(study, optuna, started, trials)
+    write_json(out / RECORD_FILE, record)
+    # Over the trials, with the best score so far; each trial's epochs show their own bar below.
+    with tqdm(total=trials, initial=min(_finished_count(study, optuna), trials), desc="tune", unit="trial",
+              disable=not progress, dynamic_ncols=True) as bar:
+        while (index := _finished_count(study, optuna)) < trials:
+            if budget_minutes is not None and time.perf_counter() - t0 > budget_minutes * 60:
+                log.info("budget of %g min used: %d of %s done; run the same command to go on",
+                         budget_minutes, index, plural(trials, "trial"))
+                break
+            _next_trial(study, optuna, base, space, out, index, trials, progress)
+            record = _record(study, optuna, started, trials)
+            write_json(out / RECORD_FILE, record)
+            bar.update(1)
+            if record["best"]:
+                bar.set_postfix(best=f"{record['best']['val_acc']:.4f}")
+    write_tune_report(out, record)
+    return record
+
+
+def _check_request(base: TrainConfig, out: Path, trials: int, search: str | None,
+                   budget_minutes: float | None) -> dict[str, Dimension]:
+    """The search space, once the arguments are known to make a study: a UserError if not."""
     if trials < 1:
         raise UserError(f"--trials must be >= 1, got {trials}")
     if budget_minutes is not None and not 0 < budget_minutes < math.inf:
@@ -202,11 +234,19 @@ def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = Non
     base.validate()
     _check_base(base)
     space = parse_search(search, base)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
+    if Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file, not a directory: choose another path")
-    started = _base_record(out, base, space)
-    optuna = _optuna()
+    return space
+
+
+def _check_data(base: TrainConfig, progress: bool) -> None:
+    """Load the data set once, so that a missing or unusable one is refused before the study
+    exists. The trials read it from the cache this load fills."""
+    load_run_data(base.to_dict(), progress=progress, remarks=True)
+
+
+def _open_study(out: Path, base: TrainConfig, space: dict[str, Dimension], optuna):
+    """The study in OUT/study.db, created or continued, with an interrupted trial queued again."""
     out.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{(out / STUDY_FILE).resolve()}"
     # Never judged in the first half of its epochs: there a one-cycle run is warming up or at its
@@ -218,41 +258,30 @@ def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = Non
     if not study.trials:
         _enqueue_base(study, base, space)
     _requeue_interrupted(study, optuna)
-    t0 = time.perf_counter()
-    record = _record(study, optuna, started, trials)
-    write_json(out / RECORD_FILE, record)
-    # Over the trials, with the best score so far; each trial's epochs show their own bar below.
-    with tqdm(total=trials, initial=min(_finished_count(study, optuna), trials), desc="tune", unit="trial",
-              disable=not progress, dynamic_ncols=True) as bar:
-        while (index := _finished_count(study, optuna)) < trials:
-            if budget_minutes is not None and time.perf_counter() - t0 > budget_minutes * 60:
-                log.info("budget of %g min used: %d of %d trials done; run the same command to go on",
-                         budget_minutes, index, trials)
-                break
-            study.sampler = optuna.samplers.TPESampler(
-                seed=int(np.random.SeedSequence([base.seed, index]).generate_state(1)[0]),
-                n_startup_trials=STARTUP_TRIALS)
-            trial = study.ask()
-            log.info("trial %d of %d", index + 1, trials)
-            try:
-                value = _run_trial(trial, optuna, base, space, out, index, progress)
-            except KeyboardInterrupt:
-                # The trial stays 'running' in study.db; the next invocation queues it again.
-                raise KeyboardInterrupt(f"trial {index + 1} saved a checkpoint; run the same 'imgflow tune' "
-                                        "command to continue the study") from None
-            except optuna.TrialPruned as exc:
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                log.info("trial %d pruned: %s", index + 1, exc)
-            else:
-                study.tell(trial, value)
-                log.info("trial %d: validation accuracy %.4f with %s", index + 1, value, _params_text(trial.params))
-            record = _record(study, optuna, started, trials)
-            write_json(out / RECORD_FILE, record)
-            bar.update(1)
-            if record["best"]:
-                bar.set_postfix(best=f"{record['best']['val_acc']:.4f}")
-    _write_report(out, record)
-    return record
+    return study
+
+
+def _next_trial(study, optuna, base: TrainConfig, space: dict[str, Dimension], out: Path, index: int,
+                trials: int, progress: bool) -> None:
+    """Ask the study for trial `index` (sampler seeded by the trials before it), train it, tell
+    the study how it ended."""
+    study.sampler = optuna.samplers.TPESampler(
+        seed=int(np.random.SeedSequence([base.seed, index]).generate_state(1)[0]),
+        n_startup_trials=STARTUP_TRIALS)
+    trial = study.ask()
+    log.info("trial %d of %d", index + 1, trials)
+    try:
+        value = _run_trial(trial, optuna, base, space, out, index, progress)
+    except KeyboardInterrupt:
+        # The trial stays 'running' in study.db; the next invocation queues it again.
+        raise KeyboardInterrupt(f"trial {index + 1} saved a checkpoint; run the same 'imgflow tune' "
+                                "command to continue the study") from None
+    except optuna.TrialPruned as exc:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        log.info("trial %d pruned: %s", index + 1, exc)
+    else:
+        study.tell(trial, value)
+        log.info("trial %d: validation accuracy %.4f with %s", index + 1, value, _params_text(trial.params))
 
 
 def _params_text(params: dict[str, Any]) -> str:
@@ -310,13 +339,3 @@ def format_summary(record: dict) -> str:
         lines.append(f"best: trial {best['number'] + 1}, validation accuracy {best['val_acc']:.4f}")
         lines.append(f"train it: {best['command']}")
     return "\n".join(lines)
-
-
-def _write_report(out: Path, record: dict) -> Path | None:
-    """OUT/report.html: the trials' table and their validation curves (needs matplotlib)."""
-    try:
-        from imgflow.reports.tune_report import write_tune_report
-    except ImportError:
-        log.warning("reports unavailable: no report.html for the study")
-        return None
-    return write_tune_report(out, record)
