@@ -169,6 +169,30 @@ def test_a_run_whose_data_set_is_gone_still_gets_a_report(tiny_run, tmp_path):
         "confusion_counts.png", "confusion_normalized.png", "curves.png", "per_class_accuracy.png"]
 
 
+def test_a_run_without_a_test_split_gets_a_report_of_what_it_has(tmp_path, capsys):
+    """No test/ part, so no metrics.json: the curves, validation numbers and config, and a plain
+    note on how to get test numbers, instead of a refusal."""
+    data = make_image_folder(tmp_path / "data", per_class=12, size=(8, 8), test=False)
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(data), "--model", "seed-baseline", "--epochs", "1", "--batch-size", "8",
+                 "--out", str(run)]) == 0
+    (run / "plots").mkdir(exist_ok=True)
+    (run / "plots" / "confusion_counts.png").write_bytes(b"stale figure of a tested run")
+    assert main(["report", str(run)]) == 0, capsys.readouterr().err
+    page = (run / "report.html").read_text(encoding="utf-8")
+    for sid in ("summary", "data", "curves", "test-metrics", "run"):
+        assert f'<section id="{sid}">' in page
+    for sid in ("per-class", "confusion", "confused-pairs", "predictions", "top-losses"):
+        assert f'<section id="{sid}">' not in page
+    val = read_json(RunPaths(run).config)["result"]["final_val_accuracy"]
+    assert re.search(rf'id="val-accuracy" class="value" data-value="{re.escape(repr(val))}"', page)
+    assert 'id="test-accuracy"' not in page and "for 1 epoch in" in page
+    assert page.count("has no test split") == 2  # the summary and the test section
+    assert f"imgflow evaluate {run}" in page and "--test-split 0.2" in page
+    assert not RunPaths(run).metrics.exists()
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["curves.png", "examples.png"]
+
+
 def test_predictions_that_disagree_with_metrics_are_refused(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

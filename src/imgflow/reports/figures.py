@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from imgflow.fileio import atomic_write
+from imgflow.text import plural
 
 DPI = 110
 MAX_MATRIX_CLASSES = 30  # above this a labelled confusion matrix is unreadable: top-confusions view
@@ -313,7 +314,7 @@ def per_class_accuracy(classes: Sequence[str], accuracy: Sequence[float], path: 
         y = np.arange(len(shown))
         bars = [accuracy[i] if i is not None else 0.0 for i in shown]
         ax.barh(y, bars, color=[TRAIN if i is not None else "none" for i in shown], height=0.7)
-        names = [_shorten(classes[i], 24) if i is not None else f"… {hidden} classes in between …"
+        names = [_shorten(classes[i], 24) if i is not None else f"… {plural(hidden, 'class')} in between …"
                  for i in shown]
         ax.set_yticks(y, names)
         ax.invert_yaxis()
@@ -397,7 +398,7 @@ def top_losses(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
     rows = max(1, -(-N // columns))
     pred = probs.argmax(1)
     with _figure(path, 2.0 * columns, 2.55 * rows + 0.5) as fig:
-        fig.suptitle(f"Top losses: the {N} most confidently wrong test images",
+        fig.suptitle(f"Top losses: the {plural(N, 'most confidently wrong test image')}",
                      fontsize=12, fontweight="bold")
         axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
         for ax in axes[N:]:

@@ -3,22 +3,27 @@
 Reads config.json, history.csv, metrics.json and test_predictions.npz (running the evaluation
 first when the last two are missing) and the data set for the images; writes plots/*.png and a
 self-contained report.html. Every number about the test set is formatted from metrics.json.
+A run whose data has no test split gets the rest (curves, validation numbers, configuration) and
+a note on how to get test numbers.
 """
 from __future__ import annotations
 
 import logging
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from imgflow.errors import UserError
 from imgflow.fileio import atomic_write_text
+from imgflow.history import read_history
 from imgflow.reports import figures
 from imgflow.reports.html import (Markup, figures as side_by_side, image, key_values, note, number,
                                   page, paragraph, table, tag)
-from imgflow.runs import RunPaths, read_metrics, read_run_config, unfinished_run_advice
+from imgflow.runs import RunPaths, load_run_data, read_metrics, read_run_config, unfinished_run_advice
+from imgflow.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -93,22 +98,51 @@ def _read_predictions(path: Path, metrics: dict, num_classes: int) -> tuple[np.n
     return probs, labels
 
 
-def _load_data(config: dict, labels: np.ndarray):
+@dataclass(frozen=True)
+class Evaluated:
+    """What the run's evaluation saved: metrics.json and the test predictions."""
+
+    metrics: dict
+    probs: np.ndarray  # (N, K) test probabilities
+    labels: np.ndarray  # (N,) true classes
+
+
+def _test_results(run_dir: Path, config: dict) -> Evaluated | None:
+    """The run's test results, evaluating it first when they are missing; None when the data it
+    was trained on had no test split (config.json records its size)."""
+    paths = RunPaths(run_dir)
+    if not (paths.metrics.is_file() and paths.predictions.is_file()):
+        if config["data"].get("num_test") == 0:
+            log.info("%s has no test split: the report has no test numbers", config["train"]["data"])
+            return None
+        from imgflow.evaluation import evaluate_run
+
+        log.info("%s has not been evaluated: evaluating it on its test split first", run_dir)
+        evaluate_run(run_dir)
+    metrics = read_metrics(run_dir)
+    classes = list(metrics["per_class"])
+    if classes != config["data"]["classes"]:
+        raise UserError(f"{paths.metrics} does not match the run's classes: "
+                        f"re-run 'imgflow evaluate {run_dir}'")
+    probs, labels = _read_predictions(paths.predictions, metrics, len(classes))
+    return Evaluated(metrics, probs, labels)
+
+
+def _load_data(config: dict, run_dir: Path, labels: np.ndarray | None):
     """(dataset, None), or (None, why) when the data set cannot be loaded any more.
 
     A run copied to another machine still gets a report, without the image figures.
+    labels: the evaluated test labels, which the test split must still have (None: untested).
     """
-    from imgflow.runs import load_run_data
-
     spec = config["train"]["data"]
     try:  # with the run's test hold-out, when the source had no test split
-        dataset = load_run_data(config["train"], progress=sys.stderr.isatty())
+        dataset = load_run_data(config["train"], progress=sys.stderr.isatty(), run_dir=run_dir)
     except UserError as exc:
         log.warning("data set %s not available (%s): the report has no images", spec, exc)
         return None, f"The data set {spec} could not be loaded ({exc}), so the images are not shown."
-    if dataset.test is None or not np.array_equal(dataset.test.labels, labels):
+    if labels is not None and (dataset.test is None or not np.array_equal(dataset.test.labels, labels)):
         raise UserError(f"the test split of {spec} has changed since the run was evaluated: "
-                        "re-run 'imgflow evaluate RUN_DIR' before the report")
+                        f"re-run 'imgflow evaluate {run_dir}' before the report")
     return dataset, None
 
 
@@ -146,26 +180,51 @@ def _overfitting_note(history: list[dict]) -> str | None:
 
 
 def _summary(config: dict, metrics: dict, history: list[dict]) -> Markup:
-    result = config.get("result", {})
-    model, data = config["model"], config["data"]
     acc = metrics["accuracy"]
     parts = [
         paragraph("Test accuracy ", tag("span", number(acc, f"{acc:.2%}", id="test-accuracy"),
                                         class_="big"),
-                  f" on {metrics['num_images']:,} test images"
+                  f" on {plural(metrics['num_images'], 'test image')}"
                   + (" (with test-time augmentation)" if metrics.get("tta") else "")
                   + f" — majority-class baseline {metrics['majority_baseline_accuracy']:.2%}, "
                   f"random baseline {metrics['random_baseline_accuracy']:.2%}.", class_="headline"),
-        paragraph(f"Model {model['name']} ({model['params']:,} parameters) trained on {data['name']} "
-                  f"({len(data['classes'])} classes, {data['num_train']:,} training and "
-                  f"{data['num_val']:,} validation images) for {len(history)} epochs in "
-                  f"{duration(result.get('train_seconds'))} ({config.get('precision', '?')}, "
-                  f"{config.get('machine', {}).get('cpu', 'unknown CPU')})."),
+        _trained_paragraph(config, history),
     ]
     if acc <= metrics["majority_baseline_accuracy"]:
         parts.append(note("The model does not beat the majority-class baseline: it has learnt "
                           "nothing useful yet."))
     return Markup("".join(parts))
+
+
+def _untested_summary(config: dict, history: list[dict], run_dir: Path) -> Markup:
+    """The summary of a run whose data has no test split: its validation numbers, and what to do."""
+    val = config.get("result", {}).get("final_val_accuracy")
+    if val is None:
+        head = paragraph("No test split and no validation split: the training curves are all there is.",
+                         class_="headline")
+    else:
+        head = paragraph("Validation accuracy ", tag("span", number(val, f"{val:.2%}", id="val-accuracy"),
+                                                     class_="big"),
+                         f" on {plural(config['data']['num_val'], 'validation image')} (the saved "
+                         "weights); there is no test accuracy.", class_="headline")
+    return Markup(head + _trained_paragraph(config, history) + note(_no_test_split(config, run_dir)))
+
+
+def _no_test_split(config: dict, run_dir: Path) -> str:
+    from imgflow.evaluation import no_test_split_advice
+
+    return (f"The data set {config['data']['name']} has no test split, so this run has no test "
+            f"numbers: to get them, {no_test_split_advice(run_dir)}.")
+
+
+def _trained_paragraph(config: dict, history: list[dict]) -> Markup:
+    result = config.get("result", {})
+    model, data = config["model"], config["data"]
+    return paragraph(f"Model {model['name']} ({model['params']:,} parameters) trained on {data['name']} "
+                     f"({plural(len(data['classes']), 'class')}, {plural(data['num_train'], 'training image')}"
+                     f" and {plural(data['num_val'], 'validation image')}) for {plural(len(history), 'epoch')} "
+                     f"in {duration(result.get('train_seconds'))} ({config.get('precision', '?')}, "
+                     f"{config.get('machine', {}).get('cpu', 'unknown CPU')}).")
 
 
 def data_section(card: dict | None, config: dict, examples: Path | None, why: str | None) -> Markup:
@@ -292,7 +351,7 @@ def _image_sections(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, c
     wrong = int((probs[pick].argmax(1) != labels[pick]).sum())
     grid = figures.prediction_grid(images[pick], labels[pick], probs[pick], classes,
                                    plots / "predictions.png",
-                                   f"{len(pick)} random test images: {wrong} wrong (red)")
+                                   f"{plural(len(pick), 'random test image')}: {wrong} wrong (red)")
     predictions = image(grid, "test images with true and predicted class",
                         "True class, predicted class and the model's confidence in it; "
                         "wrong predictions in red with a red frame.")
@@ -314,7 +373,7 @@ def _precise_bn_text(done: dict | None, model: dict) -> str:
         return "— (no BatchNorm)"
     if not done:
         return "running averages from training"
-    text = f"re-estimated from the final weights on {done['images']:,} training images"
+    text = f"re-estimated from the final weights on {plural(done['images'], 'training image')}"
     if done.get("val_accuracy") is not None:
         text += f" (val accuracy {done['val_accuracy_before']:.2%} → {done['val_accuracy']:.2%})"
     return text
@@ -366,51 +425,64 @@ def report_run(run_dir: Path, out_dir: Path | None = None) -> Path:
     """Write plots/*.png and report.html for one run into out_dir (default: the run directory)."""
     from imgflow.data.card import make_card
     from imgflow.data.examples import save_example_grid
-    from imgflow.history import read_history
 
     run_dir = Path(run_dir)
     config = require_run_files(run_dir)
-    paths = RunPaths(run_dir)
-    history = read_history(paths.history)
-    if not (paths.metrics.is_file() and paths.predictions.is_file()):
-        from imgflow.evaluation import evaluate_run
-
-        log.info("%s has not been evaluated: evaluating it on its test split first", run_dir)
-        evaluate_run(run_dir)
-    metrics = read_metrics(run_dir)
-    classes = list(metrics["per_class"])
-    if classes != config["data"]["classes"]:
-        raise UserError(f"{paths.metrics} does not match the run's classes: "
-                        f"re-run 'imgflow evaluate {run_dir}'")
-    probs, labels = _read_predictions(paths.predictions, metrics, len(classes))
-    dataset, why = _load_data(config, labels)
+    history = read_history(RunPaths(run_dir).history)
+    evaluated = _test_results(run_dir, config)
+    dataset, why = _load_data(config, run_dir, evaluated.labels if evaluated else None)
 
     out = Path(out_dir) if out_dir is not None else run_dir
     plots = RunPaths(out).plots
     log.info("drawing the report's figures into %s", plots)
-    cm = np.asarray(metrics["confusion_matrix"])
-    pairs = most_confused(cm, classes)
     title = f"{config['model']['name']} on {config['data']['name']}"
     curves = figures.training_curves(history, plots / "curves.png", title,
                                      best_epoch=config.get("result", {}).get("best_epoch"))
+    card = examples = None
+    if dataset is not None:
+        card = make_card(dataset)
+        examples = save_example_grid(dataset, plots / "examples.png")
+    bodies = {"data": data_section(card, config, examples, why),
+              "curves": _curves_section(history, curves),
+              "run": _run_section(config, history, run_dir)}
+    if evaluated is None:
+        bodies.update(_untested_sections(config, history, run_dir))
+        written, subtitle = [], f"Run {run_dir} — no test split: training and validation numbers only"
+    else:
+        test_bodies, written = _test_sections(evaluated, config, history, dataset, why, plots)
+        bodies.update(test_bodies)
+        subtitle = (f"Run {run_dir} — test metrics from metrics.json"
+                    + (", with test-time augmentation" if evaluated.metrics.get("tta") else ""))
+    html = page(f"imgflow report: {title}", subtitle,
+                [(sid, heading, bodies[sid]) for sid, heading in SECTIONS.items() if sid in bodies])
+    report = RunPaths(out).report
+    atomic_write_text(report, html)
+    written += [curves, examples]
+    for name in FIGURES:  # figures of an earlier report that this one does not have
+        if plots / name not in written:
+            (plots / name).unlink(missing_ok=True)
+    log.info("report written to %s", report)
+    return report
+
+
+def _test_sections(evaluated: Evaluated, config: dict, history: list[dict], dataset, why: str | None,
+                   plots: Path) -> tuple[dict[str, Markup], list[Path]]:
+    """The summary and the sections about the test split, by id; and the figures they drew."""
+    metrics, labels, probs = evaluated.metrics, evaluated.labels, evaluated.probs
+    classes = list(metrics["per_class"])
+    cm = np.asarray(metrics["confusion_matrix"])
+    pairs = most_confused(cm, classes)
     recall = [metrics["per_class"][c]["recall"] for c in classes]
     per_class = figures.per_class_accuracy(classes, recall, plots / "per_class_accuracy.png",
                                            metrics["accuracy"])
     confusion, written = _confusion_section(cm, classes, plots, pairs)
-    written += [curves, per_class]
-
-    card = examples = None
+    written.append(per_class)
     predictions = top = paragraph(why, class_="muted")
     if dataset is not None:
-        card = make_card(dataset)
-        examples = save_example_grid(dataset, plots / "examples.png")
         predictions, top, pngs = _image_sections(dataset.test.images, labels, probs, classes, plots)
-        written += [examples, *pngs]
-
-    bodies = {
+        written += pngs
+    return {
         "summary": _summary(config, metrics, history),
-        "data": data_section(card, config, examples, why),
-        "curves": _curves_section(history, curves),
         "test-metrics": _metrics_section(metrics),
         "per-class": image(per_class, "per-class accuracy",
                            "Share of each class's test images classified correctly (its recall)."),
@@ -418,16 +490,10 @@ def report_run(run_dir: Path, out_dir: Path | None = None) -> Path:
         "confused-pairs": _pairs_section(pairs),
         "predictions": predictions,
         "top-losses": top,
-        "run": _run_section(config, history, run_dir),
-    }
-    html = page(f"imgflow report: {title}",
-                f"Run {run_dir} — test metrics from metrics.json"
-                + (", with test-time augmentation" if metrics.get("tta") else ""),
-                [(sid, heading, bodies[sid]) for sid, heading in SECTIONS.items()])
-    report = RunPaths(out).report
-    atomic_write_text(report, html)
-    for name in FIGURES:  # figures of an earlier report that this one does not have
-        if plots / name not in written:
-            (plots / name).unlink(missing_ok=True)
-    log.info("report written to %s", report)
-    return report
+    }, written
+
+
+def _untested_sections(config: dict, history: list[dict], run_dir: Path) -> dict[str, Markup]:
+    """The summary, and in place of the test sections one saying there is no test split."""
+    return {"summary": _untested_summary(config, history, run_dir),
+            "test-metrics": tag("p", _no_test_split(config, run_dir), id="no-test-split")}

@@ -7,6 +7,7 @@ from pathlib import Path
 from imgflow.fileio import atomic_write_text
 from imgflow.reports import figures
 from imgflow.reports.html import image, key_values, page, paragraph, table, tag
+from imgflow.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def write_tune_report(out: Path, record: dict) -> Path:
     plots = out / "plots"
     trials, best = record["trials"], record.get("best")
     names = list(record["search"])
-    summary = [paragraph(f"{len(trials)} of {record['trials_planned']} trials finished "
+    summary = [paragraph(f"{len(trials)} of {plural(record['trials_planned'], 'trial')} finished "
                          f"({sum(t['state'] == 'pruned' for t in trials)} stopped early by the pruner). "
                          "Every trial trains the base configuration with the searched values, the same "
                          "seed, and is scored on validation only: the test split is not touched.")]
