@@ -268,3 +268,17 @@ def test_an_onnx_file_with_a_damaged_embedded_card_is_one_line(exported, tmp_pat
     assert main(["predict", str(alone / "model.onnx"), str(alone)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "embedded model card is not valid JSON" in err
+
+
+def test_an_unknown_or_missing_format_is_one_line_and_writes_nothing(tiny_run, tmp_path):
+    from imgflow.errors import UserError
+    from imgflow.export import export_run
+
+    out = tmp_path / "export"
+    with pytest.raises(UserError, match=r"^1 unknown export format \(png\): use onnx, torchscript$"):
+        export_run(tiny_run, out, formats=["onnx", "png"])
+    with pytest.raises(UserError, match=r"^2 unknown export formats \(jpeg, png\): "):
+        export_run(tiny_run, out, formats=["png", "jpeg"])
+    with pytest.raises(UserError, match=r"^no export format given: use onnx, torchscript$"):
+        export_run(tiny_run, out, formats=[])
+    assert not out.exists()

@@ -63,7 +63,7 @@ def test_predict_directory_json(tiny_run, photos, capsys, caplog):
     # Colour files of every format, size and mode are brought to the training form.
     for name in ("a_plain.png", "b_odd_size.jpg", "c_rgba.png", "nested/deeper/c_palette.gif"):
         assert by_name[name]["top"][0]["class"] == name.split("/")[-1][0], by_name[name]
-    assert "1 of 6 file(s) could not be read" in caplog.text
+    assert "1 of 6 files could not be read" in caplog.text
 
 
 def test_predict_table_lists_files_and_errors(tiny_run, photos, capsys):
@@ -75,7 +75,7 @@ def test_predict_table_lists_files_and_errors(tiny_run, photos, capsys):
     assert lines[1].startswith(str(photos / "a_plain.png")) and lines[1].split()[1] == "a"
     assert lines[2].split(None, 1) == [str(photos / "broken.png"), "error: not an image Pillow can read"]
     assert lines[3].split(None, 1) == [str(photos / "missing.png"), "error: no such file"]
-    assert lines[-1] == "1 image(s) classified, 2 could not be read"
+    assert lines[-1] == "1 image classified, 2 could not be read"
 
 
 def test_a_named_pipe_is_an_unreadable_file_not_a_hang(tiny_run, photos, tmp_path, capsys):
@@ -92,7 +92,7 @@ def test_a_named_pipe_is_an_unreadable_file_not_a_hang(tiny_run, photos, tmp_pat
 def test_predict_exit_2_when_nothing_readable(tiny_run, photos, tmp_path, capsys):
     rc, out, err = run_cli(capsys, "predict", str(tiny_run), str(photos / "broken.png"))
     assert rc == 2 and out == ""
-    assert err.startswith("imgflow: error: none of the 1 file(s) could be read") and err.count("\n") == 1
+    assert err.startswith("imgflow: error: no image could be read from 1 file (") and err.count("\n") == 1
     rc, _, err = run_cli(capsys, "predict", str(tiny_run), str(tmp_path))  # an empty directory
     assert rc == 2 and "no image files found" in err
 

@@ -33,6 +33,7 @@ from imgflow.fileio import write_json
 from imgflow.inference import predict_logits
 from imgflow.preprocess import Preprocessing, to_model_input
 from imgflow.runs import RunPaths, load_run_data, load_trained_model, read_metrics
+from imgflow.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,8 @@ def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path
 # parity
 
 
-def parity_images(config: dict, limit: int = PARITY_IMAGES, progress: bool = False) -> tuple[np.ndarray, str]:
+def parity_images(config: dict, limit: int = PARITY_IMAGES, progress: bool = False,
+                  run_dir: Path | None = None) -> tuple[np.ndarray, str]:
     """Up to `limit` uint8 images of the run's data (test split, else training split), spread
     evenly over the split so that every class shows up; and a description of where they came from.
 
@@ -199,7 +201,7 @@ def parity_images(config: dict, limit: int = PARITY_IMAGES, progress: bool = Fal
     prep = Preprocessing.from_dict(config["preprocessing"])
     expected = (*prep.image_size, prep.channels)
     try:
-        dataset = load_run_data(train, progress=progress)  # with the run's test hold-out, if any
+        dataset = load_run_data(train, progress=progress, run_dir=run_dir)  # with the run's test hold-out, if any
         split, name = (dataset.test, "test") if dataset.test is not None else (dataset.train, "train")
         if split.images.shape[1:] != expected:
             raise UserError(f"its images are now {split.images.shape[1:]}, the model takes {expected}")
@@ -211,7 +213,7 @@ def parity_images(config: dict, limit: int = PARITY_IMAGES, progress: bool = Fal
         return images, f"random uint8 images ({len(images)}; data set {train['data']} unavailable)"
     n = min(limit, len(split))
     index = np.unique(np.linspace(0, len(split) - 1, n).round().astype(np.int64))
-    return split.images[index], f"{name} split of {dataset.name} ({len(index)} of {len(split)} images)"
+    return split.images[index], f"{name} split of {dataset.name} ({len(index)} of {plural(len(split), 'image')})"
 
 
 def compare(reference: torch.Tensor, logits: torch.Tensor) -> dict:
@@ -320,66 +322,72 @@ def export_run(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str
     from imgflow.precision import set_threads
 
     run_dir = Path(run_dir)
-    unknown = set(formats) - set(FORMATS)
+    unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
-        raise UserError(f"unknown export format(s) {sorted(unknown)}: use {', '.join(FORMATS)}")
+        given = f"{plural(len(unknown), 'unknown export format')} ({', '.join(unknown)})" if unknown \
+            else "no export format given"
+        raise UserError(f"{given}: use {', '.join(FORMATS)}")
     model, config = load_trained_model(run_dir)
     set_threads(config["train"].get("threads"))
     out_dir = Path(out_dir) if out_dir is not None else RunPaths(run_dir).export
-    prep = Preprocessing.from_dict(config["preprocessing"])
     card = model_card(config, run_dir)
     _check_out_dir(out_dir, card)
-    images, source = parity_images(config, max_images, progress)
+    images, source = parity_images(config, max_images, progress, run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exported = _export_checked(model, Preprocessing.from_dict(config["preprocessing"]), images, source,
+                               formats, card, out_dir)
+    # Entries of formats not exported this time describe files still in place: keep them.
+    report = {"formats": {**_earlier_formats(out_dir, exclude=exported), **exported}}
+    report["passed"] = all(r.get("passed") for r in report["formats"].values())
+    report["out_dir"] = str(out_dir)
+    write_json(out_dir / PARITY_FILE, report)
+    (out_dir / FAILED_PARITY_FILE).unlink(missing_ok=True)  # an earlier failure, now passed
+    return report
+
+
+def _export_checked(model: torch.nn.Module, prep: Preprocessing, images: np.ndarray, source: str,
+                    formats: Sequence[str], card: dict, out_dir: Path) -> dict:
+    """Export each format into a staging folder, parity-check it, and install all of them only
+    when every one passed; return each format's parity.json entry."""
     example = to_model_input(torch.from_numpy(images[:2]), prep)  # batch 2: 1 would be specialised
     if len(example) < 2:
         example = example.expand(2, *example.shape[1:]).contiguous()
-
     # The PyTorch model as evaluate runs it (predict_logits), in fp32 whatever the training
     # precision, because the exports compute in fp32.
     reference = predict_logits(model, images, prep, "fp32", PARITY_BATCH)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"formats": {}}
+    results = {}
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmp:
-        staged = {}
         for fmt in formats:
             name, exporter = _EXPORTERS[fmt]
-            path = Path(tmp) / name
-            info = exporter(model, example, path, card)
-            result = check_parity(reference, prep, images, _RUNNERS[fmt](path))
-            report["formats"][fmt] = {"file": name, **info, "image_source": source, **result}
+            info = exporter(model, example, Path(tmp) / name, card)
+            result = check_parity(reference, prep, images, _RUNNERS[fmt](Path(tmp) / name))
+            results[fmt] = {"file": name, **info, "image_source": source, **result}
             log.debug("%s: max |prob diff| %.2e, top-1 agreement %d/%d on %s", fmt,
-                     result["max_abs_prob_diff"], result["images"] - result["top1_mismatches"],
-                     result["images"], source)
-            staged[name] = path
-        report["passed"] = all(r["passed"] for r in report["formats"].values())
-        if not report["passed"]:
+                      result["max_abs_prob_diff"], result["images"] - result["top1_mismatches"],
+                      result["images"], source)
+        failed = {fmt: r for fmt, r in results.items() if not r["passed"]}
+        if failed:
+            report = {"formats": results, "passed": False}
             write_json(out_dir / FAILED_PARITY_FILE, report)
-            failed = [f"{fmt} (max |prob diff| {r['max_abs_prob_diff']:.2e}, "
-                      f"{r['top1_mismatches']} top-1 mismatches)"
-                      for fmt, r in report["formats"].items() if not r["passed"]]
-            raise ParityError(f"parity check failed for {', '.join(failed)}: nothing installed "
-                              f"in {out_dir}; see {out_dir / FAILED_PARITY_FILE}", report)
+            text = ", ".join(f"{fmt} (max |prob diff| {r['max_abs_prob_diff']:.2e}, "
+                             f"{plural(r['top1_mismatches'], 'top-1 mismatch', 'top-1 mismatches')})" for fmt, r in failed.items())
+            raise ParityError(f"parity check failed for {text}: nothing installed in {out_dir}; "
+                              f"see {out_dir / FAILED_PARITY_FILE}", report)
         # model.json first: should the installs be cut short, it still describes every model file
         # in the directory (_check_out_dir let in only this model's).
         write_json(out_dir / CARD_FILE, card)
-        for name, path in staged.items():
-            _install(path, out_dir / name)
-    # Entries of formats not exported this time describe files still in place: keep them.
-    previous = out_dir / PARITY_FILE
-    if previous.is_file():
-        try:
-            old = json.loads(previous.read_text(encoding="utf-8")).get("formats", {})
-        except (OSError, ValueError, AttributeError):
-            old = {}
-        report["formats"] = {**{k: v for k, v in old.items() if k not in report["formats"]
-                                and (out_dir / v.get("file", "")).is_file()},
-                             **report["formats"]}
-        report["passed"] = all(r.get("passed") for r in report["formats"].values())
-    report["out_dir"] = str(out_dir)
-    write_json(previous, report)
-    (out_dir / FAILED_PARITY_FILE).unlink(missing_ok=True)  # an earlier failure, now passed
-    return report
+        for r in results.values():
+            _install(Path(tmp) / r["file"], out_dir / r["file"])
+    return results
+
+
+def _earlier_formats(out_dir: Path, exclude: dict) -> dict:
+    """parity.json entries of an earlier export whose files are still in out_dir, but for `exclude`."""
+    try:
+        old = json.loads((out_dir / PARITY_FILE).read_text(encoding="utf-8")).get("formats", {})
+        return {k: v for k, v in old.items() if k not in exclude and (out_dir / v.get("file", "")).is_file()}
+    except (OSError, ValueError, AttributeError):  # none yet, or not ours to trust
+        return {}
 
 
 def format_parity(report: dict) -> str:

@@ -29,6 +29,7 @@ from imgflow.data.decode import decode_image, resize_array
 from imgflow.data.folder import skip_reason as unreadable_reason
 from imgflow.data.readers import DirReader
 from imgflow.errors import UserError
+from imgflow.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class OnnxModel:
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # NHWC -> NCHW
         logits = self.session.run(None, {self.input_name: x})[0].astype(np.float32)
         if logits.shape[1:] != (len(self.spec.classes),):  # an output width the graph left symbolic
-            raise _mismatch(self.path, f"it scores {logits.shape[1]} classes, model.json names "
+            raise _mismatch(self.path, f"it scores {plural(logits.shape[1], 'class')}, model.json names "
                                        f"{len(self.spec.classes)}")
         return softmax(logits)
 
@@ -239,13 +240,14 @@ def check_spec_fits_onnx(spec: InputSpec, session, onnx_path: Path) -> None:
     C, (H, W) = spec.channels, spec.image_size
     problems = []
     if len(spec.mean) != C or len(spec.std) != C:
-        problems.append(f"{len(spec.mean)} means and {len(spec.std)} stds for {C} channels")
+        problems.append(f"{plural(len(spec.mean), 'mean')} and {plural(len(spec.std), 'std')} for "
+                        f"{plural(C, 'channel')}")
     shape = list(session.get_inputs()[0].shape)  # [batch, C, H, W]
     if len(shape) != 4 or any(isinstance(n, int) and n != want for n, want in zip(shape[1:], (C, H, W))):
         problems.append(f"it takes input {shape}, model.json says [batch, {C}, {H}, {W}]")
     out = list(session.get_outputs()[0].shape)  # [batch, classes]
     if len(out) != 2 or (isinstance(out[1], int) and out[1] != len(spec.classes)):
-        problems.append(f"its output is {out}, model.json names {len(spec.classes)} classes")
+        problems.append(f"its output is {out}, model.json names {plural(len(spec.classes), 'class')}")
     if problems:
         raise _mismatch(onnx_path, "; ".join(problems))
 
@@ -304,9 +306,9 @@ def predict_images(model: Model, inputs: Sequence[str | Path], top_k: int = DEFA
     if len(failed) == len(results):
         shown = "; ".join(f"{r['image']}: {r['error']}" for r in failed[:3])
         more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
-        raise UserError(f"none of the {len(failed)} file(s) could be read as an image ({shown}{more})")
+        raise UserError(f"no image could be read from {plural(len(failed), 'file')} ({shown}{more})")
     if failed:
-        log.warning("%d of %d file(s) could not be read", len(failed), len(results))
+        log.warning("%d of %s could not be read", len(failed), plural(len(results), "file"))
     return results
 
 
@@ -341,6 +343,6 @@ def format_predictions(results: list[dict], max_path: int = 60) -> str:
         cells = [f"{t['class']:<{name}} {t['probability']:6.1%}" for t in r["top"]]
         lines.append(f"{short(r['image']):<{width}}  " + "  ".join(f"{c:<{cell}}" for c in cells))
     failed = sum("error" in r for r in results)
-    lines.append(f"\n{len(results) - failed} image(s) classified"
+    lines.append(f"\n{plural(len(results) - failed, 'image')} classified"
                  + (f", {failed} could not be read" if failed else ""))
     return "\n".join(line.rstrip() for line in lines)
