@@ -239,17 +239,36 @@ def read_image_folder(path: Path, image_size: tuple[int, int] | None = None,
                                              desc=f"decoding {Path(path).name}")
 
     skipped = listing.refused + plan.skipped + decode_skipped
-    notes: list[str] = []
+    # Usable images per (split, class folder), as positions in `arrays`.
+    position = {i: k for k, i in enumerate(indices)}
+    usable = {key: [position[i] for i in plan.folders[key] if arrays[position[i]] is not None]
+              for key in keys}
+    notes = _layout_notes(plan, usable)
+    classes = _classes(usable, skipped, source)
+    found = [a for a in arrays if a is not None]
+    channels = 1 if all(a.ndim == 2 for a in found) else 3
+    size = tuple(image_size) if image_size is not None else _most_common_size(found, notes)
+    has_test = plan.has_test and any(ks for (s, _), ks in usable.items() if s == "test")
+    if plan.has_test and not has_test:
+        notes.append("the test folder holds no usable images: no test split")
+    label_of = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split in SPLITS if has_test else ("train",):
+        members = [(label_of[c], k) for (s, c), ks in usable.items() if s == split and c in label_of
+                   for k in ks]
+        splits[split] = _stack(arrays, members, size, channels)
+    return Dataset(name=dataset_name(path), source=source, sha256="", classes=classes,
+                   train=splits["train"], test=splits.get("test"), skipped=skipped, notes=notes)
+
+
+def _layout_notes(plan: _Plan, usable: dict[tuple[str, str], list[int]]) -> list[str]:
+    """What the data card says about entries left out: beside the data, or class folders without
+    usable images."""
+    notes = []
     if plan.outside:
         notes.append(f"ignored entries outside {plan.wrapper}: {', '.join(plan.outside)}")
     if plan.ignored:
         notes.append(f"ignored top-level entries outside train/ and test/: {', '.join(plan.ignored)}")
-
-    # Usable images per (split, class folder).
-    position = {i: k for k, i in enumerate(indices)}
-    usable = {key: [position[i] for i in plan.folders[key] if arrays[position[i]] is not None]
-              for key in keys}
-    classes = sorted(c for (split, c), ks in usable.items() if split == "train" and ks)
     for (split, c), ks in usable.items():
         if ks:
             continue
@@ -258,6 +277,13 @@ def read_image_folder(path: Path, image_size: tuple[int, int] | None = None,
         what = "is empty" if total == 0 else f"has no usable images ({total} skipped)"
         consequence = ": class left out" if split == "train" else ""
         notes.append(f"class folder {folder} {what}{consequence}")
+    return notes
+
+
+def _classes(usable: dict[tuple[str, str], list[int]], skipped: list[dict], source: str) -> list[str]:
+    """The training class folders with usable images, sorted; a UserError when there are none,
+    or when a test class has no training images (it would have no label)."""
+    classes = sorted(c for (split, c), ks in usable.items() if split == "train" and ks)
     stray = sorted(c for (split, c), ks in usable.items() if split == "test" and ks and c not in classes)
     if stray:
         raise UserError(f"{source}: {plural(len(stray), 'test class', 'test classes')} without training "
@@ -270,29 +296,17 @@ def read_image_folder(path: Path, image_size: tuple[int, int] | None = None,
             detail = f" ({plural(len(skipped), 'file')} skipped, e.g. {first['path']}: {first['reason']})"
         raise UserError(f"no images found in {source}{detail}: expected image files in "
                         "train/<class>/ (optionally test/<class>/) or <class>/ folders")
+    return classes
 
-    found = [a for a in arrays if a is not None]
-    channels = 1 if all(a.ndim == 2 for a in found) else 3
-    if image_size is not None:
-        size = tuple(image_size)
-    else:
-        size = Counter(a.shape[:2] for a in found).most_common(1)[0][0]
-        resized = sum(a.shape[:2] != size for a in found)
-        if resized:
-            notes.append(f"resized {resized} of {len(found)} images to {size[0]}x{size[1]}, "
-                         "the most common size (choose another with --image-size)")
 
-    has_test = plan.has_test and any(ks for (s, _), ks in usable.items() if s == "test")
-    if plan.has_test and not has_test:
-        notes.append("the test folder holds no usable images: no test split")
-    label_of = {c: i for i, c in enumerate(classes)}
-    splits = {}
-    for split in SPLITS if has_test else ("train",):
-        members = [(label_of[c], k) for (s, c), ks in usable.items() if s == split and c in label_of
-                   for k in ks]
-        splits[split] = _stack(arrays, members, size, channels)
-    return Dataset(name=dataset_name(path), source=source, sha256="", classes=classes,
-                   train=splits["train"], test=splits.get("test"), skipped=skipped, notes=notes)
+def _most_common_size(found: list[np.ndarray], notes: list[str]) -> tuple[int, int]:
+    """The (H, W) most images have, noting how many others are resized to it."""
+    size = Counter(a.shape[:2] for a in found).most_common(1)[0][0]
+    resized = sum(a.shape[:2] != size for a in found)
+    if resized:
+        notes.append(f"resized {resized} of {plural(len(found), 'image')} to {size[0]}x{size[1]}, "
+                     "the most common size (choose another with --image-size)")
+    return size
 
 
 @dataclass
