@@ -20,7 +20,8 @@ from imgflow.inference import predict_logits, tta_views
 from imgflow.preprocess import Preprocessing
 from imgflow.augment import (alternating_flips, augment_batch, flip_mask, random_cutout, random_flip,
                                       random_translate, shift, step_generator)
-from imgflow.training.config import PRESET_INFO, PRESETS, config_from_args, describe_presets, resolve_config
+from imgflow.cli.arguments import config_from_args
+from imgflow.training.config import PRESET_INFO, PRESETS, describe_presets, resolve_config
 from imgflow.training.schedule import lr_at
 
 POLICIES = ("none", "flip", "flip+translate", "flip+translate+cutout")

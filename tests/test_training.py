@@ -767,3 +767,20 @@ def test_large_images_at_their_own_size_get_one_warning_naming_image_size(tiny_d
     with caplog.at_level(logging.WARNING):
         train_tiny(tiny_data, tmp_path / "resized", epochs=1, image_size=(12, 12))
     assert "data's own" not in caplog.text
+
+
+def test_identical_runs_write_byte_identical_weight_files(tiny_data, tmp_path):
+    """safetensors writes its header's maps in hash order, different in every process and map."""
+    import hashlib
+    import json
+    import struct
+
+    digests = []
+    for name in ("a", "b"):
+        train_tiny(tiny_data, tmp_path / name, epochs=1)
+        data = (tmp_path / name / "model.safetensors").read_bytes()
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + length])
+        assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(header["__metadata__"])
+        digests.append(hashlib.sha256(data).hexdigest())
+    assert digests[0] == digests[1]

@@ -256,24 +256,14 @@ def _train_config(spec: str | None, overrides: dict[str, Any], preset: str | Non
                   resume: bool):
     """The config to train: resume=True without a preset continues the run in `out` with the
     options it was started with (given ones are checked against them), as `imgflow train --resume`."""
-    from imgflow.data.load import named_source
-    from imgflow.training import TrainConfig, resolve_config
+    from imgflow.training.config import config_to_train
+    from imgflow.training.rundir import started_config
 
-    if resume and preset is None and out is not None and (out / "config.json").is_file():
-        from imgflow.runs import read_run_config
-
-        started = TrainConfig.from_dict(read_run_config(out)["train"])
-        values = {**started.to_dict(), **overrides}
-        if spec is not None:
-            exists = not named_source(spec) and Path(spec).exists()
-            values["data"] = str(Path(spec).resolve()) if exists else spec
-        if values.get("image_size") is not None:
-            values["image_size"] = list(values["image_size"])
-        return TrainConfig.from_dict(values).validate()
-    if spec is None:
+    started = started_config(out) if resume and preset is None and out is not None else None
+    if spec is None and started is None:
         raise UserError("no data given: name a data set (cifar10, fashion-mnist), a path to images, or "
                         "pass (images, labels); or continue a run with resume=True, out=RUN_DIR")
-    return resolve_config(spec, overrides, preset)
+    return config_to_train(spec, overrides, preset, started)
 
 
 @_python_errors

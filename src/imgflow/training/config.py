@@ -1,7 +1,6 @@
-"""Typed training configuration: defaults, presets, validation, and the `train` CLI options."""
+"""Typed training configuration: defaults, presets, validation, and the table of its options."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
@@ -245,6 +244,24 @@ def resolve_config(data: str, overrides: dict[str, Any], preset: str | None = No
     return TrainConfig(data=data, **values).validate()
 
 
+def config_to_train(data: str | None, overrides: dict[str, Any], preset: str | None = None,
+                    started: "TrainConfig | None" = None) -> "TrainConfig":
+    """The config a `train` command (CLI or Python) trains with.
+
+    started: the config of the run being resumed; without a preset it is continued with its own
+    options (data from it when none is given; given options are checked against it by `train`).
+    """
+    if started is not None and preset is None:
+        values = {**started.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+        values["data"] = absolute_if_path(data) if data else started.data
+        if values.get("image_size") is not None:
+            values["image_size"] = list(values["image_size"])
+        return TrainConfig.from_dict(values).validate()
+    if data is None:
+        raise UserError("no DATA given: name a data set (cifar10, fashion-mnist) or an image folder/archive")
+    return resolve_config(data, overrides, preset=preset)
+
+
 def absolute_if_path(data: str) -> str:
     """A path is saved absolute, so a run's config.json finds its data from any directory."""
     from pathlib import Path
@@ -256,99 +273,86 @@ def absolute_if_path(data: str) -> str:
     return str(Path(data).resolve())
 
 
-def _started_config(args: argparse.Namespace) -> "TrainConfig | None":
-    """The config a run in --out was started with, or None when there is none to continue."""
-    from pathlib import Path
+@dataclass(frozen=True)
+class Option:
+    """One TrainConfig field as a command-line option (the CLI builds its parser from these,
+    `tune` prints commands with them)."""
 
-    from imgflow.runs import read_run_config
+    field: str
+    help: str = ""
+    kind: str = "float"  # float | str | positive_int | non_negative_int | image_size
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
 
-    if not args.out or not (Path(args.out) / "config.json").is_file():
-        return None
-    return TrainConfig.from_dict(read_run_config(Path(args.out))["train"])  # checked as it is read
-
-
-def add_train_arguments(p: argparse.ArgumentParser, positive_int, non_negative_int, image_size, path=str) -> None:
-    """The `imgflow train` options. Defaults are None so that presets can fill them."""
-    p.add_argument("data", nargs="?", type=path, help="cifar10, fashion-mnist, or a folder/.zip/.tar(.gz) of images "
-                   "(with --resume: taken from the run's config.json when left out)")
-    p.add_argument("--out", type=path, default=None, help="run directory (default: runs/<model>-seed<N>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run in --out, with the options it was started with")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    add_config_arguments(p, positive_int, non_negative_int, image_size)
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
 
 
-def add_config_arguments(p: argparse.ArgumentParser, positive_int, non_negative_int, image_size) -> None:
-    """The options that make a TrainConfig (`train`'s, and the base configuration of `tune`)."""
-    p.add_argument("--model", help="model name (see 'imgflow models')")
-    p.add_argument("--preset", help=f"named configuration: {', '.join(PRESETS)}")
-    p.add_argument("--epochs", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--lr", type=float, help=f"peak learning rate (at most {MAX_LR:g})")
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float, help=f"0 to {MAX_WEIGHT_DECAY:g}")
-    p.add_argument("--schedule", choices=SCHEDULES)
-    p.add_argument("--warmup-epochs", type=float, help=f"0 to {MAX_WARMUP_EPOCHS:g}")
-    p.add_argument("--lr-floor", type=float, help="decay to this fraction of --lr, e.g. 0.07")
-    p.add_argument("--bn-lr-scale", type=float,
-                   help=f"lr multiplier for BatchNorm parameters (airbench: 64; at most {MAX_BN_LR_SCALE:g})")
-    p.add_argument("--lookahead", type=non_negative_int, metavar="N",
-                   help="every N steps average the weights with a slow copy (airbench: 5; 0 = off)")
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--augment", choices=AUGMENTS)
-    p.add_argument("--flip", choices=FLIPS,
-                   help="random: a fresh coin per image and epoch; alternate: each image flipped "
-                        "every other epoch (airbench), so both views are seen equally often")
-    p.add_argument("--translate", type=non_negative_int)
-    p.add_argument("--cutout", type=non_negative_int)
-    p.add_argument("--normalize", choices=NORMALIZATIONS)
-    p.add_argument("--val-split", type=float, help="validation fraction in [0, 1) (default 0.2)")
-    p.add_argument("--val-mode", choices=VAL_MODES)
-    p.add_argument("--folds", type=non_negative_int, help="k-fold validation with K folds")
-    p.add_argument("--fold", type=non_negative_int, help="which fold validates (0..K-1)")
-    p.add_argument("--test-split", type=float,
-                   help="data without a test split: hold out this fraction as one")
-    p.add_argument("--train-subset", type=non_negative_int, metavar="N",
-                   help="train on at most N images (stratified), e.g. for quick experiments")
-    p.add_argument("--val-subset", type=non_negative_int, metavar="N",
-                   help="validate each epoch on at most N images (stratified): faster epochs")
-    p.add_argument("--seed", type=non_negative_int)
-    p.add_argument("--precision", choices=PRECISIONS)
-    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
-    p.add_argument("--early-stopping", type=non_negative_int, metavar="PATIENCE",
-                   help="stop when val_loss has not improved for PATIENCE epochs; keep the best")
-    p.add_argument("--ema", type=float, help="weight EMA decay per step, e.g. 0.999 (0 = off)")
-    p.add_argument("--precise-bn", type=non_negative_int, metavar="N",
-                   help="after training, re-estimate BatchNorm statistics from the final weights on N "
-                        "training images (e.g. 10000): running averages lag weights that were still "
-                        "moving (0 = off, as in Keras)")
-    p.add_argument("--image-size", type=image_size, help="resize images to SIZE or HxW")
+# The TrainConfig fields a user sets. adam_eps (Keras' 1e-7) and eval_batch_size (no effect on
+# results) have no option; data, preset and the run directory are positional or separate.
+TRAIN_OPTIONS: tuple[Option, ...] = (
+    Option("model", "model name (see 'imgflow models')", "str"),
+    Option("epochs", "full passes over the training part", "positive_int"),
+    Option("batch_size", "images per optimiser step", "positive_int"),
+    Option("lr", f"peak learning rate (at most {MAX_LR:g})"),
+    Option("optimizer", "sgd is Nesterov SGD", "str", OPTIMIZERS),
+    Option("momentum", "SGD momentum in [0, 1)"),
+    Option("weight_decay", f"on conv/dense weights, 0 to {MAX_WEIGHT_DECAY:g}"),
+    Option("schedule", "onecycle: linear warmup then linear decay", "str", SCHEDULES),
+    Option("warmup_epochs", f"0 to {MAX_WARMUP_EPOCHS:g}"),
+    Option("lr_floor", "decay to this fraction of --lr, e.g. 0.07"),
+    Option("bn_lr_scale", f"lr multiplier for BatchNorm parameters (airbench: 64; at most {MAX_BN_LR_SCALE:g})"),
+    Option("lookahead", "every N steps average the weights with a slow copy (airbench: 5; 0 = off)",
+           "non_negative_int", metavar="N"),
+    Option("label_smoothing", "in [0, 1)"),
+    Option("augment", "", "str", AUGMENTS),
+    Option("flip", "random: a fresh coin per image and epoch; alternate: each image flipped every other "
+                   "epoch (airbench), so both views are seen equally often", "str", FLIPS),
+    Option("translate", "largest random shift in pixels", "non_negative_int"),
+    Option("cutout", "side of the zeroed square in pixels", "non_negative_int"),
+    Option("normalize", "scale: x/255; standardize: by the training part's channel mean/std", "str",
+           NORMALIZATIONS),
+    Option("val_split", "validation fraction in [0, 1)"),
+    Option("val_mode", "last: Keras' validation_split on a seeded shuffle", "str", VAL_MODES),
+    Option("folds", "k-fold validation with K folds (0 = off)", "non_negative_int", metavar="K"),
+    Option("fold", "which fold validates (0..K-1)", "non_negative_int"),
+    Option("test_split", "data without a test split: hold out this fraction as one"),
+    Option("train_subset", "train on at most N images (stratified), e.g. for quick experiments; 0 = all",
+           "non_negative_int", metavar="N"),
+    Option("val_subset", "validate each epoch on at most N images (stratified): faster epochs; 0 = all",
+           "non_negative_int", metavar="N"),
+    Option("seed", "fixes split, data order, augmentation and initialisation", "non_negative_int"),
+    Option("precision", "auto: bf16 where the CPU runs it natively", "str", PRECISIONS),
+    Option("threads", THREADS_HELP, "positive_int"),
+    Option("early_stopping", "stop when val_loss has not improved for PATIENCE epochs; keep the best "
+                             "(0 = off)", "non_negative_int", metavar="PATIENCE"),
+    Option("ema", "weight EMA decay per step, e.g. 0.999 (0 = off)"),
+    Option("precise_bn", "after training, re-estimate BatchNorm statistics from the final weights on N "
+                         "training images (e.g. 10000): running averages lag weights that were still "
+                         "moving (0 = off, as in Keras)", "non_negative_int", metavar="N"),
+    Option("image_size", "resize images to SIZE or HxW (default: the data's own size)", "image_size",
+           metavar="SIZE|HxW"),
+)
+OPTION_OF = {option.field: option for option in TRAIN_OPTIONS}
 
 
-_OVERRIDE_KEYS = ("model", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
-                  "schedule", "warmup_epochs", "lr_floor", "bn_lr_scale", "lookahead",
-                  "label_smoothing", "augment", "flip", "translate", "cutout", "normalize",
-                  "val_split", "val_mode", "folds", "fold", "test_split", "train_subset", "val_subset", "seed",
-                  "precision", "threads", "early_stopping", "ema", "precise_bn", "image_size")
+def default_of(name: str) -> Any:
+    """TrainConfig's default for field `name` (dataclasses.MISSING for data and model)."""
+    return TrainConfig.__dataclass_fields__[name].default
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig values given on the command line (None: not given)."""
-    return {k: getattr(args, k) for k in _OVERRIDE_KEYS}
+def command_line_options(values: dict[str, Any]) -> list[str]:
+    """`values` (TrainConfig fields) as `imgflow train` arguments, those that differ from the
+    defaults; a field without an option is refused rather than printed as a flag no parser knows."""
+    words: list[str] = []
+    for name, value in values.items():
+        if name not in OPTION_OF:
+            raise ValueError(f"TrainConfig field {name!r} has no command-line option")
+        if value is None or value == default_of(name):
+            continue
+        if OPTION_OF[name].kind == "image_size":
+            value = "x".join(str(side) for side in value)
+        words += [OPTION_OF[name].flag, str(value)]
+    return words
 
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = overrides_from_args(args)
-    started = _started_config(args) if args.resume and args.preset is None else None
-    if started is not None:  # --resume --out RUN: the run's own options; any given ones are checked against them
-        values = {**started.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
-        values["data"] = absolute_if_path(args.data) if args.data else started.data
-        return TrainConfig.from_dict(values).validate()
-    if args.data is None:
-        raise UserError("no DATA given: name a data set (cifar10, fashion-mnist) or an image folder/archive"
-                        + ("; or continue a run with --resume --out RUN_DIR" if args.resume else ""))
-    config = resolve_config(args.data, overrides, preset=args.preset)
-    if args.out is None:
-        args.out = f"runs/{config.model}-seed{config.seed}"
-    return config

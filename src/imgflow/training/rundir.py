@@ -56,6 +56,13 @@ def machine_info() -> dict[str, str | int | bool]:
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
+def started_config(run_dir: Path) -> TrainConfig | None:
+    """The config the run in run_dir was started with, or None when there is none to continue."""
+    if not RunPaths(run_dir).config.is_file():
+        return None
+    return TrainConfig.from_dict(read_run_config(run_dir)["train"])  # checked as it is read
+
+
 def config_differences(run_dir: Path, config: TrainConfig) -> list[str]:
     """'option=value as started' for each setting of the run in run_dir that `config` changes."""
     paths = RunPaths(run_dir)
