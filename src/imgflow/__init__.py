@@ -11,7 +11,7 @@ first use, so that `import imgflow` and the command line stay quick and do not i
 import sys
 import types
 
-__version__ = "0.1.0"
+from imgflow.version import __version__
 
 _API = ("train", "evaluate", "predict", "inspect", "workflow", "export", "report")
 __all__ = [*_API, "UserError", "__version__"]

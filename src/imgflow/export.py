@@ -71,7 +71,7 @@ def model_card(config: dict, run_dir: Path) -> dict:
     C, (H, W) = prep.channels, prep.image_size
     metrics_path = RunPaths(run_dir).metrics
     metrics = read_metrics(run_dir) if metrics_path.is_file() else {}
-    from imgflow import __version__
+    from imgflow.version import __version__
 
     return {
         "format": "imgflow-export",

@@ -12,7 +12,7 @@ _RAW = argparse.RawDescriptionHelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from imgflow import __version__
+    from imgflow.version import __version__
 
     parser = Parser(prog="imgflow", description="imgflow: the universal workflow of machine learning "
                     "for image classification, from a data set to a tested, exported model.")

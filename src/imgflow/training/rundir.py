@@ -36,7 +36,7 @@ def versions() -> dict[str, str]:
     import safetensors
     import sklearn
 
-    from imgflow import __version__
+    from imgflow.version import __version__
 
     return {"imgflow": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "pillow": PIL.__version__, "scikit-learn": sklearn.__version__,
