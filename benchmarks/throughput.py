@@ -31,12 +31,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from imgflow.fileio import write_json
 from imgflow.models import count_flops, count_params, create_model
-from imgflow.precision import autocast, cpu_info, cpu_supports_bf16, default_threads, set_threads
+from imgflow.precision import autocast, cpu_info, default_threads, set_threads
 from imgflow.preprocess import Preprocessing, to_model_input
+from imgflow.training.config import TrainConfig
+from imgflow.training.rundir import machine_info as run_machine_info
+from imgflow.training.step import Learner
 
 log = logging.getLogger("benchmarks.throughput")
 
@@ -54,7 +56,8 @@ TRAIN_FLOP_FACTOR = 3
 
 
 def machine_info(threads: int) -> dict:
-    """CPU model, the SIMD flags that decide fp32/bf16 speed, torch build, threads, load."""
+    """What a run's config.json records about the machine (imgflow.training.rundir), plus what
+    a benchmark needs on top: SIMD flags, torch build, threads, load, OpenMP environment."""
     cpu = cpu_info()
     flags = set(cpu.get("flags", "").split())
     try:
@@ -62,17 +65,15 @@ def machine_info(threads: int) -> dict:
     except OSError:
         load = None
     return {
+        **run_machine_info(),
         "host": socket.gethostname(),
-        "cpu": cpu.get("model name", platform.processor() or platform.machine()),
         "cpu_family": cpu.get("cpu family"), "cpu_model": cpu.get("model"),
         "cpu_mhz": cpu.get("cpu MHz"),
         "logical_cpus": os.cpu_count(),
         "hypervisor": "hypervisor" in flags,
         "flags": {name: name in flags for name in
                   ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")},
-        "native_bf16": cpu_supports_bf16(),
         "torch": torch.__version__,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "threads": threads,
         # OpenMP's wait policy decides what idle threads do between parallel regions; on a
@@ -80,7 +81,6 @@ def machine_info(threads: int) -> dict:
         "env": {k: os.environ.get(k) for k in
                 ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")},
         "python": platform.python_version(),
-        "platform": platform.platform(),
         "load_average_1_5_15": load,
     }
 
@@ -116,6 +116,13 @@ def measure_peaks(precisions: list[str], n: int, repeats: int) -> dict[str, floa
 # PyTorch models
 
 
+def _learner(model: torch.nn.Module, name: str, precision: str, prep: Preprocessing, total_steps: int) -> Learner:
+    """imgflow's Learner with the fast presets' optimiser (Nesterov SGD, label smoothing 0.2)."""
+    config = TrainConfig(data="", model=name, optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=5e-4,
+                         label_smoothing=0.2, precision=precision)
+    return Learner(model, config, prep, precision, total_steps)
+
+
 def _timed_steps(step, warmup: int, steps: int) -> list[float]:
     times = []
     for i in range(warmup + steps):
@@ -141,16 +148,11 @@ def bench_torch(name: str, precision: str, batch: int, eval_batch: int, warmup: 
     x_train = torch.randint(0, 256, (batch, H, W, C), dtype=torch.uint8, generator=gen)
     y_train = torch.randint(0, CLASSES, (batch,), generator=gen)
     x_eval = torch.randint(0, 256, (eval_batch, H, W, C), dtype=torch.uint8, generator=gen)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-                                momentum=0.9, nesterov=True, weight_decay=5e-4)
+    learner = _learner(model, name, precision, prep, warmup + steps)
+    done = iter(range(1, warmup + steps + 1))
 
-    def train_step() -> None:
-        with autocast(precision):
-            logits = model(to_model_input(x_train, prep, channels_last=True))
-        loss = F.cross_entropy(logits.float(), y_train, label_smoothing=0.2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def train_step() -> None:  # the engine's own step
+        learner.train_step(x_train, y_train, lr=1e-3, step=next(done))
 
     @torch.no_grad()
     def eval_step() -> None:
@@ -247,21 +249,14 @@ def profile_training(name: str, precision: str, batch: int, steps: int, row_limi
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (batch, H, W, C), dtype=torch.uint8, generator=gen)
     y = torch.randint(0, CLASSES, (batch,), generator=gen)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-                                momentum=0.9, nesterov=True, weight_decay=5e-4)
+    learner = _learner(model, name, precision, prep, steps + 2)
+    done = iter(range(1, steps + 3))
 
-    def step() -> None:
-        with record_function("## input (uint8 -> float, normalise)"):
-            xb = to_model_input(x, prep, channels_last=True)
-        with record_function("## forward"), autocast(precision):
-            logits = model(xb)
-        with record_function("## loss"):
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=0.2)
-        with record_function("## backward"):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        with record_function("## optimizer"):
-            optimizer.step()
+    def step() -> None:  # Learner.train_step's two halves, timed apart
+        with record_function("## input, forward and loss"):
+            _, loss = learner.logits_and_loss(x, y)
+        with record_function("## backward and optimizer"):
+            learner.update(loss, next(done))
 
     for _ in range(2):
         step()
