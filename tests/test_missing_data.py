@@ -63,3 +63,13 @@ def test_evaluating_a_run_whose_data_moved_says_it_is_gone(tiny_run, tiny_data, 
     code, err = _cli(capsys, "evaluate", str(run))
     assert code == 2 and "is gone" in err and str(data) in err and err.count("\n") == 1
     assert str(run / "config.json") in err  # which run recorded it
+
+
+def test_resuming_a_run_whose_data_moved_says_it_is_gone(tiny_data, tmp_path, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(tiny_data, data)
+    code, _ = _cli(capsys, "train", str(data), "--model", "seed-baseline", "--epochs", "1", "--out", str(run))
+    assert code == 0
+    data.rename(tmp_path / "elsewhere")
+    code, err = _cli(capsys, "train", "--resume", "--out", str(run))
+    assert code == 2 and "is gone" in err and str(data) in err and str(run / "config.json") in err

@@ -250,9 +250,12 @@ class _Run:
         return lr_at(step, total, config.lr, config.schedule, warmup_steps, final_fraction=config.lr_floor)
 
 
-def _set_up(config: TrainConfig, progress: bool) -> _Run:
-    """Load and check the data, split it, build the model and its learner."""
-    dataset = load_run_data(config.to_dict(), progress=progress, remarks=True)
+def _set_up(config: TrainConfig, progress: bool, resumed: Path | None = None) -> _Run:
+    """Load and check the data, split it, build the model and its learner.
+
+    resumed: the run directory when continuing a run (its data missing is then data that moved).
+    """
+    dataset = load_run_data(config.to_dict(), progress=progress, remarks=True, run_dir=resumed)
     check_classifiable(dataset)
     check_image_size(dataset, config)
     train_part, val_part = split_for_training(dataset.train, config)
@@ -271,7 +274,7 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
     paths = RunPaths(run_dir)
     # A damaged checkpoint is refused before the data set loads (and prints its remarks).
     checkpoint = load_checkpoint(paths.checkpoint) if resume and paths.checkpoint.is_file() else None
-    run = _set_up(config, progress)
+    run = _set_up(config, progress, run_dir if resume else None)
     finished = checkpoint is None or checkpoint["epoch"] >= config.epochs
     if resume and finished and is_finished(run_dir):
         log.info("%s has already finished; nothing to resume", run_dir)
