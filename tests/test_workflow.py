@@ -4,12 +4,19 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 import imgflow.workflow as wf
 from datagen import make_image_folder
 from imgflow.cli import main
+from imgflow.errors import UserError
+from imgflow.workflow import budget, context, image_size, recipes, selection, steps, throughput, training_runs, wording
+from imgflow.workflow import run as wf_run
+from imgflow.workflow.decisions import OverfitOutcome
+from imgflow.workflow.record import STATE_LEFT_BY_STEP, Candidate, Protocol, Resize, Scaled, StepRecord, WorkflowState
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +34,7 @@ def finished_workflow(workflow_data, tmp_path_factory):
     t0 = time.perf_counter()
     with pytest.MonkeyPatch.context() as mp:
         # A cap under the hold-out's size, as CIFAR-10 meets it: exploration validates on part of it.
-        mp.setattr(wf, "VALIDATION_CAP", 24)
+        mp.setattr(steps, "VALIDATION_CAP", 24)
         record = wf.run_workflow(str(workflow_data), out, budget_minutes=0.5, seed=0, progress=False, threads=1)
     return out, record, time.perf_counter() - t0
 
@@ -40,6 +47,10 @@ def test_workflow_walks_through_the_eight_steps_in_order(finished_workflow):
     for step in saved["steps"]:
         assert step["decision"] and step["why"] and isinstance(step["metrics"], dict)
     assert saved["budget_minutes"] == 0.5 and saved["elapsed_minutes"] > 0
+    # The constants the report quotes, as this run had them (issue 23, defect c).
+    assert saved["constants"] == {"budget_share": budget.BUDGET_SHARE, "final_min_epochs": budget.FINAL_MIN_EPOCHS,
+                                  "final_epochs_factor": budget.FINAL_EPOCHS_FACTOR,
+                                  "scaled_models": list(budget.SCALED_MODELS)}
     assert 0.0 <= saved["test_accuracy"] <= 1.0
     final = Path(saved["final_run"])
     metrics = json.loads((final / "metrics.json").read_text())
@@ -76,7 +87,7 @@ def test_workflow_decisions_and_broken_files(finished_workflow):
 def test_rerunning_a_finished_workflow_redoes_nothing(finished_workflow, workflow_data, monkeypatch):
     out, record, _ = finished_workflow
     calls = []
-    monkeypatch.setattr(wf, "STEPS", [lambda ctx, i=i: calls.append(i) for i in range(8)])
+    monkeypatch.setattr(wf_run, "STEPS", [lambda ctx, i=i: calls.append(i) for i in range(8)])
     again = wf.run_workflow(str(workflow_data), out, budget_minutes=0.5, seed=0, progress=False)
     assert calls == [] and again["test_accuracy"] == record["test_accuracy"]
     assert again["elapsed_minutes"] == record["elapsed_minutes"]  # rewriting the report adds no time
@@ -84,21 +95,20 @@ def test_rerunning_a_finished_workflow_redoes_nothing(finished_workflow, workflo
 
 def test_interrupted_workflow_resumes_after_the_last_finished_step(workflow_data, tmp_path, monkeypatch):
     calls = []
-
-    from imgflow.reports.workflow_report import STATE_LEFT_BY_STEP
-
-    left = {"test_split": 0.0, "classes": ["a", "b"], "metric": "accuracy", "protocol": {}}
+    left = {"test_split": 0.0, "classes": ["a", "b"], "metric": "accuracy",
+            "protocol": Protocol("hold-out", val_split=0.2)}
 
     def fake(i):
         def step(ctx):
             calls.append(i)
             if i == 4 and calls.count(4) == 1:
                 raise KeyboardInterrupt
-            ctx.state.update({key: left[key] for key in STATE_LEFT_BY_STEP.get(i + 1, ()) if key in left})
-            return {"name": wf.STEP_NAMES[i], "decision": f"d{i}", "why": "w", "metrics": {}}
+            for key in STATE_LEFT_BY_STEP.get(i + 1, ()):
+                setattr(ctx.state, key, left.get(key))
+            return StepRecord(wf.STEP_NAMES[i], f"d{i}", "w")
         return step
 
-    monkeypatch.setattr(wf, "STEPS", [fake(i) for i in range(8)])
+    monkeypatch.setattr(wf_run, "STEPS", [fake(i) for i in range(8)])
     with pytest.raises(KeyboardInterrupt):
         wf.run_workflow(str(workflow_data), tmp_path / "out", budget_minutes=1, progress=False)
     assert calls == [0, 1, 2, 3, 4]
@@ -114,7 +124,7 @@ def test_a_step_interrupted_before_it_ends_continues_with_its_saved_plan(workflo
 
     real_train = training_loop.train
     speeds = iter([1e6] + [5.0] * 20)  # the machine looks 200,000x slower on the second invocation
-    monkeypatch.setattr(wf, "_measure_throughput", lambda ctx, model, batch: next(speeds))
+    monkeypatch.setattr(steps, "measure_throughput", lambda ctx, model, batch: next(speeds))
 
     def interrupted(config, run_dir, **kwargs):
         real_train(config, run_dir, **kwargs)
@@ -130,7 +140,7 @@ def test_a_step_interrupted_before_it_ends_continues_with_its_saved_plan(workflo
     elapsed_before = record["elapsed_minutes"]
 
     monkeypatch.setattr(training_loop, "train", real_train)
-    monkeypatch.setattr(wf, "STEPS", wf.STEPS[:5])  # the baseline step is what this test is about
+    monkeypatch.setattr(wf_run, "STEPS", steps.STEPS[:5])  # the baseline step is what this test is about
     again = wf.run_workflow(str(workflow_data), out, budget_minutes=0.5, seed=0, progress=False)
     baseline = again["steps"][4]["metrics"]
     assert (baseline["epochs"], baseline["train_subset"]) == (planned["epochs"], planned["train_subset"])
@@ -140,7 +150,7 @@ def test_a_step_interrupted_before_it_ends_continues_with_its_saved_plan(workflo
 
 
 def test_a_workflow_continues_only_with_its_own_budget(workflow_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(wf, "STEPS", wf.STEPS[:2])
+    monkeypatch.setattr(wf_run, "STEPS", steps.STEPS[:2])
     wf.run_workflow(str(workflow_data), tmp_path / "out", budget_minutes=1, progress=False)
     assert main(["workflow", str(workflow_data), "--budget-minutes", "2", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -156,9 +166,10 @@ def test_balanced_accuracy_scores_a_run_by_mean_per_class_recall(finished_workfl
 
     out, record, _ = finished_workflow
     state = json.loads((out / "workflow.json").read_text())["state"]
-    ctx = wf.Context(data=record["data"], out=out, seed=0, budget_seconds=30, started=time.perf_counter(),
-                     elapsed_before=0.0, progress=False, state={**state, "metric": "balanced_accuracy"})
-    part, val = wf._protocol_split(ctx)
+    ctx = context.Context(data=record["data"], out=out, seed=0, budget_seconds=30, started=time.perf_counter(),
+                          elapsed_before=0.0, progress=False,
+                          state=WorkflowState.from_dict({**state, "metric": "balanced_accuracy"}))
+    part, val = context.protocol_split(ctx)
     calls = []
 
     def always_class_0(model, images, prep, *args, **kwargs):
@@ -167,45 +178,86 @@ def test_balanced_accuracy_scores_a_run_by_mean_per_class_recall(finished_workfl
 
     monkeypatch.setattr(imgflow.inference, "predict_logits", always_class_0)
     run_dir = out / "runs" / "6-overfit"
-    score = wf._val_score(ctx, run_dir, history=[])
+    score = training_runs.val_score(ctx, run_dir, history=[])
     assert calls == [len(val)]  # the run's own validation part, rebuilt from its config
     assert score == pytest.approx(1 / 3)
-    ctx.state["metric"] = "accuracy"
-    assert wf._val_score(ctx, run_dir, [{"val_acc": 0.75}]) == 0.75
+    ctx.state.metric = "accuracy"
+    assert training_runs.val_score(ctx, run_dir, [{"val_acc": 0.75}]) == 0.75
+
+
+def _k_fold_tune(tmp_path, monkeypatch, tune_seconds: float):
+    """A context for step 7 under 3-fold cross-validation whose training is faked: every run's
+    epochs take 1 s, the reference scores 0.52 and a candidate 0.50 (a tie on 30 images,
+    standard error ~0.09). Returns (context, names of the runs trained)."""
+    trained = []
+    monkeypatch.setattr(steps, "train_run", lambda ctx, name, settings: (
+        trained.append((name, settings.get("fold"))),
+        (ctx.out / "runs" / name, [{"val_acc": 0.5, "val_loss": 1.0, "seconds": 1.0}] * 2))[1])
+    monkeypatch.setattr(steps, "val_score", lambda ctx, run_dir, history: 0.5 if "augment" in str(run_dir) else 0.52)
+    monkeypatch.setattr(steps, "run_history", lambda run_dir: [{"val_acc": 0.4, "val_loss": 1.1, "seconds": 1.0}])
+    # fold 0 validates on 2 images of each class (of the 30 in all)
+    fold0 = SimpleNamespace(labels=np.repeat(np.arange(3), 2))
+    monkeypatch.setattr(steps, "protocol_split", lambda ctx: (None, fold0))
+    settings = {"model": "fast-small", "epochs": 2, "folds": 3, "fold": 0, "lr": 0.1}
+    scaled = Scaled(model="fast-small", epochs=2, train_subset=0, best_epoch=None, settings=settings,
+                    run="runs/6-overfit", final_val_acc=0.4, final_val_loss=1.1, final_val_score=0.4,
+                    seconds_per_epoch=1.0)
+    ctx = context.Context(data="x", out=tmp_path, seed=0, budget_seconds=tune_seconds / wf.BUDGET_SHARE["tune"],
+                          started=time.perf_counter(), elapsed_before=0.0, progress=False,
+                          state=WorkflowState(scaled=scaled, metric="accuracy", classes=["a", "b", "c"],
+                                              protocol=Protocol("k-fold", folds=3, scored_per_class=[10, 10, 10])))
+    return ctx, trained
 
 
 def test_k_fold_reuses_the_step_6_run_as_fold_0_of_the_reference(tmp_path, monkeypatch):
-    import imgflow.history
-
-    trained = []
-    monkeypatch.setattr(wf, "_train", lambda ctx, name, settings: (
-        trained.append((name, settings.get("fold"))),
-        (ctx.out / "runs" / name, [{"val_acc": 0.5, "val_loss": 1.0}]))[1])
-    # the reference scores 0.52, the candidate 0.50: a tie on 30 images (standard error ~0.09)
-    monkeypatch.setattr(wf, "_val_score", lambda ctx, run_dir, history: 0.5 if "augment" in str(run_dir) else 0.52)
-    monkeypatch.setattr(imgflow.history, "read_history", lambda path: [{"val_acc": 0.4, "val_loss": 1.1}])
-    settings = {"model": "fast-small", "epochs": 2, "folds": 3, "fold": 0, "lr": 0.1}
-    scaled = {"epochs": 2, "seconds_per_epoch": 1.0, "settings": settings, "run": "runs/6-overfit",
-              "final_val_acc": 0.4, "final_val_loss": 1.1, "final_val_score": 0.4}
     # 3 folds x (3 + 2 x 1 s) = 15 s per candidate; the reference's 2 extra folds cost 10 s.
-    ctx = wf.Context(data="x", out=tmp_path, seed=0, budget_seconds=25 / wf.BUDGET_SHARE["tune"],
-                     started=time.perf_counter(), elapsed_before=0.0, progress=False,
-                     state={"scaled": scaled, "metric": "accuracy",
-                            "protocol": {"kind": "k-fold", "folds": 3, "scored_per_class": [10, 10, 10]}})
-    step = wf.step_tune(ctx)
+    ctx, trained = _k_fold_tune(tmp_path, monkeypatch, tune_seconds=25)
+    step = steps.step_tune(ctx)
     assert ("7-none-fold0", 0) not in trained  # fold 0 of the reference is the step-6 run
     assert [n for n, _ in trained if n.startswith("7-none")] == ["7-none-fold1", "7-none-fold2"]
-    none = step["candidates"][0]
-    assert none["runs"][0] == "runs/6-overfit" and len(none["runs"]) == 3
-    assert len(step["candidates"]) == 2  # 25 s pays the reference's 10 s and one 15-s candidate
-    assert ctx.state["chosen"]["name"] == wf.CANDIDATES[0][0] and "one-standard-error rule" in step["why"]
-    assert step["metrics"]["scored_images"] == 30 and 0.08 < step["metrics"]["standard_error"] < 0.1
+    none = step.candidates[0]
+    assert none.runs[0] == "runs/6-overfit" and len(none.runs) == 3
+    assert len(step.candidates) == 2  # 25 s pays the reference's 10 s and one 15-s candidate
+    assert ctx.state.chosen.name == wf.CANDIDATES[0][0] and "one-standard-error rule" in step.why
+    assert step.metrics["scored_images"] == 30 and 0.08 < step.metrics["standard_error"] < 0.1
+    assert step.metrics["folds_trained"] == 3 and "(3-fold cross-validation)" in step.why
 
     trained.clear()  # 9 s pays not even the reference's other folds: nothing more is trained
     ctx.budget_seconds = 9 / wf.BUDGET_SHARE["tune"]
-    step = wf.step_tune(ctx)
-    assert trained == [] and [c["name"] for c in step["candidates"]] == ["none"]
-    assert step["candidates"][0]["runs"] == ["runs/6-overfit"] and "NO regularised candidate" in step["why"]
+    step = steps.step_tune(ctx)
+    assert trained == [] and [c.name for c in step.candidates] == ["none"]
+    assert step.candidates[0].runs == ["runs/6-overfit"] and "NO regularised candidate" in step.why
+
+
+def test_k_fold_is_claimed_only_where_k_folds_are_trained(tmp_path, monkeypatch):
+    """Issue 23, defect a: under k-fold steps 5 and 6 train fold 0 alone, and step 7 trains the
+    other folds only when its budget pays for a candidate on all of them."""
+    data = make_image_folder(tmp_path / "small", per_class=12, size=(8, 8))
+    step = steps.step_protocol(_context(tmp_path, data, test_split=0.0, classes=["a", "b", "c"]))
+    assert "steps 5 and 6 validate on fold 0 alone" in step.decision
+    assert "each candidate is scored on 5 folds" not in step.why and "fold 0 (a 1/5 hold-out)" in step.why
+
+    ctx, _ = _k_fold_tune(tmp_path, monkeypatch, tune_seconds=9)
+    step = steps.step_tune(ctx)
+    assert step.metrics["folds_trained"] == 1
+    assert step.metrics["scored_images"] == 6  # fold 0's validation images, not all 30 of the folds
+    assert "there was no cross-validation" in step.why and "fold 0 (6 images)" in step.why
+
+
+def test_step_7_says_the_time_it_had_and_used(tmp_path, monkeypatch):
+    """Issue 23, defect b: with no candidate affordable the words said "the step had 0 s" of a
+    share nothing had used."""
+    ctx, _ = _k_fold_tune(tmp_path, monkeypatch, tune_seconds=24)
+    step = steps.step_tune(ctx)
+    assert "the step had 24 s (20% of the budget) and trained nothing in them" in step.why
+    assert "One candidate takes 15 s (3 folds of 2 epochs)" in step.why
+    assert "other 2 folds would take 10 s: 25 s in all" in step.why
+    assert step.metrics["seconds_available"] == 24 and step.metrics["seconds_trained"] == 0
+
+    ctx.budget_seconds = 40 / wf.BUDGET_SHARE["tune"]  # the reference's 10 s and two 15-s candidates
+    step = steps.step_tune(ctx)
+    assert "The step had 40 s (20% of the budget); its runs trained for 16 s." in step.why  # 8 runs of 2 s
+    assert step.metrics["seconds_trained"] == 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,10 +279,11 @@ def test_standard_error_of_accuracy_and_of_balanced_accuracy():
 
 def test_one_standard_error_rule_takes_the_most_regularised_of_the_tied_candidates():
     def result(name, score, regularisation, loss=1.0):
-        return {"name": name, "val_score": score, "regularisation": regularisation, "val_loss": loss}
+        return Candidate(name=name, description=name, settings={}, val_acc=score, val_acc_std=0.0, val_loss=loss,
+                         runs=[], regularisation=regularisation, val_score=score)
 
     def choose(results, se):
-        return wf.choose_candidate(results, lambda score: se)[0]["name"]
+        return wf.choose_candidate(results, lambda score: se)[0].name
 
     tie = [result("none", 0.7012, 0), result("augment", 0.7010, 1)]
     assert choose(tie, 0.0065) == "augment"
@@ -258,7 +311,7 @@ def test_first_candidate_decays_weights_per_image_as_the_fast_preset_does():
 
     fast = PRESETS["fast"]
     for n_train in (500, 50_000):  # step 6 picks a smaller batch for small data
-        recipe = wf._fast_recipe(n_train)
+        recipe = recipes.fast_recipe(n_train)
         name, _, changes, _ = wf.CANDIDATES[0]
         ours = decay_per_image(recipe["lr"], changes["weight_decay"], recipe["momentum"], recipe["batch_size"])
         theirs = decay_per_image(fast["lr"], fast["weight_decay"], fast["momentum"], fast["batch_size"])
@@ -267,10 +320,10 @@ def test_first_candidate_decays_weights_per_image_as_the_fast_preset_does():
 
 
 def test_final_run_plan_cuts_epochs_before_images_and_uses_the_budget():
-    plan = lambda seconds: wf.plan_final_run(wf.RUN_OVERHEAD_SECONDS + seconds, 1000, 10_000, 6)  # noqa: E731
+    plan = lambda seconds: wf.plan_final_run(budget.RUN_OVERHEAD_SECONDS + seconds, 1000, 10_000, 6)  # noqa: E731
     assert plan(100) == (6, 0)  # fits
     assert plan(1000) == (6, 0)  # never more than validated, unless allowed
-    more = lambda seconds: wf.plan_final_run(wf.RUN_OVERHEAD_SECONDS + seconds, 1000, 10_000, 6, 12)  # noqa: E731
+    more = lambda seconds: wf.plan_final_run(budget.RUN_OVERHEAD_SECONDS + seconds, 1000, 10_000, 6, 12)  # noqa: E731
     assert more(95) == (9, 0) and more(1000) == (12, 0) and more(30) == plan(30) and more(34) == plan(34)
     assert plan(30) == (3, 0)  # 3 epochs of everything fit exactly
     assert plan(33) == (3, 0)  # 3.3: all images for 3 epochs leaves 9% of the time unused: fine
@@ -287,35 +340,30 @@ def test_final_run_plan_cuts_epochs_before_images_and_uses_the_budget():
 
 
 def test_plan_epochs_fits_the_budget_or_takes_a_subset():
-    overhead = wf.RUN_OVERHEAD_SECONDS
+    overhead = budget.RUN_OVERHEAD_SECONDS
     # 1000 img/s, 10k train, no val: 10 s per epoch.
-    assert wf._plan_epochs(overhead + 55, 1000, 10_000, 0, max_epochs=30) == (5, 0)
-    assert wf._plan_epochs(overhead + 1000, 1000, 10_000, 0, max_epochs=30) == (30, 0)
-    epochs, subset = wf._plan_epochs(overhead + 30, 1000, 10_000, 0, max_epochs=30, min_epochs=6)
+    assert budget.plan_epochs(overhead + 55, 1000, 10_000, 0, max_epochs=30) == (5, 0)
+    assert budget.plan_epochs(overhead + 1000, 1000, 10_000, 0, max_epochs=30) == (30, 0)
+    epochs, subset = budget.plan_epochs(overhead + 30, 1000, 10_000, 0, max_epochs=30, min_epochs=6)
     assert epochs == 6 and subset == 5000  # 30 s buys 30k images: 6 epochs of 5k
 
 
 def test_observed_throughput_is_a_runs_median_pace_by_the_plans_cost_model(tmp_path):
-    from types import SimpleNamespace
-
     run = tmp_path / "runs" / "7-augment"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"data": {"num_train": 900, "num_val": 300}}))
     rows = "\n".join(f"{i},1.0,0.5,1.0,0.5,0.1,{s}" for i, s in enumerate([2.0, 100.0, 2.0], 1))
     (run / "history.csv").write_text("epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds\n" + rows + "\n")
-    ctx = SimpleNamespace(out=tmp_path)
     # (900 training + 300 validation images at 3x the speed) / the median 2 s; the 100 s epoch
     # (a moment of load) does not move it.
-    assert wf._observed_throughput(ctx, "runs/7-augment") == pytest.approx(500.0)
-    assert wf._observed_throughput(ctx, "runs/7-missing") is None
+    assert throughput.observed_throughput(tmp_path, "runs/7-augment") == pytest.approx(500.0)
+    assert throughput.observed_throughput(tmp_path, "runs/7-missing") is None
 
 
 def test_final_run_is_planned_at_the_chosen_candidates_observed_pace(finished_workflow):
-    from types import SimpleNamespace
-
     out, record, _ = finished_workflow
     state = record["state"]
-    observed = wf._observed_throughput(SimpleNamespace(out=out), state["chosen"]["run"])
+    observed = throughput.observed_throughput(out, state["chosen"]["run"])
     assert observed and state["plans"]["8-final"]["images_per_second"] == pytest.approx(observed)
 
 
@@ -329,55 +377,64 @@ def test_detect_overfitting(val_losses, expected):
     assert wf.detect_overfitting(history) == expected
 
 
+def _overfit_words(model, epochs, best_epoch, train_acc, val_acc):
+    """Step 6's (decision, why, memorises) for the last epoch's accuracies and the curves' turn."""
+    outcome = OverfitOutcome(model=model, model_rule=None, epochs=epochs, train_subset=0, images_per_second=1.0,
+                             best_epoch=best_epoch, verdict=selection.overfit_verdict(best_epoch, train_acc, val_acc),
+                             patience=selection.OVERFIT_PATIENCE, best_val_acc=val_acc, final_train_acc=train_acc,
+                             final_val_acc=val_acc)
+    return (*wording.overfit_words(outcome), outcome.metrics()["memorises"])
+
+
 def test_step_6_names_memorisation_that_the_loss_curve_has_not_shown_yet():
     # The seed-0 CIFAR-10 run's last epoch: validation loss was lowest there, the gap 23 points.
-    decision, why, memorises = wf.overfit_verdict("fast-large", 6, None, 0.9936, 0.7610)
+    decision, why, memorises = _overfit_words("fast-large", 6, None, 0.9936, 0.7610)
     assert memorises and "memorises its training images (training accuracy 0.994, validation 0.761)" in decision
     assert "A gap of 23 points" in why
-    decision, why, memorises = wf.overfit_verdict("fast-small", 6, None, 0.72, 0.70)
+    decision, why, memorises = _overfit_words("fast-small", 6, None, 0.72, 0.70)
     assert not memorises and decision == "fast-small did not overfit within 6 epochs" and "2 points apart" in why
-    decision, _, memorises = wf.overfit_verdict("fast-small", 6, 4, 0.72, 0.70)
+    decision, _, memorises = _overfit_words("fast-small", 6, 4, 0.72, 0.70)
     assert memorises and "lowest at epoch 4" in decision
 
 
 def _context(tmp_path, data, **state):
-    return wf.Context(data=str(data), out=tmp_path, seed=0, budget_seconds=60, started=time.perf_counter(),
-                      elapsed_before=0.0, progress=False, state=dict(state))
+    return context.Context(data=str(data), out=tmp_path, seed=0, budget_seconds=60, started=time.perf_counter(),
+                           elapsed_before=0.0, progress=False, state=WorkflowState(**state))
 
 
 def test_small_data_gets_k_fold_and_imbalanced_data_balanced_accuracy(tmp_path):
     data = make_image_folder(tmp_path / "small", per_class=12, size=(8, 8))
     ctx = _context(tmp_path, data, test_split=0.0, balance_ratio=3.0, classes=["a", "b", "c"])
-    assert wf.step_protocol(ctx)["metrics"]["kind"] == "k-fold"
-    assert ctx.state["protocol"] == {"kind": "k-fold", "folds": 5, "scored_per_class": [12, 12, 12]}
-    assert wf.step_metric(ctx)["decision"] == "measure success by balanced accuracy"
+    assert steps.step_protocol(ctx).metrics["kind"] == "k-fold"
+    assert ctx.state.protocol.to_dict() == {"kind": "k-fold", "folds": 5, "scored_per_class": [12, 12, 12]}
+    assert steps.step_metric(ctx).decision == "measure success by balanced accuracy"
 
 
 def test_a_large_hold_out_is_scored_on_a_fixed_stratified_part_during_exploration(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "big", per_class=60, size=(8, 8))
     ctx = _context(tmp_path, data, test_split=0.0, balance_ratio=1.0, classes=["a", "b", "c"])
-    monkeypatch.setattr(wf, "VALIDATION_CAP", 15)
-    step = wf.step_protocol(ctx)
-    assert ctx.state["protocol"] == {"kind": "hold-out", "val_split": 0.2, "val_subset": 15,
-                                     "scored_per_class": [5, 5, 5]}
-    assert "same stratified 15" in step["decision"]
-    part, val = wf._protocol_split(ctx)
+    monkeypatch.setattr(steps, "VALIDATION_CAP", 15)
+    step = steps.step_protocol(ctx)
+    assert ctx.state.protocol.to_dict() == {"kind": "hold-out", "val_split": 0.2, "val_subset": 15,
+                                            "scored_per_class": [5, 5, 5]}
+    assert "same stratified 15" in step.decision
+    part, val = context.protocol_split(ctx)
     assert len(val) == 15 and sorted(set(val.labels.tolist())) == [0, 1, 2]
-    assert wf._base_settings(ctx)["val_subset"] == 15  # the runs validate on the same images
-    monkeypatch.setattr(wf, "VALIDATION_CAP", 1000)  # a hold-out under the cap is used whole
-    wf.step_protocol(ctx)
-    assert "val_subset" not in ctx.state["protocol"] and len(wf._protocol_split(ctx)[1]) == 36
-    assert ctx.state["protocol"]["scored_per_class"] == [12, 12, 12]
-    del ctx.state["protocol"]["scored_per_class"]  # a workflow.json from before step 3 recorded it
-    assert wf._scored_class_counts(ctx) == [12, 12, 12]
+    assert context.base_settings(ctx)["val_subset"] == 15  # the runs validate on the same images
+    monkeypatch.setattr(steps, "VALIDATION_CAP", 1000)  # a hold-out under the cap is used whole
+    steps.step_protocol(ctx)
+    assert "val_subset" not in ctx.state.protocol.to_dict() and len(context.protocol_split(ctx)[1]) == 36
+    assert ctx.state.protocol.scored_per_class == [12, 12, 12]
+    ctx.state.protocol.scored_per_class = None  # a workflow.json from before step 3 recorded it
+    assert steps._scored_class_counts(ctx, folds_trained=1) == [12, 12, 12]
 
 
 def test_data_without_test_split_gets_one_held_out(tmp_path):
     data = make_image_folder(tmp_path / "flat", per_class=20, size=(8, 8), flat=True, test=False)
     ctx = _context(tmp_path, data)
-    step = wf.step_data(ctx)
-    assert ctx.state["test_split"] == wf.TEST_HOLDOUT and "held out" in step["decision"]
-    assert len(wf._train_part(ctx)) == 48  # 80% of 60
+    step = steps.step_data(ctx)
+    assert ctx.state.test_split == steps.TEST_HOLDOUT and "held out" in step.decision
+    assert len(context.train_part(ctx)) == 48  # 80% of 60
 
 
 def test_workflow_cli_bad_input(tmp_path, capsys):
@@ -386,8 +443,8 @@ def test_workflow_cli_bad_input(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()
     data = make_image_folder(tmp_path / "d", per_class=4, size=(8, 8))
-    for budget in ("0", "inf", "nan"):
-        assert main(["workflow", str(data), "--budget-minutes", budget, "--out", str(tmp_path / "o")]) == 2
+    for minutes in ("0", "inf", "nan"):
+        assert main(["workflow", str(data), "--budget-minutes", minutes, "--out", str(tmp_path / "o")]) == 2
         assert "--budget-minutes" in capsys.readouterr().err
 
 
@@ -424,7 +481,7 @@ def test_workflow_refuses_an_out_holding_a_training_run(tiny_run, workflow_data,
 
 
 def test_a_workflow_continues_with_another_spelling_of_its_data_folder(workflow_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(wf, "STEPS", wf.STEPS[:2])
+    monkeypatch.setattr(wf_run, "STEPS", steps.STEPS[:2])
     monkeypatch.chdir(workflow_data.parent)
     out = tmp_path / "out"
     first = wf.run_workflow(workflow_data.name, out, budget_minutes=1, progress=False)
@@ -433,7 +490,7 @@ def test_a_workflow_continues_with_another_spelling_of_its_data_folder(workflow_
         assert again["steps"] == first["steps"]
     # Another folder is still another workflow.
     other = make_image_folder(tmp_path / "other", per_class=4, size=(8, 8))
-    with pytest.raises(wf.UserError, match="use the same DATA"):
+    with pytest.raises(UserError, match="use the same DATA"):
         wf.run_workflow(str(other), out, budget_minutes=1, progress=False)
 
 
@@ -452,7 +509,7 @@ _STEP = {"name": "define the problem and assemble the data", "decision": "d", "w
     (lambda r: {**r, "steps": [_STEP], "state": {"test_split": 0.0}},
      "step 1 is finished but 'state.classes', which it leaves for the steps after it, is missing"),
     (lambda r: {**r, "steps": [_STEP] * 6, "state": {"test_split": 0.0, "classes": ["a", "b"], "metric": "accuracy",
-                                                      "protocol": {"kind": "hold-out"}}},
+                                                      "protocol": {"kind": "hold-out", "val_split": 0.2}}},
      "step 6 is finished but 'state.scaled', which it leaves for the steps after it, is missing"),
     (lambda r: {**r, "image_size": 64}, "'image_size' is a number (64), expected a list"),
     (lambda r: {**r, "state": {"image_size": [64]}}, "'state.image_size' has 1 items, expected 2"),
@@ -484,45 +541,45 @@ def _no_probe():
 
 
 def test_small_images_keep_their_own_size_without_a_probe():
-    assert wf.working_image_size(_sample([(32, 32)] * 5), 60, _no_probe, None)["image_size"] is None
-    assert wf.working_image_size(_sample([(28, 20), (8, 8)]), 60, _no_probe, None)["image_size"] is None
-    assert wf.working_image_size(_sample([]), 60, _no_probe, None) == {"image_size": None}
+    assert wf.working_image_size(_sample([(32, 32)] * 5), 60, _no_probe, None).image_size is None
+    assert wf.working_image_size(_sample([(28, 20), (8, 8)]), 60, _no_probe, None).image_size is None
+    assert wf.working_image_size(_sample([]), 60, _no_probe, None) == Resize(image_size=None)
 
 
 def test_large_images_train_at_the_largest_side_the_budget_pays_for():
     photos = _sample([(480, 640)] * 9 + [(481, 640)], train_files=240)  # one shape, within 5%
     # 120 s at 2,700 img/s (32x32): 96x128 still pays for 112 passes per image.
     roomy = wf.working_image_size(photos, 120, lambda: 2700.0, None)
-    assert roomy["image_size"] == [96, 128] and roomy["same_shape"] and roomy["passes_per_image"] >= 40
-    assert roomy["limit"] == "top"  # no larger rung to try
-    assert roomy["typical_size"] == [480, 640] and roomy["train_files"] == 240
+    assert roomy.image_size == [96, 128] and roomy.same_shape and roomy.passes_per_image >= 40
+    assert roomy.limit == "top"  # no larger rung to try
+    assert roomy.typical_size == [480, 640] and roomy.train_files == 240
     # At 100 img/s 36x48 pays for only 30 passes: the longer side drops to 32.
     slow = wf.working_image_size(photos, 120, lambda: 100.0, None)
-    assert slow["image_size"] == [24, 32] and slow["limit"] == "budget"
+    assert slow.image_size == [24, 32] and slow.limit == "budget"
     # Not even 32 is affordable: the smallest side anyway, never the full size.
     tiny_budget = wf.working_image_size(photos, 1, lambda: 100.0, None)
-    assert tiny_budget["image_size"] == [24, 32] and tiny_budget["limit"] == "smallest"
+    assert tiny_budget.image_size == [24, 32] and tiny_budget.limit == "smallest"
     # Memory: 240 images of 96x128 need 2 x 8.8 MB, over 80% of 20 MB; 72x96 fits.
     tight = wf.working_image_size(photos, 120, lambda: 2700.0, 20_000_000)
-    assert tight["image_size"] == [72, 96] and tight["limit"] == "memory"
+    assert tight.image_size == [72, 96] and tight.limit == "memory"
     # A long, thin shape keeps the models' 8 pixels a side.
     strips = _sample([(40, 400)] * 3, train_files=240)
-    assert wf.working_image_size(strips, 1, lambda: 100.0, None)["image_size"] == [8, 32]
+    assert wf.working_image_size(strips, 1, lambda: 100.0, None).image_size == [8, 32]
 
 
 def test_mixed_shapes_become_squares_and_affordable_native_sizes_stay():
     mixed = _sample([(300, 400), (400, 300), (300, 400)], train_files=240)
     decision = wf.working_image_size(mixed, 120, lambda: 2700.0, None)
-    assert decision["image_size"] == [128, 128] and not decision["same_shape"]
+    assert decision.image_size == [128, 128] and not decision.same_shape
     medium = _sample([(40, 56)] * 3, train_files=240)  # 56 px is on no rung; below 128 it is kept
-    assert wf.working_image_size(medium, 120, lambda: 2700.0, None)["image_size"] is None
-    assert wf.working_image_size(medium, 5, lambda: 2700.0, None)["image_size"] == [23, 32]
+    assert wf.working_image_size(medium, 120, lambda: 2700.0, None).image_size is None
+    assert wf.working_image_size(medium, 5, lambda: 2700.0, None).image_size == [23, 32]
 
 
 def test_workflow_trains_large_images_at_a_working_size_and_says_why(tmp_path, monkeypatch, capsys):
     data = make_image_folder(tmp_path / "photos", classes=("a", "b"), per_class=30, size=(40, 56),
                              test_per_class=6)
-    monkeypatch.setattr(wf, "PASSES_PER_IMAGE", 1e12)  # no budget affords it: the smallest rung
+    monkeypatch.setattr(image_size, "PASSES_PER_IMAGE", 1e12)  # no budget affords it: the smallest rung
     out = tmp_path / "out"
     record = wf.run_workflow(str(data), out, budget_minutes=0.3, seed=0, progress=False, threads=1)
     assert record["state"]["image_size"] == [23, 32]
@@ -544,7 +601,7 @@ def test_workflow_trains_large_images_at_a_working_size_and_says_why(tmp_path, m
 def test_workflow_image_size_option_wins_and_is_kept_on_continue(tmp_path, monkeypatch, capsys):
     data = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=30, size=(8, 8), test_per_class=4)
     out = tmp_path / "out"
-    monkeypatch.setattr(wf, "STEPS", wf.STEPS[:4])  # the size is decided by step 4
+    monkeypatch.setattr(wf_run, "STEPS", steps.STEPS[:4])  # the size is decided by step 4
     assert main(["workflow", str(data), "--budget-minutes", "1", "--out", str(out), "--image-size", "12x10"]) == 0
     record = json.loads((out / "workflow.json").read_text())
     assert record["image_size"] == [12, 10] and record["state"]["image_size"] == [12, 10]
@@ -568,20 +625,70 @@ def test_step_6_scales_up_to_the_largest_model_whose_final_run_fits(tmp_path, mo
                                                                       expected):
     ctx = _context(tmp_path, "x")
     ctx.budget_seconds = budget
-    monkeypatch.setattr(wf, "_train_part", lambda ctx: range(10_000))  # what the final run trains on
-    monkeypatch.setattr(wf, "_measure_throughput", lambda ctx, model, batch: speeds[model])
-    model, epochs, subset, ips, why = wf._scaled_model_and_plan(ctx, 8000, 1000)
+    monkeypatch.setattr(steps, "train_part", lambda ctx: range(10_000))  # what the final run trains on
+    monkeypatch.setattr(steps, "measure_throughput", lambda ctx, model, batch: speeds[model])
+    model, epochs, subset, ips, why = steps.scaled_model_and_plan(ctx, 8000, 1000)
     assert (model, epochs, subset) == expected and ips == speeds[model]
     assert why == ("smallest" if budget == 60 else "final run affords it")
 
 
 def test_final_reserve_covers_a_tta_test_pass_at_inference_speed_and_the_reports():
     # 10,000 test images x 4 views at 3 x 500 img/s, plus the reports.
-    assert wf.final_reserve_seconds(10_000, 500) == pytest.approx(40_000 / 1500 + wf.REPORT_SECONDS)
-    assert wf.final_reserve_seconds(0, 500) == wf.REPORT_SECONDS
+    assert wf.final_reserve_seconds(10_000, 500) == pytest.approx(40_000 / 1500 + budget.REPORT_SECONDS)
+    assert wf.final_reserve_seconds(0, 500) == budget.REPORT_SECONDS
 
 
 def test_workflow_refuses_an_image_size_its_models_cannot_take(tmp_path, capsys):
     data = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=30, size=(8, 8))
     assert main(["workflow", str(data), "--out", str(tmp_path / "out"), "--image-size", "4"]) == 2
     assert "at least 8 pixels" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# the package's layout
+
+# What the workflow package may import of imgflow (it sits above all of these; none imports it).
+WORKFLOW_MAY_IMPORT = {"training", "runs", "history", "data", "models", "evaluation", "export", "reports",
+                       "inference", "precision", "preprocess", "fileio", "text", "errors", "progress"}
+
+
+def _imgflow_imports(path: Path, src: Path) -> set[str]:
+    """Modules of imgflow that `path` imports, `from package import module` resolved to the module."""
+    import ast
+
+    def resolved(module: str, name: str) -> str:
+        package = src.parent.joinpath(*module.split("."))
+        is_module = (package / f"{name}.py").is_file() or (package / name / "__init__.py").is_file()
+        return f"{module}.{name}" if is_module else module
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("imgflow")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("imgflow"):
+            found |= {resolved(node.module, alias.name) for alias in node.names}
+    return found
+
+
+def test_the_workflow_package_imports_only_downward_without_cycles():
+    import imgflow
+
+    src = Path(imgflow.__file__).parent
+    importers = sorted(str(p.relative_to(src)) for p in src.rglob("*.py")
+                       if not p.is_relative_to(src / "workflow")
+                       and any(m.startswith("imgflow.workflow") for m in _imgflow_imports(p, src)))
+    # The command line (cli.py, or a cli/ package) and the Python API call the workflow.
+    assert importers and all(Path(p).parts[0] in ("api.py", "cli.py", "cli") for p in importers), importers
+    graph = {}
+    for path in (src / "workflow").glob("*.py"):
+        imports = _imgflow_imports(path, src)
+        outside = {m.split(".")[1] for m in imports if not m.startswith("imgflow.workflow")}
+        assert outside <= WORKFLOW_MAY_IMPORT, f"{path.name} imports {outside - WORKFLOW_MAY_IMPORT}"
+        if path.name != "__init__.py":
+            graph[path.stem] = {m.split(".")[2] for m in imports if m.startswith("imgflow.workflow.")}
+    # The report is written from workflow.json: it reads the record, never the steps' code.
+    assert graph["report"] == {"record"}
+    done: list[str] = []
+    while len(done) < len(graph):  # peel off modules whose imports are all peeled: a cycle stops it
+        ready = sorted(m for m in graph if m not in done and graph[m] <= set(done))
+        assert ready, f"an import cycle among {sorted(set(graph) - set(done))}"
+        done += ready

@@ -53,7 +53,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if len(runs) == 1 and (runs[0] / "workflow.json").is_file():
         if args.out:
             raise UserError(f"{runs[0]} is a workflow: its report is written into it, so leave out --out")
-        from imgflow.reports.workflow_report import write_workflow_report
+        from imgflow.workflow import write_workflow_report
 
         path = write_workflow_report(runs[0])
     elif len(runs) == 1:
