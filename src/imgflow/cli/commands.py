@@ -127,3 +127,11 @@ def cmd_workflow(args: argparse.Namespace) -> int:
                           threads=args.threads, image_size=args.image_size)
     print(format_summary(record))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from imgflow.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, top_k=args.top_k, max_upload_mb=args.max_upload_mb,
+          max_files=args.max_files, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+    return 0

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     for add in (_add_inspect, _add_models, _add_train, _add_tune, _add_evaluate, _add_report, _add_predict,
-                _add_export, _add_reproduce_seed, _add_workflow):
+                _add_export, _add_reproduce_seed, _add_workflow, _add_serve):
         add(sub)
     return parser
 
@@ -175,3 +175,37 @@ def _add_workflow(sub) -> None:
                    help="train at this size (default: the data's own, or for large images the largest "
                         "of 32-128 px the budget affords)")
     p.set_defaults(func=commands.cmd_workflow)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model over HTTP, with an upload page for a browser or a phone",
+        usage="imgflow serve RUN_DIR_OR_MODEL.onnx [--host HOST] [--port P] [--top-k K]\n"
+              "                     [--max-upload-mb MB] [--max-files N]",
+        formatter_class=_RAW,
+        description="Load the model once (a run directory in PyTorch, or an exported MODEL.onnx with\n"
+                    "onnxruntime) and answer over HTTP, preprocessing as 'imgflow predict' does:\n"
+                    "  POST /predict   images as multipart files (field 'files') or one as the raw body\n"
+                    "                  -> {\"predictions\": [{\"image\", \"top\": [{\"class\", \"probability\"}]}]}\n"
+                    "  GET  /model     classes, input size, test accuracy, source;  GET /health\n"
+                    "  GET  /          a page to drop or pick images and see their top classes\n"
+                    "Requests that arrive together are run as one batch. Needs pip install 'imgflow[serve]'.",
+        epilog="Bad input (not an image, truncated, a decompression bomb, empty, too large, too\n"
+               "many files) gets a 4xx with {\"detail\": ...}; the server keeps serving.\n"
+               "Exit status: 0 after Ctrl-C; 2 when the model is unusable, the port is taken or\n"
+               "the serving packages are missing.")
+    p.add_argument("model", type=path, metavar="RUN_DIR_OR_MODEL.onnx")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 = the network)")
+    p.add_argument("--port", type=non_negative_int, default=8000, help="(default: 8000; 0 = any free port)")
+    p.add_argument("--top-k", type=positive_int, default=5, metavar="K",
+                   help="classes per image (default: 5; a request may ask ?top_k=K)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",
+                   help="largest request body, larger ones get 413 (default: 20)")
+    p.add_argument("--max-files", type=positive_int, default=16, metavar="N",
+                   help="images per request (default: 16)")
+    p.add_argument("--max-batch", type=positive_int, default=64, metavar="N",
+                   help="images per forward pass (default: 64)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
+                   help="how long a request waits for others to batch with (default: 5)")
+    p.set_defaults(func=commands.cmd_serve)
