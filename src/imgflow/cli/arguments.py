@@ -56,8 +56,20 @@ def image_size(text: str) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
+def learning_rate(text: str) -> float | str:
+    """A number, or 'find' (train: run the lr range test first and train at its suggestion)."""
+    from imgflow.training.config import LR_FIND
+
+    if text.strip().lower() == LR_FIND:
+        return LR_FIND
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or '{LR_FIND}', got {text!r}") from None
+
+
 _TYPES = {"float": float, "str": str, "positive_int": positive_int, "non_negative_int": non_negative_int,
-          "image_size": image_size}
+          "image_size": image_size, "lr": learning_rate}
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,15 +83,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
 
 
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
+def add_config_arguments(p: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
     """The options that make a TrainConfig (`train`'s, and the base configuration of `tune`).
 
     Their argparse defaults are None, so that a preset can fill what is not given; --help shows
-    the value a run gets without a preset.
+    the value a run gets without a preset. leave_out: fields a command has no use for (lr-find's lr).
     """
     p.add_argument("--preset", help=f"named configuration: {', '.join(PRESETS)} (its values are the "
                    "defaults; options given win)")
-    for option in TRAIN_OPTIONS:
+    for option in (option for option in TRAIN_OPTIONS if option.field not in leave_out):
         p.add_argument(option.flag, type=_TYPES[option.kind], choices=option.choices, metavar=option.metavar,
                        help=(option.help + _shown_default(option.field)).strip() or None)
 
@@ -92,19 +104,24 @@ def _shown_default(field: str) -> str:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig values given on the command line (None: not given)."""
-    return {option.field: getattr(args, option.field) for option in TRAIN_OPTIONS}
+    """The TrainConfig values given on the command line (None: not given, or not an option of this command)."""
+    return {option.field: getattr(args, option.field, None) for option in TRAIN_OPTIONS}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """`train`'s TrainConfig: defaults, preset, options; with --resume, the run's own options."""
+    from imgflow.training.config import LR_FIND
     from imgflow.training.rundir import started_config
 
     started = started_config(Path(args.out)) if args.resume and args.out and args.preset is None else None
     if args.data is None and started is None:
         raise UserError("no DATA given: name a data set (cifar10, fashion-mnist) or an image folder/archive"
                         + ("; or continue a run with --resume --out RUN_DIR" if args.resume else ""))
-    config = config_to_train(args.data, overrides_from_args(args), args.preset, started)
+    overrides = overrides_from_args(args)
+    if overrides["lr"] == LR_FIND:
+        # Stands for the lr until lr-find has run (train_at_found_lr); a resumed run keeps its own.
+        overrides["lr"] = None
+    config = config_to_train(args.data, overrides, args.preset, started)
     if args.out is None:
         args.out = f"runs/{config.model}-seed{config.seed}"
     return config

@@ -30,11 +30,40 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from imgflow.cli.arguments import config_from_args
+    from imgflow.training.config import LR_FIND
     from imgflow.training.loop import train
 
     config = config_from_args(args)
-    result = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
+    if args.lr == LR_FIND:
+        from imgflow.training.lr_find import train_at_found_lr
+
+        result, found = train_at_found_lr(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
+        if found is not None:
+            print(f"trained at the suggested lr {found.suggestion:.1e} ({found.rule})")
+    else:
+        result = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
     print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from imgflow.cli.arguments import overrides_from_args
+    from imgflow.reports.lr_find import lr_find_figure
+    from imgflow.training.config import resolve_config
+    from imgflow.training.lr_find import RangeTest, lr_find, save_curve
+
+    config = resolve_config(args.data, overrides_from_args(args), preset=args.preset)
+    given = {"steps": args.steps, "start_lr": args.start_lr, "end_lr": args.end_lr}
+    test = RangeTest(**{k: v for k, v in given.items() if v is not None}).validate()
+    out = Path(args.out or f"runs/lr-find/{config.model}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory: choose another path")
+    found = lr_find(config, test, progress=interactive())
+    csv_path = save_curve(found, out)
+    png = lr_find_figure(found.lrs, found.losses, found.smoothed, found.suggestion, found.valley,
+                         out / "lr_find.png", title=f"lr-find: {config.model}, seed {config.seed}")
+    print(f"suggested lr {found.suggestion:.1e} ({found.rule})")
+    print(f"wrote {png} and {csv_path}")
     return 0
 
 

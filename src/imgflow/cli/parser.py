@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for add in (_add_inspect, _add_models, _add_train, _add_tune, _add_evaluate, _add_report, _add_predict,
-                _add_export, _add_reproduce_seed, _add_workflow, _add_serve):
+    for add in (_add_inspect, _add_models, _add_train, _add_lr_find, _add_tune, _add_evaluate, _add_report,
+                _add_predict, _add_export, _add_reproduce_seed, _add_workflow, _add_serve):
         add(sub)
     return parser
 
@@ -52,6 +52,27 @@ def _add_train(sub) -> None:
                                    "values, and any option given wins over both.")
     add_train_arguments(p)
     p.set_defaults(func=commands.cmd_train)
+
+
+def _add_lr_find(sub) -> None:
+    p = sub.add_parser(
+        "lr-find", help="learning-rate range test: suggest an lr for a model and its train options",
+        formatter_class=_RAW, allow_abbrev=False,  # without --lr, '--lr X' would abbreviate --lr-floor
+        description="Train a throwaway copy of the model that the train options describe for at most\n"
+                    "--steps steps, the learning rate growing exponentially from --start-lr to --end-lr,\n"
+                    "stopping once the smoothed loss passes 4x its lowest. Prints the suggested lr and the\n"
+                    "rule that chose it (the valley rule), and writes lr_find.png (loss against lr on a log\n"
+                    "axis, the suggestion marked) and lr_find.csv (lr, loss, smoothed_loss) into --out.\n"
+                    "No run is touched; the same options and --seed give the same suggestion.\n"
+                    "'imgflow train ... --lr find' runs this first and trains at the suggestion.")
+    p.add_argument("data", type=path, help=DATA_HELP)
+    p.add_argument("--out", type=path, help="directory for lr_find.png and lr_find.csv "
+                                            "(default: runs/lr-find/<model>)")
+    p.add_argument("--steps", type=positive_int, metavar="N", help="steps at most, 10 or more (default: 100)")
+    p.add_argument("--start-lr", type=float, metavar="F", help="lr of the first step (default: 1e-07)")
+    p.add_argument("--end-lr", type=float, metavar="F", help="lr of the last step (default: 10)")
+    add_config_arguments(p, leave_out=("lr",))
+    p.set_defaults(func=commands.cmd_lr_find)
 
 
 def _add_tune(sub) -> None:

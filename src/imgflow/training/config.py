@@ -18,6 +18,7 @@ FLIPS = ("random", "alternate")
 # Upper bounds far above any value that trains, so that a typo (1e39 for 1e-3) is refused up
 # front instead of overflowing float32 inside the optimiser or the schedule's step count.
 MAX_LR = 100.0  # SGD at lr 100 already diverges in its first steps on the tests' data
+LR_FIND = "find"  # `train --lr find`: run the lr range test first and train at its suggestion
 MAX_WEIGHT_DECAY = 1.0  # typical values are 1e-4..0.1
 MAX_BN_LR_SCALE = 1000.0  # airbench uses 64
 MAX_WARMUP_EPOCHS = 1000.0  # the engine caps warmup at half the run anyway
@@ -66,6 +67,10 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise UserError on values that cannot work; return self for chaining."""
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)):
+            # `--lr find` is resolved to a number by `train` before its config is built.
+            raise UserError(f"--lr must be a number here, got {self.lr!r}"
+                            + (" (only 'imgflow train' runs lr-find first)" if self.lr == LR_FIND else ""))
         check_seed_and_threads(self.seed, self.threads)
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
@@ -280,7 +285,7 @@ class Option:
 
     field: str
     help: str = ""
-    kind: str = "float"  # float | str | positive_int | non_negative_int | image_size
+    kind: str = "float"  # float | lr (a float or 'find') | str | positive_int | non_negative_int | image_size
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
 
@@ -295,7 +300,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("model", "model name (see 'imgflow models')", "str"),
     Option("epochs", "full passes over the training part", "positive_int"),
     Option("batch_size", "images per optimiser step", "positive_int"),
-    Option("lr", f"peak learning rate (at most {MAX_LR:g})"),
+    Option("lr", f"peak learning rate (at most {MAX_LR:g}); '{LR_FIND}': run 'imgflow lr-find' with these "
+                 "options first and train at its suggestion", "lr", metavar="F|find"),
     Option("optimizer", "sgd is Nesterov SGD", "str", OPTIMIZERS),
     Option("momentum", "SGD momentum in [0, 1)"),
     Option("weight_decay", f"on conv/dense weights, 0 to {MAX_WEIGHT_DECAY:g}"),

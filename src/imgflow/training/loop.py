@@ -183,7 +183,7 @@ def _with_precise_bn(learner: Learner, state: dict, train_part: Split, val_part:
 
 def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: bool = False,
           progress: bool | None = None, checkpoint_seconds: float | None = None,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[dict], None] | None = None, record: dict | None = None) -> TrainResult:
     """Train config.model on config.data into run_dir; return the history and where it went.
 
     progress: show progress bars (None: in a terminal or a notebook; each epoch's line is logged
@@ -191,6 +191,8 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     last one (default: $IMGFLOW_CHECKPOINT_SECONDS, else 60; 0 = after every step).
     on_epoch: called with each epoch's history row once that epoch is checkpointed; an exception
     it raises stops the run there, resumable (`tune` prunes trials this way).
+    record: more top-level entries for config.json, beside "train", written when the run starts
+    (how its settings were chosen: `train --lr find` records the range test's "lr_find" here).
     """
     if checkpoint_seconds is None:
         checkpoint_seconds = float(os.environ.get("IMGFLOW_CHECKPOINT_SECONDS", 60))
@@ -200,12 +202,13 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     run_dir = Path(run_dir)
     check_run_dir(run_dir, config, resume, overwrite)
     if overwrite and not resume and run_dir.is_dir():
-        return _train_replacing(config, run_dir, progress, checkpoint_seconds, on_epoch)
-    return _train_into(config, run_dir, resume, progress, checkpoint_seconds, on_epoch)
+        return _train_replacing(config, run_dir, progress, checkpoint_seconds, on_epoch, record)
+    return _train_into(config, run_dir, resume, progress, checkpoint_seconds, on_epoch, record)
 
 
 def _train_replacing(config: TrainConfig, run_dir: Path, progress: bool,
-                     checkpoint_seconds: float, on_epoch: Callable[[dict], None] | None) -> TrainResult:
+                     checkpoint_seconds: float, on_epoch: Callable[[dict], None] | None,
+                     record: dict | None = None) -> TrainResult:
     """--overwrite: train into a staging directory, and swap it in only once the run has finished.
 
     Any failure (divergence, bad data, Ctrl-C, a crash) leaves the earlier run as it was. This
@@ -217,7 +220,7 @@ def _train_replacing(config: TrainConfig, run_dir: Path, progress: bool,
     staging = run_dir / OVERWRITE_STAGING
     shutil.rmtree(staging, ignore_errors=True)  # left behind by a killed overwrite
     try:
-        result = _train_into(config, staging, False, progress, checkpoint_seconds, on_epoch)
+        result = _train_into(config, staging, False, progress, checkpoint_seconds, on_epoch, record)
     except KeyboardInterrupt:
         shutil.rmtree(staging, ignore_errors=True)
         raise KeyboardInterrupt(f"{run_dir} keeps its earlier run; run the same command again to "
@@ -231,7 +234,7 @@ def _train_replacing(config: TrainConfig, run_dir: Path, progress: bool,
 
 
 @dataclass
-class _Run:
+class Run:
     """What a run trains with, all built before its directory is touched."""
 
     config: TrainConfig
@@ -250,7 +253,7 @@ class _Run:
         return lr_at(step, total, config.lr, config.schedule, warmup_steps, final_fraction=config.lr_floor)
 
 
-def _set_up(config: TrainConfig, progress: bool, resumed: Path | None = None) -> _Run:
+def set_up(config: TrainConfig, progress: bool, resumed: Path | None = None) -> Run:
     """Load and check the data, split it, build the model and its learner.
 
     resumed: the run directory when continuing a run (its data missing is then data that moved).
@@ -265,16 +268,17 @@ def _set_up(config: TrainConfig, progress: bool, resumed: Path | None = None) ->
     model = prepare_model(config, dataset, train_part, prep, precision)
     batches = EpochBatches(train_part, config)
     learner = Learner(model, config, prep, precision, config.epochs * batches.steps)
-    return _Run(config, dataset, train_part, val_part, batches, learner, threads)
+    return Run(config, dataset, train_part, val_part, batches, learner, threads)
 
 
 def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
-                checkpoint_seconds: float, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+                checkpoint_seconds: float, on_epoch: Callable[[dict], None] | None = None,
+                record: dict | None = None) -> TrainResult:
     """train(), once the run directory is known to be free (or resumed): load, train, save."""
     paths = RunPaths(run_dir)
     # A damaged checkpoint is refused before the data set loads (and prints its remarks).
     checkpoint = load_checkpoint(paths.checkpoint) if resume and paths.checkpoint.is_file() else None
-    run = _set_up(config, progress, run_dir if resume else None)
+    run = set_up(config, progress, run_dir if resume else None)
     finished = checkpoint is None or checkpoint["epoch"] >= config.epochs
     if resume and finished and is_finished(run_dir):
         log.info("%s has already finished; nothing to resume", run_dir)
@@ -283,6 +287,7 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
     run_dir.mkdir(parents=True, exist_ok=True)
     described = run_config(config, run.dataset, run.train_part, run.val_part, run.learner.prep,
                            run.learner.model, run.learner.precision, run.threads)
+    described.update(record or {})
     if not paths.config.is_file():
         write_json(paths.config, described)
     loop = _restored(checkpoint, run, paths) if checkpoint is not None else LoopState()
@@ -297,7 +302,7 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
     return _finish(run, loop, paths, seconds=loop.elapsed + time.perf_counter() - started)
 
 
-def _restored(checkpoint: dict, run: _Run, paths: RunPaths) -> LoopState:
+def _restored(checkpoint: dict, run: Run, paths: RunPaths) -> LoopState:
     try:
         loop = restore_checkpoint(checkpoint, run.learner)
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # tensors of another shape, ...
@@ -328,7 +333,7 @@ class _Checkpointer:
             self.stop_if_asked()
 
 
-def _train_epochs(run: _Run, loop: LoopState, checkpointer: _Checkpointer, progress: bool,
+def _train_epochs(run: Run, loop: LoopState, checkpointer: _Checkpointer, progress: bool,
                   on_epoch: Callable[[dict], None] | None) -> None:
     """Train the epochs left, checkpointing and writing history.csv after each."""
     config, paths = run.config, checkpointer.paths
@@ -357,7 +362,7 @@ def _train_epochs(run: _Run, loop: LoopState, checkpointer: _Checkpointer, progr
             on_epoch(row)
 
 
-def _finish(run: _Run, loop: LoopState, paths: RunPaths, seconds: float) -> TrainResult:
+def _finish(run: Run, loop: LoopState, paths: RunPaths, seconds: float) -> TrainResult:
     """Save the weights the run ends with (best, averaged, BatchNorm re-estimated) and its result."""
     config = run.config
     # From the history, not a flag: a run resumed after its last checkpoint must say it too.
