@@ -648,7 +648,7 @@ def test_workflow_refuses_an_image_size_its_models_cannot_take(tmp_path, capsys)
 
 # What the workflow package may import of imgflow (it sits above all of these; none imports it).
 WORKFLOW_MAY_IMPORT = {"training", "runs", "history", "data", "models", "evaluation", "export", "reports",
-                       "inference", "precision", "preprocess", "fileio", "text", "errors", "progress"}
+                       "inference", "precision", "device", "preprocess", "fileio", "text", "errors", "progress"}
 
 
 def _imgflow_imports(path: Path, src: Path) -> set[str]:

@@ -317,7 +317,7 @@ def _run_dir(run: Run) -> Path:
 
 @_python_errors
 def evaluate(run: Run, data: Data = None, tta: bool = False, *, classes: Sequence[str] | None = None,
-             progress: bool | None = None) -> dict:
+             progress: bool | None = None, device: str = "auto") -> dict:
     """Test metrics of a run's model: {"accuracy", "loss", "per_class", "confusion_matrix", ...}.
 
     Without data: the run's own test split, saved as the run's metrics.json (`imgflow evaluate`).
@@ -325,6 +325,7 @@ def evaluate(run: Run, data: Data = None, tta: bool = False, *, classes: Sequenc
     unless classes= says otherwise): that data set's test split, or all its images when it has
     none; its classes must be the run's. Nothing is written then: metrics.json stays the run's.
     tta: average over flipped and shifted views (test-time augmentation).
+    device: "auto" (a GPU if there is one), "cpu", "cuda", "cuda:N" or "mps".
     """
     run_dir = _run_dir(run)
     if data is None:
@@ -332,10 +333,10 @@ def evaluate(run: Run, data: Data = None, tta: bool = False, *, classes: Sequenc
 
         if classes is not None:
             raise UserError("classes= goes with data=: the run's own test split has the run's classes")
-        return evaluate_run(run_dir, tta=tta, progress=progress)
+        return evaluate_run(run_dir, tta=tta, progress=progress, device=device)
     from imgflow.predict import RunModel
 
-    model = RunModel(run_dir, tta=tta)
+    model = RunModel(run_dir, tta=tta, device=device)
     dataset = _evaluation_data(data, classes, model.spec, progress)
     return _metrics_on(model, dataset, run_dir)
 
@@ -396,7 +397,7 @@ def _fit(images: np.ndarray, spec) -> np.ndarray:
 
 @_python_errors
 def predict(run: Run, images: Any, top_k: int = 5, *, tta: bool = False,
-            progress: bool | None = None) -> list[dict]:
+            progress: bool | None = None, device: str = "auto") -> list[dict]:
     """Top-k classes per image: [{"image", "top": [{"class", "probability"}, ...]}, ...].
 
     run: a run (TrainResult or directory) or an exported model.onnx (onnxruntime, no torch).
@@ -413,8 +414,8 @@ def predict(run: Run, images: Any, top_k: int = 5, *, tta: bool = False,
     arrays = _image_arrays(images)
     if arrays is None:
         return predict_files(None if onnx else run_dir, list(images), top_k=top_k, tta=tta, onnx=onnx,
-                             progress=progress)
-    return _predict_arrays(onnx, run_dir, arrays, top_k, tta)
+                             progress=progress, device=device)
+    return _predict_arrays(onnx, run_dir, arrays, top_k, tta, device)
 
 
 def _image_arrays(images: Any) -> list[np.ndarray] | None:
@@ -436,7 +437,7 @@ def _image_arrays(images: Any) -> list[np.ndarray] | None:
 
 
 def _predict_arrays(onnx: Path | None, run_dir: Path, arrays: list[np.ndarray], top_k: int,
-                    tta: bool) -> list[dict]:
+                    tta: bool, device: str = "auto") -> list[dict]:
     """predict() on arrays: fitted to the model as files are, then the same top-k rows."""
     from imgflow.predict import OnnxModel, RunModel
 
@@ -444,7 +445,7 @@ def _predict_arrays(onnx: Path | None, run_dir: Path, arrays: list[np.ndarray], 
         raise UserError(f"--top-k must be >= 1, got {top_k}")
     if onnx is not None and tta:
         raise UserError("--tta needs a run directory; it is not available with an ONNX model")
-    model = OnnxModel(onnx) if onnx is not None else RunModel(run_dir, tta=tta)
+    model = OnnxModel(onnx) if onnx is not None else RunModel(run_dir, tta=tta, device=device)
     if any(a.ndim != 3 for a in arrays):
         raise UserError("each image must be (H, W, C) or (H, W)")
     batch = np.concatenate([_fit(a[None], model.spec) for a in arrays])
@@ -491,7 +492,7 @@ def inspect(data: Data, out: str | os.PathLike | None = None, *,
 @_python_errors
 def workflow(data: Data, out: str | os.PathLike = "runs/workflow", *, budget_minutes: float = 15.0,
              seed: int = 0, threads: int | None = None, image_size: int | Sequence[int] | None = None,
-             classes: Sequence[str] | None = None, progress: bool | None = None) -> dict:
+             classes: Sequence[str] | None = None, progress: bool | None = None, device: str = "auto") -> dict:
     """Run (or continue) the eight workflow steps within a time budget; return workflow.json's
     content (steps, decisions, final run, test accuracy). In-memory data is saved into `out`."""
     from imgflow.workflow import run_workflow
@@ -499,12 +500,12 @@ def workflow(data: Data, out: str | os.PathLike = "runs/workflow", *, budget_min
     dataset = _in_memory(data, classes)
     spec = _source(data) if dataset is None else str(_save_in(Path(out), dataset)[0])
     return run_workflow(spec, Path(out), budget_minutes=budget_minutes, seed=seed, progress=progress,
-                        threads=threads, image_size=_image_size(image_size))
+                        threads=threads, image_size=_image_size(image_size), device=device)
 
 
 @_python_errors
 def export(run: Run, out: str | os.PathLike | None = None, format: str = "all", *,
-           progress: bool | None = None) -> dict:
+           progress: bool | None = None, device: str = "auto") -> dict:
     """Export a finished run to ONNX and/or TorchScript ("onnx", "torchscript", "all"), check that
     the exports agree with the PyTorch model, and return the parity report (parity.json).
 
@@ -516,7 +517,7 @@ def export(run: Run, out: str | os.PathLike | None = None, format: str = "all", 
         raise UserError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}, all")
     formats = FORMATS if format == "all" else (format,)
     return export_run(_run_dir(run), Path(out) if out is not None else None, formats,
-                      progress=sys.stderr.isatty() if progress is None else progress)
+                      progress=sys.stderr.isatty() if progress is None else progress, device=device)
 
 
 @_python_errors

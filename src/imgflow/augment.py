@@ -2,7 +2,9 @@
 
 Everything is tensor indexing on the whole batch at once: no per-image Python loop, and the
 random draws come from a torch.Generator the caller seeds, so a (seed, epoch, step) triple fixes
-the result exactly, which is what makes `--resume` land on the same weights.
+the result exactly, which is what makes `--resume` land on the same weights. The draws are made
+on the CPU and only the indexing runs where the images are (a GPU's generators differ from the
+CPU's), so a batch is augmented the same on every device.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ def random_flip(images: torch.Tensor, gen: torch.Generator, flip: torch.Tensor |
     """Mirror each image left-right with probability 1/2, or where the boolean mask `flip` says."""
     if flip is None:
         flip = torch.rand(images.shape[0], generator=gen) < 0.5
+    flip = flip.to(images.device)
     return torch.where(flip[:, None, None, None], images.flip(2), images)
 
 
@@ -56,11 +59,12 @@ def random_translate(images: torch.Tensor, gen: torch.Generator, max_shift: int)
     if max_shift <= 0:
         return images
     B, H, W, C = images.shape
-    dy = torch.randint(-max_shift, max_shift + 1, (B, 1), generator=gen)
-    dx = torch.randint(-max_shift, max_shift + 1, (B, 1), generator=gen)
-    rows = _reflect(torch.arange(H)[None, :] + dy, H)  # (B, H)
-    cols = _reflect(torch.arange(W)[None, :] + dx, W)  # (B, W)
-    batch = torch.arange(B)[:, None, None]
+    device = images.device
+    dy = torch.randint(-max_shift, max_shift + 1, (B, 1), generator=gen).to(device)
+    dx = torch.randint(-max_shift, max_shift + 1, (B, 1), generator=gen).to(device)
+    rows = _reflect(torch.arange(H, device=device)[None, :] + dy, H)  # (B, H)
+    cols = _reflect(torch.arange(W, device=device)[None, :] + dx, W)  # (B, W)
+    batch = torch.arange(B, device=device)[:, None, None]
     return images[batch, rows[:, :, None], cols[:, None, :]]
 
 
@@ -69,11 +73,12 @@ def random_cutout(images: torch.Tensor, gen: torch.Generator, size: int, fill: i
     if size <= 0:
         return images
     B, H, W, C = images.shape
-    cy = torch.randint(0, H, (B, 1, 1), generator=gen)
-    cx = torch.randint(0, W, (B, 1, 1), generator=gen)
+    device = images.device
+    cy = torch.randint(0, H, (B, 1, 1), generator=gen).to(device)
+    cx = torch.randint(0, W, (B, 1, 1), generator=gen).to(device)
     top, left = cy - size // 2, cx - size // 2
-    ys = torch.arange(H)[None, :, None]
-    xs = torch.arange(W)[None, None, :]
+    ys = torch.arange(H, device=device)[None, :, None]
+    xs = torch.arange(W, device=device)[None, None, :]
     inside = (ys >= top) & (ys < top + size) & (xs >= left) & (xs < left + size)
     return images.masked_fill(inside[..., None], fill)
 
@@ -101,6 +106,6 @@ def augment_batch(images: torch.Tensor, policy: str, gen: torch.Generator,
 def shift(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """Shift every image by (dy, dx) pixels, filling by reflection (used by test-time augmentation)."""
     B, H, W, C = images.shape
-    rows = _reflect(torch.arange(H) + dy, H)
-    cols = _reflect(torch.arange(W) + dx, W)
+    rows = _reflect(torch.arange(H, device=images.device) + dy, H)
+    cols = _reflect(torch.arange(W, device=images.device) + dx, W)
     return images[:, rows][:, :, cols]

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from imgflow.device import out_of_memory_as_user_error
 from imgflow.errors import UserError
 from imgflow.fileio import atomic_write, write_json
-from imgflow.inference import loss_and_accuracy, predict_logits
+from imgflow.inference import loss_and_accuracy, model_device, predict_logits
 from imgflow.precision import resolve_precision, set_threads
 from imgflow.preprocess import Preprocessing
 from imgflow.runs import RunPaths, load_run_data, load_trained_model
@@ -63,10 +64,10 @@ def no_test_split_advice(run_dir: Path) -> str:
             f"evaluate {run_dir}', or train again with --test-split 0.2 to hold out 20% of each class for it")
 
 
-def evaluate_run(run_dir: Path, tta: bool = False, progress: bool | None = None) -> dict:
-    """Evaluate a run's saved model on its data set's test split; write metrics.json."""
+def evaluate_run(run_dir: Path, tta: bool = False, progress: bool | None = None, device: str = "auto") -> dict:
+    """Evaluate a run's saved model on its data set's test split, on `device`; write metrics.json."""
     run_dir = Path(run_dir)
-    model, config = load_trained_model(run_dir)
+    model, config = load_trained_model(run_dir, device)
     if progress is None:
         progress = sys.stderr.isatty()
     train_cfg = config["train"]
@@ -79,16 +80,19 @@ def evaluate_run(run_dir: Path, tta: bool = False, progress: bool | None = None)
         log.warning("the data in %s changed since %s was trained (its content hash differs): these "
                     "test numbers are not comparable with the run's earlier ones", train_cfg["data"], run_dir)
     prep = Preprocessing.from_dict(config["preprocessing"])
-    precision = resolve_precision(train_cfg.get("precision", "fp32"))
+    on = model_device(model)
+    precision = resolve_precision(train_cfg.get("precision", "fp32"), on)
     set_threads(train_cfg.get("threads"))
-    logits = predict_logits(model, dataset.test.images, prep, precision,
-                            train_cfg.get("eval_batch_size", 500), tta=tta, progress=progress,
-                            desc="evaluate")
+    with out_of_memory_as_user_error(on, "close what else uses the GPU, or evaluate with --device cpu"):
+        logits = predict_logits(model, dataset.test.images, prep, precision,
+                                train_cfg.get("eval_batch_size", 500), tta=tta, progress=progress,
+                                desc="evaluate")
     probs = logits.softmax(1).numpy()
     metrics = classification_metrics(dataset.test.labels, probs, dataset.classes, dataset.train.labels)
     metrics["loss"] = loss_and_accuracy(logits, dataset.test.labels)["loss"]
     metrics["tta"] = tta
     metrics["precision"] = precision
+    metrics["device"] = str(on)
     metrics["model"] = config["model"]["name"]
     metrics["data"] = dataset.name
     paths = RunPaths(run_dir)

@@ -15,6 +15,7 @@ parity.json too, and the failed check's numbers go to parity-failed.json.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from imgflow.data.cache import sha256_of_file
+from imgflow.device import full_fp32
 from imgflow.errors import UserError
 from imgflow.fileio import write_json
 from imgflow.inference import predict_logits
@@ -313,12 +315,16 @@ def _check_out_dir(out_dir: Path, card: dict) -> None:
 
 
 def export_run(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str] = FORMATS,
-               max_images: int = PARITY_IMAGES, progress: bool = False) -> dict:
+               max_images: int = PARITY_IMAGES, progress: bool = False, device: str = "auto") -> dict:
     """Export a finished run to ONNX and/or TorchScript, parity-check, install; return parity.json.
+
+    The exports are made from the model on the CPU, so they load anywhere; `device` is where the
+    PyTorch reference they are checked against runs (in full fp32: no TF32 on a GPU).
 
     Raises UserError for an unusable run directory, ParityError when an export disagrees with
     the PyTorch model (nothing is installed then; parity-failed.json records the numbers).
     """
+    from imgflow.device import resolve_device
     from imgflow.precision import set_threads
 
     run_dir = Path(run_dir)
@@ -327,6 +333,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str
         given = f"{plural(len(unknown), 'unknown export format')} ({', '.join(unknown)})" if unknown \
             else "no export format given"
         raise UserError(f"{given}: use {', '.join(FORMATS)}")
+    reference_device = resolve_device(device)  # before anything is read: --device cuda without CUDA
     model, config = load_trained_model(run_dir)
     set_threads(config["train"].get("threads"))
     out_dir = Path(out_dir) if out_dir is not None else RunPaths(run_dir).export
@@ -335,7 +342,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str
     images, source = parity_images(config, max_images, progress, run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     exported = _export_checked(model, Preprocessing.from_dict(config["preprocessing"]), images, source,
-                               formats, card, out_dir)
+                               formats, card, out_dir, reference_device)
     # Entries of formats not exported this time describe files still in place: keep them.
     report = {"formats": {**_earlier_formats(out_dir, exclude=exported), **exported}}
     report["passed"] = all(r.get("passed") for r in report["formats"].values())
@@ -346,15 +353,19 @@ def export_run(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str
 
 
 def _export_checked(model: torch.nn.Module, prep: Preprocessing, images: np.ndarray, source: str,
-                    formats: Sequence[str], card: dict, out_dir: Path) -> dict:
+                    formats: Sequence[str], card: dict, out_dir: Path,
+                    reference_device: torch.device | None = None) -> dict:
     """Export each format into a staging folder, parity-check it, and install all of them only
-    when every one passed; return each format's parity.json entry."""
+    when every one passed; return each format's parity.json entry. `model` is on the CPU."""
     example = to_model_input(torch.from_numpy(images[:2]), prep)  # batch 2: 1 would be specialised
     if len(example) < 2:
         example = example.expand(2, *example.shape[1:]).contiguous()
     # The PyTorch model as evaluate runs it (predict_logits), in fp32 whatever the training
     # precision, because the exports compute in fp32.
-    reference = predict_logits(model, images, prep, "fp32", PARITY_BATCH)
+    reference_device = reference_device or torch.device("cpu")
+    on_device = model if reference_device.type == "cpu" else copy.deepcopy(model).to(reference_device)
+    with full_fp32(reference_device):
+        reference = predict_logits(on_device, images, prep, "fp32", PARITY_BATCH)
     results = {}
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmp:
         for fmt in formats:

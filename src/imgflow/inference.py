@@ -21,33 +21,41 @@ def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
 def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, prep: Preprocessing,
                    precision: str = "fp32", batch_size: int = 500, tta: bool = False,
                    progress: bool = False, desc: str = "predict") -> torch.Tensor:
-    """float32 logits (N, classes) for uint8 images (N, H, W, C); model must be in eval mode.
+    """float32 logits (N, classes), on the CPU, for uint8 images (N, H, W, C) wherever they are.
 
-    With tta, the logits are log of the mean softmax over the views, so softmax() of the result
-    is the averaged probability.
+    The model must be in eval mode; it runs on its own device, and each batch goes there. With
+    tta, the logits are log of the mean softmax over the views, so softmax() of the result is
+    the averaged probability.
     """
     images = torch.as_tensor(images)
     assert images.dtype == torch.uint8, f"expected uint8 images, got {images.dtype}"
     assert not model.training, "predict_logits needs model.eval()"
+    device = model_device(model)
     model = model.to(memory_format=torch.channels_last)  # as in training: faster convolutions
     out = []
     with progress_bar(enabled=progress, total=len(images), desc=desc, unit="img", leave=False) as bar:
         for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
+            batch = images[start:start + batch_size].to(device, non_blocking=True)
             views = tta_views(batch) if tta else [batch]
             probs = None
             for view in views:
-                with autocast(precision):
+                with autocast(precision, device.type):
                     logits = model(to_model_input(view, prep, channels_last=True)).float()
                 if not tta:
-                    out.append(logits)
+                    out.append(logits.cpu())
                     break
                 p = logits.softmax(dim=1)
                 probs = p if probs is None else probs + p
             if tta:
-                out.append((probs / len(views)).clamp_min(1e-12).log())
+                out.append((probs / len(views)).clamp_min(1e-12).log().cpu())
             bar.update(len(batch))
     return torch.cat(out) if out else torch.empty(0)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's weights (the CPU for a model without any)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: np.ndarray | torch.Tensor) -> dict[str, float]:

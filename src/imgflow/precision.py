@@ -18,18 +18,49 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def resolve_precision(precision: str) -> str:
-    """'auto' -> 'bf16' on CPUs with native bf16, else 'fp32'."""
-    if precision == "auto":
-        return "bf16" if cpu_supports_bf16() else "fp32"
-    return precision
+def choose_precision(requested: str, device_type: str, native_bf16: bool) -> str:
+    """The precision `requested` means on a device of `device_type` ('cpu', 'cuda', 'mps').
+
+    auto: bf16 where the hardware has native bf16 (AVX-512 BF16/AMX CPUs, CUDA GPUs from Ampere
+    on); on older CUDA GPUs fp16, whose narrow exponent needs a gradient scaler (`grad_scaler`);
+    fp32 on other CPUs, where emulated bf16 is slower than fp32, and on MPS (its autocast is
+    untested here). An explicit choice is kept as it is.
+    """
+    if requested != "auto":
+        return requested
+    if device_type == "cuda":
+        return "bf16" if native_bf16 else "fp16"
+    if device_type == "cpu":
+        return "bf16" if native_bf16 else "fp32"
+    return "fp32"
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """A context for forward passes: bf16 autocast, or a no-op for fp32."""
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+def resolve_precision(precision: str, device: torch.device | None = None) -> str:
+    """'auto' -> the precision for `device` (default the CPU), see `choose_precision`."""
+    device = torch.device("cpu") if device is None else device
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        native = device.type == "cpu" and cpu_supports_bf16()
+    return choose_precision(precision, device.type, native)
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    """A context for forward passes: bf16/fp16 autocast on `device_type`, or a no-op for fp32."""
+    if precision in _AUTOCAST_DTYPES:
+        return torch.autocast(device_type, dtype=_AUTOCAST_DTYPES[precision])
     return contextlib.nullcontext()
+
+
+def grad_scaler(precision: str, device_type: str = "cpu") -> "torch.amp.GradScaler | None":
+    """A loss scaler for fp16 (gradients below its ~6e-8 floor would vanish), None otherwise:
+    bf16 has fp32's exponent range and needs none."""
+    return torch.amp.GradScaler(device_type) if precision == "fp16" else None
 
 
 def cpuinfo_records() -> list[dict[str, str]]:

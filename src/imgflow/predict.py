@@ -130,16 +130,18 @@ def _read_reason(exc: BaseException) -> str:
 class RunModel:
     """A trained run directory's model (PyTorch), run as `evaluate` runs it."""
 
-    def __init__(self, run_dir: Path, tta: bool = False):
+    def __init__(self, run_dir: Path, tta: bool = False, device: str = "auto"):
+        from imgflow.inference import model_device
         from imgflow.precision import resolve_precision, set_threads
         from imgflow.preprocess import Preprocessing
         from imgflow.runs import load_trained_model
 
-        model, config = load_trained_model(Path(run_dir))
+        model, config = load_trained_model(Path(run_dir), device)
         train = config["train"]
         self.prep = Preprocessing.from_dict(config["preprocessing"])
+        self.device = model_device(model)
         # The same precision and threads as evaluate_run, so that the results are equal.
-        self.precision = resolve_precision(train.get("precision", "fp32"))
+        self.precision = resolve_precision(train.get("precision", "fp32"), self.device)
         set_threads(train.get("threads"))
         self.model = model
         self.tta = tta
@@ -149,10 +151,12 @@ class RunModel:
                                    jpeg_draft=bool(train.get("image_size")))
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
+        from imgflow.device import out_of_memory_as_user_error
         from imgflow.inference import predict_logits
 
-        logits = predict_logits(self.model, images, self.prep, self.precision, self.batch_size,
-                                tta=self.tta)
+        with out_of_memory_as_user_error(self.device, "close what else uses the GPU, or pass --device cpu"):
+            logits = predict_logits(self.model, images, self.prep, self.precision, self.batch_size,
+                                    tta=self.tta)
         return logits.softmax(1).numpy()
 
 
@@ -314,14 +318,18 @@ def predict_images(model: Model, inputs: Sequence[str | Path], top_k: int = DEFA
 
 def predict_files(run_dir: Path | None, inputs: Sequence[str | Path], top_k: int = DEFAULT_TOP_K,
                   tta: bool = False, onnx: Path | None = None,
-                  progress: bool | None = None) -> list[dict]:
-    """`imgflow predict`: with a run directory (PyTorch) or an exported ONNX model (no torch)."""
+                  progress: bool | None = None, device: str = "auto") -> list[dict]:
+    """`imgflow predict`: with a run directory (PyTorch, on `device`) or an exported ONNX model
+    (no torch; onnxruntime on the CPU)."""
     if onnx is not None:
         if tta:
             raise UserError("--tta needs a run directory; it is not available with --onnx")
+        if device not in ("auto", "cpu"):
+            raise UserError(f"--device {device} needs a run directory: an ONNX model runs with onnxruntime "
+                            "on the CPU")
         model: Model = OnnxModel(Path(onnx))
     else:
-        model = RunModel(Path(run_dir), tta=tta)
+        model = RunModel(Path(run_dir), tta=tta, device=device)
     return predict_images(model, inputs, top_k=top_k, progress=progress)
 
 

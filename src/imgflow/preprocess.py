@@ -41,12 +41,12 @@ class Preprocessing:
 
 
 def to_model_input(images: torch.Tensor, prep: Preprocessing, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> normalised float32 (B, C, H, W)."""
+    """uint8 (B, H, W, C) -> normalised float32 (B, C, H, W), on the images' device."""
     assert images.dtype == torch.uint8, f"expected uint8 images, got {images.dtype}"
     B, H, W, C = images.shape
     assert C == prep.channels, f"expected {prep.channels} channels, got {C}"
-    mean = torch.tensor(prep.mean, dtype=torch.float32)
-    std = torch.tensor(prep.std, dtype=torch.float32)
+    mean = torch.tensor(prep.mean, dtype=torch.float32, device=images.device)
+    std = torch.tensor(prep.std, dtype=torch.float32, device=images.device)
     x = (images.float() / 255.0 - mean) / std  # broadcasts over the trailing channel axis
     x = x.permute(0, 3, 1, 2)  # a view: NHWC memory read as NCHW is exactly channels_last
     return x if channels_last else x.contiguous()

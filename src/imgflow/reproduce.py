@@ -5,6 +5,7 @@ import logging
 import statistics
 from pathlib import Path
 
+from imgflow.device import resolve_device
 from imgflow.errors import UserError
 from imgflow.evaluation import evaluate_run
 from imgflow.fileio import atomic_write_text, write_json
@@ -33,18 +34,20 @@ def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 
                    models: list[str] | tuple[str, ...] = ("seed-baseline", "seed-batchnorm"),
                    seed: int = 0, resume: bool = False, progress: bool | None = None,
                    threads: int | None = None, precise_bn: int = PRECISE_BN_IMAGES,
-                   test_split: float | None = None) -> str:
+                   test_split: float | None = None, device: str = "auto") -> str:
     """Train and test each notebook model with the notebook's settings; return a Markdown table.
 
     A model whose run directory already holds a finished run is not retrained; an interrupted
     one continues with `resume`. precise_bn: also test a BatchNorm model's weights with their
     BatchNorm statistics re-estimated on this many training images (0 = don't); the run's own
     model and metrics stay as Keras would leave them. test_split: for data without a test
-    split, hold out this fraction as one (as `train --test-split`).
+    split, hold out this fraction as one (as `train --test-split`). device: where the models
+    train and are tested (as `train --device`).
     """
     out = Path(out)
     configs = _checked_configs(data, out, models, {"epochs": epochs, "precision": precision, "seed": seed,
-                                                   "threads": threads, "test_split": test_split})
+                                                   "threads": threads, "test_split": test_split,
+                                                   "device": device})
     rows = []
     for name, config in configs.items():
         run_dir = out / name
@@ -55,7 +58,7 @@ def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 
         if finished and paths.metrics.is_file():
             metrics = read_metrics(run_dir)
         else:
-            metrics = evaluate_run(run_dir, progress=progress)
+            metrics = evaluate_run(run_dir, progress=progress, device=device)
         run = read_run_config(run_dir)
         history = read_history(paths.history)
         rows.append({
@@ -64,7 +67,8 @@ def reproduce_seed(data: str, out: Path, precision: str = "fp32", epochs: int = 
             # The notebook's numbers are CIFAR-10's: on other data there is nothing to compare with.
             "notebook_test_accuracy": NOTEBOOK_TEST_ACCURACY.get(name) if run["data"]["name"] == "cifar10" else None,
             "val_accuracy": history[-1]["val_acc"] if history else None, "test_accuracy": metrics["accuracy"],
-            "test_accuracy_precise_bn": _test_accuracy_with_precise_bn(run_dir, precise_bn) if precise_bn else None,
+            "test_accuracy_precise_bn": _test_accuracy_with_precise_bn(run_dir, precise_bn, device)
+            if precise_bn else None,
             # The median: a run continued across sessions or paused for other jobs has a few epochs
             # that include the waiting, and a mean would charge them to the model.
             "seconds_per_epoch": statistics.median(row["seconds"] for row in history) if history else None,
@@ -95,6 +99,7 @@ def _checked_configs(data: str, out: Path, models, settings: dict) -> dict[str, 
         raise UserError(f"--models lists {', '.join(repeated)} more than once: each model trains into "
                         "OUT/<model>, so list each once")
     configs = {name: resolve_config(data, {"model": name, **settings}, preset="notebook") for name in models}
+    resolve_device(settings.get("device") or "auto")  # --device cuda without CUDA: before any run
     for name, config in configs.items():
         # A run of other settings (data, seed, epochs ...) must not be reported as this one.
         if diff := config_differences(out / name, config):
@@ -108,10 +113,10 @@ def _checked_configs(data: str, out: Path, models, settings: dict) -> dict[str, 
     return configs
 
 
-def _test_accuracy_with_precise_bn(run_dir: Path, images: int) -> float | None:
+def _test_accuracy_with_precise_bn(run_dir: Path, images: int, device: str = "auto") -> float | None:
     """Test accuracy of a run's saved weights once their BatchNorm statistics are re-estimated on
     `images` of its training part (imgflow.training.batchnorm); None for a model without BatchNorm."""
-    model, run = load_trained_model(run_dir)
+    model, run = load_trained_model(run_dir, device)
     if not has_batchnorm(model):
         return None
     config = TrainConfig.from_dict(run["train"])

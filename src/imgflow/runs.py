@@ -200,8 +200,9 @@ def create_run_model(config: dict):
                         image_size=tuple(m["image_size"]))
 
 
-def load_trained_model(run_dir: Path):
-    """(model in eval mode, config dict) from a finished run's config.json and model.safetensors."""
+def load_trained_model(run_dir: Path, device: str = "cpu"):
+    """(model in eval mode on `device`, config dict) from a finished run's config.json and
+    model.safetensors. The weights are read on the CPU (where any run's load) and then moved."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -219,7 +220,9 @@ def load_trained_model(run_dir: Path):
     except RuntimeError as exc:
         raise UserError(f"{weights} does not match model {config['model']['name']} in config.json "
                         f"({state_dict_mismatch(exc)}): train the run again with --overwrite") from None
-    model.eval()
+    from imgflow.device import resolve_device
+
+    model.to(resolve_device(device)).eval()
     return model, config
 
 

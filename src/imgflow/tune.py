@@ -233,6 +233,9 @@ def _check_request(base: TrainConfig, out: Path, trials: int, search: str | None
         raise UserError(f"--budget-minutes must be a number > 0, got {budget_minutes}")
     base.validate()
     _check_base(base)
+    from imgflow.device import resolve_device
+
+    resolve_device(base.device)  # --device cuda without CUDA: refused before the study exists
     space = parse_search(search, base)
     if Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file, not a directory: choose another path")

@@ -11,8 +11,9 @@ from imgflow.fileio import atomic_write_bytes
 
 
 def detached_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors wants contiguous tensors; channels_last conv weights are not.
-    return {k: v.detach().contiguous().clone() for k, v in state.items()}
+    """A CPU copy of `state`: what is saved loads on any device, and a GPU's memory is not spent
+    on copies. safetensors wants contiguous tensors; channels_last conv weights are not."""
+    return {k: v.detach().contiguous().to("cpu", copy=True) for k, v in state.items()}
 
 
 def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from imgflow.errors import UserError
-from imgflow.training.config import PRESETS, TRAIN_OPTIONS, TrainConfig, config_to_train, default_of
+from imgflow.training.config import (DEVICE_HELP, DEVICE_METAVAR, PRESETS, TRAIN_OPTIONS, TrainConfig,
+                                     config_to_train, default_of)
 
 DATA_HELP = "cifar10, fashion-mnist, a folder/.zip/.tar(.gz) of images, or a .npz of arrays"
 
@@ -54,6 +55,12 @@ def image_size(text: str) -> tuple[int, int]:
     if len(sizes) != 2 or min(sizes) <= 0:
         raise argparse.ArgumentTypeError(f"expected SIZE or HxW such as 32 or 32x48, got {text!r}")
     return sizes[0], sizes[1]
+
+
+def add_device_argument(p: argparse.ArgumentParser, what: str = "") -> None:
+    """--device for a command that runs a model (train and tune have it from the option table)."""
+    p.add_argument("--device", default="auto", metavar=DEVICE_METAVAR,
+                   help=f"{what}{DEVICE_HELP} (default: auto)")
 
 
 def learning_rate(text: str) -> float | str:

@@ -70,7 +70,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from imgflow.evaluation import evaluate_run, format_metrics
 
-    metrics = evaluate_run(Path(args.run_dir), tta=args.tta)
+    metrics = evaluate_run(Path(args.run_dir), tta=args.tta, device=args.device)
     print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
     return 0
 
@@ -105,7 +105,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(f"give a run directory or --onnx, not both ({inputs[0]} is a run directory)")
     if not inputs:
         raise UserError("no images given: imgflow predict RUN_DIR IMAGE_OR_DIR...")
-    results = predict_files(run_dir, inputs, top_k=args.top_k, tta=args.tta, onnx=onnx)
+    results = predict_files(run_dir, inputs, top_k=args.top_k, tta=args.tta, onnx=onnx, device=args.device)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     return 0
 
@@ -116,7 +116,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     formats = FORMATS if args.format == "all" else (args.format,)
     try:
         report = export_run(Path(args.run_dir), Path(args.out) if args.out else None, formats,
-                            progress=interactive())
+                            progress=interactive(), device=args.device)
     except ParityError as exc:
         print(format_parity(exc.report))
         print(f"imgflow: error: {exc}", file=sys.stderr)
@@ -132,7 +132,7 @@ def cmd_reproduce_seed(args: argparse.Namespace) -> int:
                            epochs=args.epochs, models=args.models, seed=args.seed,
                            resume=args.resume, threads=args.threads,
                            precise_bn=PRECISE_BN_IMAGES if args.precise_bn is None else args.precise_bn,
-                           test_split=args.test_split)
+                           test_split=args.test_split, device=args.device)
     print(table)
     return 0
 
@@ -153,7 +153,7 @@ def cmd_workflow(args: argparse.Namespace) -> int:
     from imgflow.workflow import format_summary, run_workflow
 
     record = run_workflow(args.data, Path(args.out), budget_minutes=args.budget_minutes, seed=args.seed,
-                          threads=args.threads, image_size=args.image_size)
+                          threads=args.threads, image_size=args.image_size, device=args.device)
     print(format_summary(record))
     return 0
 

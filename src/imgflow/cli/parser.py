@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from imgflow.cli import commands
-from imgflow.cli.arguments import (DATA_HELP, Parser, add_config_arguments, add_train_arguments, image_size,
-                                   non_negative_int, path, positive_int)
+from imgflow.cli.arguments import (DATA_HELP, Parser, add_config_arguments, add_device_argument, add_train_arguments,
+                                   image_size, non_negative_int, path, positive_int)
 from imgflow.training.config import THREADS_HELP
 
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(prog="imgflow", description="imgflow: the universal workflow of machine learning "
                     "for image classification, from a data set to a tested, exported model.")
-    parser.add_argument("--version", action="version", version=f"imgflow {__version__}")
+    parser.add_argument("--version", action=_Version, version=f"imgflow {__version__}",
+                        help="show the version, the PyTorch build and the device 'auto' picks, and exit")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -25,6 +26,20 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_predict, _add_export, _add_reproduce_seed, _add_workflow, _add_serve):
         add(sub)
     return parser
+
+
+class _Version(argparse.Action):
+    """--version: imgflow's version, then torch's build and device (torch imported only now)."""
+
+    def __init__(self, option_strings, version: str, dest=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+        self.version = version
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from imgflow.device import device_line
+
+        print(f"{self.version}\n{device_line()}")  # to stdout, as argparse's own version action
+        parser.exit()
 
 
 def _add_inspect(sub) -> None:
@@ -105,6 +120,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("run_dir", type=path)
     p.add_argument("--tta", action="store_true", help="test-time augmentation (flip + shifts)")
     p.add_argument("--json", action="store_true", help="print metrics.json's content")
+    add_device_argument(p)
     p.set_defaults(func=commands.cmd_evaluate)
 
 
@@ -143,6 +159,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation (flip + shifts), as 'evaluate --tta'; run dirs only")
     p.add_argument("--onnx", type=path, metavar="MODEL.onnx", help="run an exported ONNX model (no PyTorch)")
+    add_device_argument(p, "run dirs only (ONNX models run on the CPU); ")
     p.set_defaults(func=commands.cmd_predict)
 
 
@@ -162,6 +179,8 @@ def _add_export(sub) -> None:
     p.add_argument("--format", choices=["onnx", "torchscript", "all"], default="all",
                    help="what to export (default: all)")
     p.add_argument("--out", type=path, help="output directory (default: RUN_DIR/export)")
+    add_device_argument(p, "where the PyTorch model that the exports are checked against runs (the "
+                           "exports are made on the CPU and load anywhere); ")
     p.set_defaults(func=commands.cmd_export)
 
 
@@ -182,6 +201,7 @@ def _add_reproduce_seed(sub) -> None:
     p.add_argument("--precise-bn", type=non_negative_int, metavar="N",
                    help="also test BatchNorm models with their statistics re-estimated on N training "
                         "images (default: 10000; 0 = don't); the runs themselves stay as Keras trains them")
+    add_device_argument(p)
     p.set_defaults(func=commands.cmd_reproduce_seed)
 
 
@@ -195,6 +215,7 @@ def _add_workflow(sub) -> None:
     p.add_argument("--image-size", type=image_size, metavar="SIZE|HxW",
                    help="train at this size (default: the data's own, or for large images the largest "
                         "of 32-128 px the budget affords)")
+    add_device_argument(p, "where every run trains, and so what the budget plans are measured on; ")
     p.set_defaults(func=commands.cmd_workflow)
 
 

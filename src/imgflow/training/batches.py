@@ -9,6 +9,7 @@ import torch
 from imgflow.augment import alternating_flips, augment_batch, flip_mask, seeded_generator, step_generator
 from imgflow.data import Dataset, Split
 from imgflow.data.splits import kfold_split, split_train_val, stratified_subset
+from imgflow.device import fits_on_device
 from imgflow.errors import UserError
 from imgflow.text import plural
 from imgflow.training.config import TrainConfig
@@ -70,11 +71,20 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 class EpochBatches:
-    """The training part as uint8 batches: batch (epoch, step) is the same in every process."""
+    """The training part as uint8 batches on `device`: batch (epoch, step) is the same in every
+    process and on every device.
 
-    def __init__(self, part: Split, config: TrainConfig):
-        self.images = torch.from_numpy(part.images)
-        self.labels = torch.from_numpy(part.labels)
+    The images live on the device when they fit (`fits_on_device`) and are indexed and augmented
+    there, so a GPU never waits for the host; otherwise each batch is assembled in host memory and
+    sent over. The order and the augmentation's random draws come from CPU generators either way.
+    """
+
+    def __init__(self, part: Split, config: TrainConfig, device: torch.device | None = None):
+        self.device = device or torch.device("cpu")
+        images, labels = torch.from_numpy(part.images), torch.from_numpy(part.labels)
+        on_device = fits_on_device(images.nbytes + labels.nbytes, self.device)
+        self.images = images.to(self.device) if on_device else images
+        self.labels = labels.to(self.device) if on_device else labels
         self.config = config
         self.steps = steps_per_epoch(len(part), config.batch_size)
         self.flip_coins = alternating_flips(len(part), config.seed) if config.flip == "alternate" else None
@@ -86,9 +96,10 @@ class EpochBatches:
             self._order = (epoch, epoch_order(len(self.labels), self.config.seed, epoch))
         size = self.config.batch_size
         idx = self._order[1][step * size:(step + 1) * size]
-        xb, yb = self.images[idx], self.labels[idx]
+        where = idx.to(self.images.device)
+        xb, yb = self.images[where], self.labels[where]
         if self.config.augment != "none":
             flips = flip_mask(self.flip_coins, idx, epoch) if self.flip_coins is not None else None
             xb = augment_batch(xb, self.config.augment, step_generator(self.config.seed, epoch, step),
                                translate=self.config.translate, cutout=self.config.cutout, flip=flips)
-        return xb, yb
+        return xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from imgflow.data import Split
+from imgflow.inference import model_device
 from imgflow.precision import autocast
 from imgflow.preprocess import Preprocessing, to_model_input
 
@@ -42,6 +43,7 @@ def reestimate_batchnorm(model: nn.Module, images: np.ndarray, prep: Preprocessi
     was_training, momenta = model.training, [m.momentum for m in norms]
     model.to(memory_format=torch.channels_last)  # as in training and predict_logits: same kernels
     model.train(dropout)
+    device = model_device(model)
     try:
         for m in norms:
             m.reset_running_stats()
@@ -50,8 +52,8 @@ def reestimate_batchnorm(model: nn.Module, images: np.ndarray, prep: Preprocessi
         # Near-equal batches: the cumulative average weighs every batch alike, and a last batch
         # of one image would break BatchNorm1d.
         for batch in np.array_split(images, math.ceil(len(images) / batch_size)):
-            with autocast(precision):
-                model(to_model_input(torch.from_numpy(batch), prep, channels_last=True))
+            with autocast(precision, device.type):
+                model(to_model_input(torch.from_numpy(batch).to(device), prep, channels_last=True))
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum

@@ -1,4 +1,8 @@
-"""The checkpoint: everything a run needs to continue bit for bit (DEVELOPERS.md, exact resume)."""
+"""The checkpoint: everything a run needs to continue bit for bit (DEVELOPERS.md, exact resume).
+
+Its tensors are saved on the CPU and loaded there, so a run started on a GPU resumes on a CPU and
+back; the learner moves them to its device.
+"""
 from __future__ import annotations
 
 import math
@@ -14,7 +18,19 @@ from imgflow.training.step import Learner
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
+    payload = on_cpu(payload)
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def on_cpu(value):
+    """`value` with every tensor in it (in dicts, lists, tuples) copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    return value
 
 
 _CHECKPOINT_KEYS = ("model", "optimizer", "rng", "history", "epoch", "step", "global_step", "sums",
@@ -33,7 +49,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Detected pickle protocol ..." on foreign pickles
-            checkpoint = torch.load(path, weights_only=True)
+            checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any failure means a corrupt or foreign file
         raise unreadable_checkpoint(path, f"truncated, corrupt or not an imgflow checkpoint: "
                                           f"{type(exc).__name__}") from None
@@ -64,9 +80,23 @@ class LoopState:
     elapsed: float = 0.0  # seconds trained by the processes before this one
 
 
+def rng_state(device: torch.device) -> dict:
+    """The random number generators that dropout draws from: the CPU's, and the GPU's on CUDA."""
+    return {"rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    """Put back what `rng_state` saved. A GPU's generator is restored on a GPU only: resumed
+    elsewhere, dropout draws from that device's own generator (not bit for bit, as warned)."""
+    torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
 def save_training_state(path: Path, learner: Learner, loop: LoopState, seconds_here: float) -> None:
     """Checkpoint the learner and the loop (seconds_here: trained by this process so far)."""
-    save_checkpoint(path, {**learner.state_dict(), "rng": torch.get_rng_state(),
+    save_checkpoint(path, {**learner.state_dict(), **rng_state(learner.device),
                            "history": loop.history, "epoch": loop.epoch, "step": loop.step,
                            "global_step": loop.global_step, "sums": loop.sums, "best": loop.best,
                            "elapsed": loop.elapsed + seconds_here})
@@ -75,7 +105,7 @@ def save_training_state(path: Path, learner: Learner, loop: LoopState, seconds_h
 def restore_checkpoint(checkpoint: dict, learner: Learner) -> LoopState:
     """Load a checkpoint into the learner and the global RNG; return the loop state it holds."""
     learner.load_state_dict(checkpoint)
-    torch.set_rng_state(checkpoint["rng"])
+    restore_rng_state(checkpoint, learner.device)
     return LoopState(history=checkpoint["history"], epoch=checkpoint["epoch"], step=checkpoint["step"],
                      global_step=checkpoint["global_step"], sums=checkpoint["sums"], best=checkpoint["best"],
                      elapsed=checkpoint["elapsed"])

@@ -12,7 +12,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "onecycle", "cosine")
 AUGMENTS = ("none", "flip", "flip+translate", "flip+translate+cutout")
 NORMALIZATIONS = ("scale", "standardize")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VAL_MODES = ("last", "stratified")
 FLIPS = ("random", "alternate")
 # Upper bounds far above any value that trains, so that a typo (1e39 for 1e-3) is refused up
@@ -57,7 +57,8 @@ class TrainConfig:
     train_subset: int = 0  # train on at most this many images of the training part (stratified); 0 = all
     val_subset: int = 0  # validate on at most this many images of the validation part (stratified); 0 = all
     seed: int = 0  # fixes split, data order, augmentation, initialisation, dropout
-    precision: str = "auto"  # auto (bf16 where the CPU supports it) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 where the hardware has it, fp16 on older GPUs) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
     threads: int | None = None  # torch intra-op threads; None = one per physical core
     early_stopping: int = 0  # patience in epochs on val_loss, best weights restored; 0 = off
     ema: float = 0.0  # exponential moving average of weights, decay per step; 0 = off
@@ -72,6 +73,9 @@ class TrainConfig:
             raise UserError(f"--lr must be a number here, got {self.lr!r}"
                             + (" (only 'imgflow train' runs lr-find first)" if self.lr == LR_FIND else ""))
         check_seed_and_threads(self.seed, self.threads)
+        from imgflow.device import check_device_spec
+
+        check_device_spec(self.device)
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -171,6 +175,8 @@ def check_seed_and_threads(seed: int, threads: int | None) -> None:
         raise UserError(f"--threads must be between 1 and the {available_cpus()} CPUs available, got {threads}")
 
 
+DEVICE_METAVAR = "auto|cpu|cuda|cuda:N|mps"
+DEVICE_HELP = "auto: a CUDA GPU, else Apple's MPS, else the CPU; cuda:N: the N-th GPU"
 THREADS_HELP = ("CPU threads (default: $OMP_NUM_THREADS if set, else one per physical core; "
                 "at most the CPUs this process may use)")
 
@@ -329,7 +335,9 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("val_subset", "validate each epoch on at most N images (stratified): faster epochs; 0 = all",
            "non_negative_int", metavar="N"),
     Option("seed", "fixes split, data order, augmentation and initialisation", "non_negative_int"),
-    Option("precision", "auto: bf16 where the CPU runs it natively", "str", PRECISIONS),
+    Option("precision", "auto: bf16 where the CPU or GPU runs it natively, fp16 with loss scaling on "
+                        "older GPUs, else fp32", "str", PRECISIONS),
+    Option("device", DEVICE_HELP, "str", metavar=DEVICE_METAVAR),
     Option("threads", THREADS_HELP, "positive_int"),
     Option("early_stopping", "stop when val_loss has not improved for PATIENCE epochs; keep the best "
                              "(0 = off)", "non_negative_int", metavar="PATIENCE"),

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from imgflow.data import Dataset, Split
+from imgflow.device import configure_for_training, describe_device, out_of_memory_as_user_error, resolve_device
 from imgflow.fileio import write_json
 from imgflow.history import read_history, write_history
 from imgflow.precision import resolve_precision, set_threads
@@ -37,7 +38,7 @@ from imgflow.training.checkpoint import (LoopState, load_checkpoint, new_sums, r
                                          save_training_state, unreadable_checkpoint)
 from imgflow.training.config import TrainConfig
 from imgflow.training.rundir import (OVERWRITE_STAGING, check_run_dir, recording_divergence, run_config,
-                                     save_final, swap_in)
+                                     save_final, swap_in, warn_if_device_changed)
 from imgflow.training.schedule import lr_at
 from imgflow.training.step import Learner, TrainingDiverged, evaluate_part, prepare_model, preprocessing_for
 from imgflow.weights import detached_copy
@@ -258,15 +259,17 @@ def set_up(config: TrainConfig, progress: bool, resumed: Path | None = None) -> 
 
     resumed: the run directory when continuing a run (its data missing is then data that moved).
     """
+    device = resolve_device(config.device)  # before the data loads: --device cuda without CUDA is quick
     dataset = load_run_data(config.to_dict(), progress=progress, remarks=True, run_dir=resumed)
     check_classifiable(dataset)
     check_image_size(dataset, config)
     train_part, val_part = split_for_training(dataset.train, config)
-    precision = resolve_precision(config.precision)
+    configure_for_training(device)
+    precision = resolve_precision(config.precision, device)
     threads = set_threads(config.threads)
     prep = preprocessing_for(config, dataset, train_part)
-    model = prepare_model(config, dataset, train_part, prep, precision)
-    batches = EpochBatches(train_part, config)
+    model = prepare_model(config, dataset, train_part, prep, precision, device)
+    batches = EpochBatches(train_part, config, device)
     learner = Learner(model, config, prep, precision, config.epochs * batches.steps)
     return Run(config, dataset, train_part, val_part, batches, learner, threads)
 
@@ -285,21 +288,34 @@ def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool
         return TrainResult(run_dir, read_history(paths.history))
     # Everything is validated and loaded: only now touch the run directory.
     run_dir.mkdir(parents=True, exist_ok=True)
+    device = describe_device(run.learner.device)
     described = run_config(config, run.dataset, run.train_part, run.val_part, run.learner.prep,
-                           run.learner.model, run.learner.precision, run.threads)
+                           run.learner.model, run.learner.precision, run.threads, device)
     described.update(record or {})
     if not paths.config.is_file():
         write_json(paths.config, described)
+    else:
+        warn_if_device_changed(run_dir, device)
     loop = _restored(checkpoint, run, paths) if checkpoint is not None else LoopState()
-    log.info("training %s (%s params) on %s: %s / %s, %s of %s, %s, %s", config.model,
+    log.info("training %s (%s params) on %s: %s / %s, %s of %s, %s, %s, %s", config.model,
              f"{described['model']['params']:,}", run.dataset.name, plural(len(run.train_part), "train image"),
              plural(len(run.val_part) if run.val_part else 0, "val image"), plural(config.epochs, "epoch"),
-             plural(run.batches.steps, "step"), run.learner.precision, plural(run.threads, "thread"))
+             plural(run.batches.steps, "step"), _device_words(device), run.learner.precision,
+             plural(run.threads, "thread"))
     started = time.perf_counter()
-    with _sigint_as_flag() as stop, recording_divergence(paths):
+    # Out of memory: the last checkpoint stays (one saved now could hold a half-taken step).
+    advice = (f"train again with a smaller --batch-size (now {config.batch_size}) and --overwrite, or free "
+              f"the GPU's memory and continue with --resume --out {run_dir}")
+    with _sigint_as_flag() as stop, recording_divergence(paths), \
+            out_of_memory_as_user_error(run.learner.device, advice):
         checkpointer = _Checkpointer(paths, run.learner, loop, checkpoint_seconds, stop)
         _train_epochs(run, loop, checkpointer, progress, on_epoch)
     return _finish(run, loop, paths, seconds=loop.elapsed + time.perf_counter() - started)
+
+
+def _device_words(device: dict) -> str:
+    """'cpu', or 'cuda:0 (NVIDIA H200)' for the log line a run starts with."""
+    return device["device"] if device["gpu"] is None else f"{device['device']} ({device['gpu']})"
 
 
 def _restored(checkpoint: dict, run: Run, paths: RunPaths) -> LoopState:

@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 
 
 # Fields that may differ between the run that started and the one that resumes it. Another
-# thread count can change the order of floating-point sums, so such a resume is warned about:
-# it continues the run, but not necessarily bit for bit.
-_RESUMABLE_DIFFERENCES = {"threads"}
+# thread count or device can change the order of floating-point sums (and a device its kernels
+# and its precision under "auto"), so such a resume is warned about: it continues the run, but
+# not necessarily bit for bit. The device is compared as resolved (`warn_if_device_changed`):
+# "auto" on a GPU machine and then on a laptop is a change, "auto" and "cpu" on one CPU is none.
+_RESUMABLE_DIFFERENCES = {"threads", "device"}
 
 
 def versions() -> dict[str, str]:
@@ -78,6 +80,17 @@ def config_differences(run_dir: Path, config: TrainConfig) -> list[str]:
                     "bit-identical weights", run_dir, saved.get("threads"), mine["threads"])
     return [f"{k}={saved.get(k, defaults[k])!r}" for k in sorted(mine)
             if k not in _RESUMABLE_DIFFERENCES and saved.get(k, defaults[k]) != mine[k]]
+
+
+def warn_if_device_changed(run_dir: Path, device: dict) -> None:
+    """Warn when the run in run_dir was started on another device than `device` (describe_device)."""
+    started = read_run_config(run_dir).get("device")
+    if not isinstance(started, dict) or not isinstance(started.get("device"), str):
+        started = {"device": "cpu"}  # runs from before devices were recorded all trained on a CPU
+    name = started.get("name")
+    if started["device"] != device["device"] or name not in (None, device["name"]):
+        log.warning("%s was started on %s%s: continuing on %s (%s) may not end on bit-identical weights",
+                    run_dir, started["device"], f" ({name})" if name else "", device["device"], device["name"])
 
 
 def check_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> None:
@@ -142,8 +155,15 @@ def recording_divergence(paths: RunPaths):
 
 
 def run_config(config: TrainConfig, dataset: Dataset, train_part: Split, val_part: Split | None,
-                prep: Preprocessing, model: torch.nn.Module, precision: str, threads: int) -> dict:
-    """The config.json of a run: resolved settings, data, preprocessing, model, machine."""
+                prep: Preprocessing, model: torch.nn.Module, precision: str, threads: int,
+                device: dict | None = None) -> dict:
+    """The config.json of a run: resolved settings, data, preprocessing, model, device, machine.
+
+    device: `describe_device` of the device it trains on (default: the CPU)."""
+    if device is None:
+        from imgflow.device import describe_device
+
+        device = describe_device(torch.device("cpu"))
     H, W, C = dataset.image_shape
     return {
         "train": config.to_dict(),
@@ -155,7 +175,7 @@ def run_config(config: TrainConfig, dataset: Dataset, train_part: Split, val_par
         "preprocessing": prep.to_dict(),
         "model": {"name": config.model, "num_classes": dataset.num_classes, "in_channels": C,
                   "image_size": [H, W], **count_params(model)},
-        "precision": precision, "threads": threads,
+        "precision": precision, "threads": threads, "device": device,
         "steps_per_epoch": steps_per_epoch(len(train_part), config.batch_size),
         "versions": versions(), "machine": machine_info(),
     }

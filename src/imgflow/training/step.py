@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from imgflow.data import Dataset, Split, channel_stats
 from imgflow.errors import UserError
-from imgflow.inference import loss_and_accuracy, predict_logits
+from imgflow.inference import loss_and_accuracy, model_device, predict_logits
 from imgflow.models import create_model
-from imgflow.precision import autocast
+from imgflow.precision import autocast, grad_scaler
 from imgflow.preprocess import Preprocessing, to_model_input
 from imgflow.training.averaging import Lookahead, WeightEMA
 from imgflow.training.config import TrainConfig
@@ -28,8 +28,12 @@ class TrainingDiverged(UserError):
 
 
 def prepare_model(config: TrainConfig, dataset: Dataset, train_part: Split, prep: Preprocessing,
-                  precision: str) -> torch.nn.Module:
-    """Create the model with the seed's initialisation; fit data-dependent layers if any."""
+                  precision: str, device: torch.device | None = None) -> torch.nn.Module:
+    """Create the model with the seed's initialisation, fit data-dependent layers if any, and
+    move it to `device` (default the CPU).
+
+    Both happen on the CPU first, whatever the device: the initial weights are then the same
+    numbers on every device and in every process of a distributed run."""
     H, W, C = dataset.image_shape
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=dataset.num_classes, in_channels=C, image_size=(H, W))
@@ -39,8 +43,9 @@ def prepare_model(config: TrainConfig, dataset: Dataset, train_part: Split, prep
         idx = np.random.default_rng([config.seed, 0x3417]).choice(len(train_part), n, replace=False)
         model.init_whitening(to_model_input(torch.from_numpy(train_part.images[np.sort(idx)]), prep))
     # channels_last: oneDNN's convolutions run faster on NHWC in fp32 too (1.3x measured on
-    # seed-baseline here), and uint8 NHWC batches become NHWC floats without a copy.
-    return model.to(memory_format=torch.channels_last)
+    # seed-baseline here), as do cuDNN's with tensor cores; and uint8 NHWC batches become NHWC
+    # floats without a copy.
+    return model.to(device=device or torch.device("cpu"), memory_format=torch.channels_last)
 
 
 def preprocessing_for(config: TrainConfig, dataset: Dataset, train_part: Split) -> Preprocessing:
@@ -63,19 +68,26 @@ def evaluate_part(model: torch.nn.Module, part: Split, prep: Preprocessing, prec
 
 
 class Learner:
-    """The model, how its input is prepared, and everything that updates its weights."""
+    """The model, how its input is prepared, and everything that updates its weights.
+
+    The model is on its device already (`prepare_model`); batches are moved there.
+    """
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig, prep: Preprocessing, precision: str,
                  total_steps: int):
         self.model, self.config, self.prep, self.precision = model, config, prep, precision
+        self.device = model_device(model)
         self.total_steps = total_steps
         self.optimizer = build_optimizer(model, config)
+        self.scaler = grad_scaler(precision, self.device.type)  # fp16 only
         self.ema = WeightEMA(model, config.ema) if config.ema > 0 else None
         self.lookahead = Lookahead(model, config.lookahead) if config.lookahead > 0 else None
 
     def logits_and_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (logits, loss) of a uint8 batch, the loss in fp32 whatever the precision."""
-        with autocast(self.precision):
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with autocast(self.precision, self.device.type):
             logits = self.model(to_model_input(images, self.prep, channels_last=True))
         return logits, F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
 
@@ -95,8 +107,13 @@ class Learner:
     def update(self, loss: torch.Tensor, step: int) -> None:
         """Take optimiser step number `step` (1-based) down `loss`, then the averaging ones."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:  # fp16: a scaled loss; a step whose gradients overflowed is skipped, the scale lowered
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model)
         if self.lookahead is not None:
@@ -125,17 +142,23 @@ class Learner:
         return self.ema.state if self.ema is not None else self.model.state_dict()
 
     def state_dict(self) -> dict:
+        """Everything that updates the weights, as it is (on the device: the checkpoint copies it)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state if self.ema is not None else None,
-                "lookahead": self.lookahead.state if self.lookahead is not None else None}
+                "lookahead": self.lookahead.state if self.lookahead is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
+        """Load a state saved on any device (the optimiser moves its own state to the weights')."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        on_device = lambda tensors: {k: v.to(self.device) for k, v in tensors.items()}  # noqa: E731
         if self.ema is not None:
-            self.ema.state = state["ema"]
+            self.ema.state = on_device(state["ema"])
         if self.lookahead is not None:
-            self.lookahead.state = state["lookahead"]
+            self.lookahead.state = on_device(state["lookahead"])
+        if self.scaler is not None and state.get("scaler"):  # none in checkpoints before fp16
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def update_or_diverge(learner: Learner, loss: torch.Tensor, step: int, where: str) -> None:

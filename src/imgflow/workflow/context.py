@@ -24,6 +24,10 @@ class Context:
     state: WorkflowState  # decisions later steps need; saved in workflow.json
     save: Callable[[], None] = lambda: None  # writes workflow.json with the state so far
     threads: int | None = None  # CPU threads for training (None: one per core, or $OMP_NUM_THREADS)
+    # Where every run trains and every probe measures (--device). Not a plan's setting: a workflow
+    # continued on another device continues its plans there (train warns that it may not be bit
+    # for bit the same).
+    device: str = "auto"
     # The loaded data set, keyed by its test hold-out, so the steps decode/read it once.
     loaded: tuple[float, Any] | None = dataclasses.field(default=None, repr=False)
 

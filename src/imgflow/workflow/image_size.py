@@ -78,7 +78,7 @@ def working_image_size(sample, budget_seconds: float, images_per_second_32: Call
 
 
 def decide_image_size(data: str, budget_seconds: float, threads: int | None,
-                      option: tuple[int, int] | None) -> Resize:
+                      option: tuple[int, int] | None, device: str = "auto") -> Resize:
     """Before anything is decoded: --image-size if given, else the working size for DATA."""
     from imgflow.data.decode import available_memory
     from imgflow.data.folder import sample_image_sizes
@@ -97,6 +97,6 @@ def decide_image_size(data: str, budget_seconds: float, threads: int | None,
 
     def probe() -> float:  # the speed does not depend on what the pixels show
         images = np.random.default_rng(0).integers(0, 256, size=(128, 32, 32, 3), dtype=np.uint8)
-        return probe_throughput(SCALED_MODELS[-1], images, np.arange(128) % 2, 2, threads)
+        return probe_throughput(SCALED_MODELS[-1], images, np.arange(128) % 2, 2, threads, device)
 
     return working_image_size(sample, budget_seconds, probe, available_memory())

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def _new_record(out: Path, data: str, seed: int, budget_minutes: float, progress: bool, threads: int | None,
-                image_size: tuple[int, int] | None) -> WorkflowRecord:
+                image_size: tuple[int, int] | None, device: str = "auto") -> WorkflowRecord:
     """A record for a new workflow, after checking DATA (nothing is written yet)."""
     from imgflow.data import load_dataset
     from imgflow.runs import holds_run
@@ -32,7 +32,7 @@ def _new_record(out: Path, data: str, seed: int, budget_minutes: float, progress
     if holds_run(out):  # its report.html and plots would be replaced by the workflow's
         raise UserError(f"{out} holds a training run, not a workflow: choose another --out")
     # The working size is chosen before decoding: a folder of photos is never held at full size.
-    resize = decide_image_size(data, budget_minutes * 60, threads, image_size)
+    resize = decide_image_size(data, budget_minutes * 60, threads, image_size, device)
     # A bad DATA fails here, before anything is written.
     size = tuple(resize.image_size) if resize.image_size else None
     check_classifiable(load_dataset(data, image_size=size, progress=progress))
@@ -62,11 +62,12 @@ def _check_same_workflow(saved: WorkflowRecord, out: Path, data: str, seed: int,
 
 
 def _record_to_continue(out: Path, data: str, seed: int, budget_minutes: float, progress: bool,
-                        threads: int | None, image_size: tuple[int, int] | None) -> WorkflowRecord:
+                        threads: int | None, image_size: tuple[int, int] | None,
+                        device: str = "auto") -> WorkflowRecord:
     """OUT/workflow.json to continue (the same DATA, seed, budget and --image-size), or a new one."""
     record_path = out / "workflow.json"
     if not record_path.is_file():
-        return _new_record(out, data, seed, budget_minutes, progress, threads, image_size)
+        return _new_record(out, data, seed, budget_minutes, progress, threads, image_size, device)
     saved = read_workflow_record(record_path, to_continue=True)
     _check_same_workflow(saved, out, data, seed, budget_minutes, image_size)
     saved.data = data  # as this invocation spells it (the same folder)
@@ -75,12 +76,15 @@ def _record_to_continue(out: Path, data: str, seed: int, budget_minutes: float, 
     return saved
 
 
-def _check_arguments(out: Path, budget_minutes: float, seed: int, threads: int | None) -> None:
+def _check_arguments(out: Path, budget_minutes: float, seed: int, threads: int | None,
+                     device: str = "auto") -> None:
+    from imgflow.device import resolve_device
     from imgflow.training.config import check_seed_and_threads
 
     if not 0 < budget_minutes < math.inf:
         raise UserError(f"--budget-minutes must be a number > 0, got {budget_minutes}")
     check_seed_and_threads(seed, threads)
+    resolve_device(device)  # --device cuda without CUDA: refused before anything is probed or written
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory: choose another path")
 
@@ -112,22 +116,24 @@ def _run_steps(ctx: Context, record: WorkflowRecord) -> bool:
 
 def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int = 0,
                  progress: bool | None = None, threads: int | None = None,
-                 image_size: tuple[int, int] | None = None) -> dict:
+                 image_size: tuple[int, int] | None = None, device: str = "auto") -> dict:
     """Run (or continue) the eight steps into `out`; return the workflow.json content.
 
     image_size: (H, W) to train at; None lets step 1 choose (the data's own size, or a smaller
     working size for large images: see image_size.WORKING_SIDES).
+    device: where every run trains, and so what the throughput probes behind the budget plans
+    measure (a GPU's speed buys a GPU's epochs).
     """
     out = Path(out)
-    _check_arguments(out, budget_minutes, seed, threads)
+    _check_arguments(out, budget_minutes, seed, threads, device)
     if progress is None:
         progress = sys.stderr.isatty()
-    record = _record_to_continue(out, data, seed, budget_minutes, progress, threads, image_size)
+    record = _record_to_continue(out, data, seed, budget_minutes, progress, threads, image_size, device)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "workflow.json"
     ctx = Context(data=data, out=out, seed=seed, budget_seconds=budget_minutes * 60,
                   started=time.perf_counter(), elapsed_before=record.elapsed_minutes * 60,
-                  progress=progress, threads=threads, state=record.state)
+                  progress=progress, threads=threads, device=device, state=record.state)
 
     def save() -> None:
         record.elapsed_minutes = round(ctx.elapsed() / 60, 3)

@@ -309,7 +309,7 @@ def step_final(ctx: Context) -> StepRecord:
     trained_on = read_json(RunPaths(run_dir).config, "run config")["data"]["num_train"]
     # A model trained on mirrored and shifted images is tested on those views too, averaged.
     tta = "flip" in settings.get("augment", "none")
-    test = evaluate_run(run_dir, tta=tta, progress=ctx.progress)
+    test = evaluate_run(run_dir, tta=tta, progress=ctx.progress, device=ctx.device)
     ctx.state.final_run, ctx.state.test_accuracy = str(run_dir), test["accuracy"]
     report_run(run_dir)
     outcome = FinalOutcome(chosen=chosen.name, n_train=n_train, trained_on=trained_on,

@@ -18,14 +18,19 @@ PROBE_STEPS = 4  # the first warms up (allocations, oneDNN's kernel choice) and 
 
 
 def probe_throughput(model: str, images: np.ndarray, labels: np.ndarray, num_classes: int,
-                     threads: int | None) -> float:
-    """Training images per second of `model` on one batch of uint8 NHWC `images` (3 timed steps).
+                     threads: int | None, device: str = "auto") -> float:
+    """Training images per second of `model` on `device`, on one batch of uint8 NHWC `images`
+    (3 timed steps).
 
     It times the engine's own step (`Learner.train_step`: preprocessing, forward, backward,
-    optimiser) with a default configuration, so the probe costs what training will.
+    optimiser) with a default configuration, on the device and in the precision training will
+    use, so the probe costs what training will. The batch starts on the device, as training's
+    data does when it fits there; the step's finite-loss check waits for the device, so each
+    step's time is the device's and not only the time to queue its work.
     """
     import torch
 
+    from imgflow.device import resolve_device
     from imgflow.models import create_model
     from imgflow.precision import resolve_precision, set_threads
     from imgflow.preprocess import Preprocessing
@@ -34,15 +39,16 @@ def probe_throughput(model: str, images: np.ndarray, labels: np.ndarray, num_cla
 
     B, H, W, C = images.shape
     set_threads(threads)
-    precision = resolve_precision("auto")
-    config = TrainConfig(data="", model=model)
+    on = resolve_device(device)
+    precision = resolve_precision("auto", on)
+    config = TrainConfig(data="", model=model, device=device)
     torch.manual_seed(0)
     net = create_model(model, num_classes=num_classes, in_channels=C,
-                       image_size=(H, W)).to(memory_format=torch.channels_last)
+                       image_size=(H, W)).to(device=on, memory_format=torch.channels_last)
     learner = Learner(net, config, Preprocessing((0.0,) * C, (1.0,) * C, (H, W), C), precision,
                       total_steps=PROBE_STEPS)
-    x = torch.from_numpy(np.ascontiguousarray(images))
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(on)
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(on)
     times = []
     for step in range(1, PROBE_STEPS + 1):
         t = time.perf_counter()
@@ -55,7 +61,7 @@ def measure_throughput(ctx: Context, model: str, batch_size: int) -> float:
     """Training images per second of `model` on this machine: a few timed steps on real images."""
     train = train_part(ctx)
     return probe_throughput(model, train.images[:batch_size], train.labels[:batch_size],
-                            int(train.labels.max()) + 1, ctx.threads)
+                            int(train.labels.max()) + 1, ctx.threads, ctx.device)
 
 
 def observed_throughput(out: Path, run: str) -> float | None:

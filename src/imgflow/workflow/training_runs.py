@@ -31,7 +31,7 @@ def train_run(ctx: Context, name: str, settings: dict[str, Any]) -> tuple[Path, 
     from imgflow.training.rundir import config_differences
 
     run_dir = ctx.out / "runs" / name
-    config = resolve_config(ctx.data, settings)
+    config = resolve_config(ctx.data, {**settings, "device": ctx.device})
     if diff := config_differences(run_dir, config):
         # Only a workflow.json from before plans were saved can get here.
         raise UserError(f"{run_dir} was started with other settings ({', '.join(diff)}): delete that "
@@ -60,7 +60,7 @@ def val_score(ctx: Context, run_dir: Path, history: list[dict]) -> float:
     from imgflow.training.batches import split_for_training
     from imgflow.training.config import TrainConfig
 
-    model, config = load_trained_model(run_dir)
+    model, config = load_trained_model(run_dir, ctx.device)
     _, val = split_for_training(train_part(ctx), TrainConfig.from_dict(config["train"]))
     logits = predict_logits(model, val.images, Preprocessing.from_dict(config["preprocessing"]))
     return float(balanced_accuracy_score(val.labels, logits.argmax(1).numpy()))
