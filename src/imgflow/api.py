@@ -42,7 +42,7 @@ _IN_MEMORY = "<in-memory arrays>"
 # ----------------------------------------------------------------------------------------------
 # errors: command-line flags -> Python arguments
 
-_SWITCHES = {"resume", "overwrite", "tta", "json"}  # flags without a value: `name=True`
+_SWITCHES = {"resume", "overwrite", "tta", "json", "sync_bn"}  # flags without a value: `name=True`
 _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?: (?P<value>[^\s,;()'\"]+))?")
 _COMMAND = re.compile(r"'imgflow (train|evaluate|predict|inspect|workflow|export|report)((?: [^']*)?)'")
 _NUMBER = re.compile(r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
@@ -246,9 +246,11 @@ def _check_kind(name: str, value: Any, default: Any) -> None:
         ok, what = isinstance(value, (int, float, np.integer, np.floating)), "a number"
     elif kind is int:
         ok, what = isinstance(value, (int, np.integer)), "an integer"
+    elif kind is bool:
+        ok, what = isinstance(value, bool), "True or False"
     else:
         ok, what = isinstance(value, kind), "a string"
-    if not ok or isinstance(value, bool):
+    if not ok or (isinstance(value, bool) and kind is not bool):
         raise UserError(f"{name}= must be {what}, got {value!r}")
 
 

@@ -79,7 +79,8 @@ def read_json_checked(path: Path, what: str, check: Callable[[Any], T], fix: str
 # checking the shape of JSON content: each check returns the value or raises MalformedContent
 
 _KINDS: dict[str, type | tuple[type, ...]] = {
-    "an object": dict, "a list": list, "a string": str, "a number": (int, float), "an integer": int}
+    "an object": dict, "a list": list, "a string": str, "a number": (int, float), "an integer": int,
+    "a boolean": bool}
 
 
 def describe(value: Any) -> str:
@@ -98,7 +99,7 @@ def describe(value: Any) -> str:
 def expect(value: Any, kind: str, name: str) -> Any:
     """`value` if it is `kind` ('an object', 'a list', 'a string', 'a number', 'an integer')."""
     # bool is an int to Python, never a number to a reader of the file
-    if not isinstance(value, _KINDS[kind]) or isinstance(value, bool):
+    if not isinstance(value, _KINDS[kind]) or (isinstance(value, bool) and kind != "a boolean"):
         raise MalformedContent(f"{name} is {describe(value)}, expected {kind}")
     return value
 

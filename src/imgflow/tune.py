@@ -227,6 +227,9 @@ def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = Non
 def _check_request(base: TrainConfig, out: Path, trials: int, search: str | None,
                    budget_minutes: float | None) -> dict[str, Dimension]:
     """The search space, once the arguments are known to make a study: a UserError if not."""
+    from imgflow.training.distributed import refuse_under_torchrun
+
+    refuse_under_torchrun("tune", "its study is kept by one process")
     if trials < 1:
         raise UserError(f"--trials must be >= 1, got {trials}")
     if budget_minutes is not None and not 0 < budget_minutes < math.inf:

@@ -16,6 +16,7 @@ import sys
 # (benchmarks/results). Set before torch is imported; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from imgflow.cli.arguments import other_rank
 from imgflow.cli.parser import build_parser
 from imgflow.errors import UserError
 
@@ -27,6 +28,12 @@ def _configure_logging(verbosity: int) -> None:
     if verbosity <= -2:
         level = logging.ERROR
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+
+
+# Commands whose work is not shared out among torchrun's processes: N copies would each do all of
+# it and write the same files.
+_ONE_PROCESS = {"inspect", "models", "evaluate", "report", "predict", "export", "reproduce-seed", "workflow",
+                "tune", "lr-find", "serve"}
 
 
 def _escape_unencodable_output() -> None:
@@ -45,16 +52,22 @@ _PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EEXI
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose - args.quiet)
+    quiet = other_rank()
+    _configure_logging(-2 if quiet else args.verbose - args.quiet)
     _escape_unencodable_output()
     try:
+        if args.command in _ONE_PROCESS and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+            raise UserError(f"'imgflow {args.command}' runs in one process: start it without torchrun "
+                            "('imgflow train' is the command that trains with several)")
         return args.func(args)
     except UserError as exc:
-        print(f"imgflow: error: {exc}", file=sys.stderr)
+        if not quiet:
+            print(f"imgflow: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         detail = f": {exc}" if str(exc) else ""
-        print(f"imgflow: interrupted{detail}", file=sys.stderr)
+        if not quiet:
+            print(f"imgflow: interrupted{detail}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         sys.stderr.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,18 @@ from imgflow.training.config import (DEVICE_HELP, DEVICE_METAVAR, PRESETS, TRAIN
 DATA_HELP = "cifar10, fashion-mnist, a folder/.zip/.tar(.gz) of images, or a .npz of arrays"
 
 
+def other_rank() -> bool:
+    """True in a process that torchrun started as rank 1, 2, ... of several: it says nothing (rank
+    0 prints every message and error once) but exits with the same status."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return world.isdigit() and int(world) > 1 and rank != "0"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but errors are one line ('imgflow: error: ...') and exit 2, without usage spam."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, None if other_rank() else f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def positive_int(text: str) -> int:
@@ -99,6 +107,9 @@ def add_config_arguments(p: argparse.ArgumentParser, leave_out: tuple[str, ...] 
     p.add_argument("--preset", help=f"named configuration: {', '.join(PRESETS)} (its values are the "
                    "defaults; options given win)")
     for option in (option for option in TRAIN_OPTIONS if option.field not in leave_out):
+        if option.kind == "flag":  # None when not given, as the others: a preset may set it
+            p.add_argument(option.flag, action="store_true", default=None, help=option.help)
+            continue
         p.add_argument(option.flag, type=_TYPES[option.kind], choices=option.choices, metavar=option.metavar,
                        help=(option.help + _shown_default(option.field)).strip() or None)
 

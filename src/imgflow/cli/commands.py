@@ -29,20 +29,25 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from imgflow.cli.arguments import config_from_args
+    from imgflow.cli.arguments import config_from_args, other_rank
     from imgflow.training.config import LR_FIND
     from imgflow.training.loop import train
 
     config = config_from_args(args)
     if args.lr == LR_FIND:
+        from imgflow.training.distributed import refuse_under_torchrun
         from imgflow.training.lr_find import train_at_found_lr
+
+        refuse_under_torchrun("train --lr find", "the range test runs in one process; run 'imgflow lr-find' "
+                                                 "first and pass its --lr")
 
         result, found = train_at_found_lr(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
         if found is not None:
             print(f"trained at the suggested lr {found.suggestion:.1e} ({found.rule})")
     else:
         result = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
-    print(f"run directory: {result.run_dir}")
+    if not other_rank():  # under torchrun, rank 0 alone
+        print(f"run directory: {result.run_dir}")
     return 0
 
 

@@ -13,6 +13,7 @@ from imgflow.device import fits_on_device
 from imgflow.errors import UserError
 from imgflow.text import plural
 from imgflow.training.config import TrainConfig
+from imgflow.training.distributed import SINGLE, Ranks
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=seeded_generator(seed, epoch, 0x0DE2))
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    # Keras keeps the last partial batch; we do too, except a batch of one, which BatchNorm
-    # cannot normalise in training mode.
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Optimiser steps in an epoch of n images, for `world` processes sharing each batch.
+
+    Keras keeps the last partial batch; we do too, unless it would give a process a shard of
+    one image, which BatchNorm cannot normalise in training mode (one process: a batch of one).
+    """
     steps = math.ceil(n / batch_size)
-    return steps - 1 if steps > 1 and n % batch_size == 1 else steps
+    last = n - (steps - 1) * batch_size
+    return steps - 1 if steps > 1 and last < 2 * world else steps
 
 
 class EpochBatches:
@@ -77,16 +82,19 @@ class EpochBatches:
     The images live on the device when they fit (`fits_on_device`) and are indexed and augmented
     there, so a GPU never waits for the host; otherwise each batch is assembled in host memory and
     sent over. The order and the augmentation's random draws come from CPU generators either way.
+    With several ranks, every rank draws the same global batch, augments it, and keeps its shard
+    (`Ranks.shard`): what a step trains on does not depend on the number of processes.
     """
 
-    def __init__(self, part: Split, config: TrainConfig, device: torch.device | None = None):
+    def __init__(self, part: Split, config: TrainConfig, device: torch.device | None = None,
+                 ranks: Ranks = SINGLE):
         self.device = device or torch.device("cpu")
         images, labels = torch.from_numpy(part.images), torch.from_numpy(part.labels)
         on_device = fits_on_device(images.nbytes + labels.nbytes, self.device)
         self.images = images.to(self.device) if on_device else images
         self.labels = labels.to(self.device) if on_device else labels
-        self.config = config
-        self.steps = steps_per_epoch(len(part), config.batch_size)
+        self.config, self.ranks = config, ranks
+        self.steps = steps_per_epoch(len(part), config.batch_size, ranks.world)
         self.flip_coins = alternating_flips(len(part), config.seed) if config.flip == "alternate" else None
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its order): drawn once per epoch
 
@@ -102,4 +110,5 @@ class EpochBatches:
             flips = flip_mask(self.flip_coins, idx, epoch) if self.flip_coins is not None else None
             xb = augment_batch(xb, self.config.augment, step_generator(self.config.seed, epoch, step),
                                translate=self.config.translate, cutout=self.config.cutout, flip=flips)
+        xb, yb = self.ranks.shard(xb), self.ranks.shard(yb)
         return xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)

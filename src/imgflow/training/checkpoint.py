@@ -94,18 +94,33 @@ def restore_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
-def save_training_state(path: Path, learner: Learner, loop: LoopState, seconds_here: float) -> None:
-    """Checkpoint the learner and the loop (seconds_here: trained by this process so far)."""
+def save_training_state(path: Path, learner: Learner, loop: LoopState, seconds_here: float,
+                        rng_ranks: list[dict] | None = None) -> None:
+    """Checkpoint the learner and the loop (seconds_here: trained by this process so far).
+
+    rng_ranks: with several ranks, each rank's `rng_state` in rank order (dropout draws differ
+    per rank). The rest is the same on every rank (weights and optimiser: kept equal by
+    DistributedDataParallel; loop sums: pooled each step) or only rank 0's matters (BatchNorm
+    statistics: rank 0's go to every rank before each forward), so rank 0 saves it alone.
+    """
     save_checkpoint(path, {**learner.state_dict(), **rng_state(learner.device),
+                           "rng_ranks": rng_ranks, "world_size": learner.ranks.world,
                            "history": loop.history, "epoch": loop.epoch, "step": loop.step,
                            "global_step": loop.global_step, "sums": loop.sums, "best": loop.best,
                            "elapsed": loop.elapsed + seconds_here})
 
 
 def restore_checkpoint(checkpoint: dict, learner: Learner) -> LoopState:
-    """Load a checkpoint into the learner and the global RNG; return the loop state it holds."""
+    """Load a checkpoint into the learner and this rank's RNG; return the loop state it holds.
+
+    A rank the checkpoint has no RNG state for (a run resumed with more processes) starts a
+    generator of its own from the seed and the step."""
     learner.load_state_dict(checkpoint)
-    restore_rng_state(checkpoint, learner.device)
+    ranks, saved = learner.ranks, checkpoint.get("rng_ranks") or [checkpoint]
+    if ranks.rank < len(saved):
+        restore_rng_state(saved[ranks.rank], learner.device)
+    else:
+        torch.manual_seed(ranks.seed(learner.config.seed) ^ checkpoint["global_step"])
     return LoopState(history=checkpoint["history"], epoch=checkpoint["epoch"], step=checkpoint["step"],
                      global_step=checkpoint["global_step"], sums=checkpoint["sums"], best=checkpoint["best"],
                      elapsed=checkpoint["elapsed"])

@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int = 0  # fixes split, data order, augmentation, initialisation, dropout
     precision: str = "auto"  # auto (bf16 where the hardware has it, fp16 on older GPUs) | fp32 | bf16 | fp16
     device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
+    sync_bn: bool = False  # several processes (torchrun) on CUDA: BatchNorm statistics over the global batch
     threads: int | None = None  # torch intra-op threads; None = one per physical core
     early_stopping: int = 0  # patience in epochs on val_loss, best weights restored; 0 = off
     ema: float = 0.0  # exponential moving average of weights, decay per step; 0 = off
@@ -149,7 +150,7 @@ class TrainConfig:
         return cls(**values)
 
 
-_KIND_OF_DEFAULT = {int: "an integer", float: "a number", str: "a string"}
+_KIND_OF_DEFAULT = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
 _KIND_WHEN_NOT_NONE = {"threads": "an integer", "preset": "a string"}
 
 
@@ -291,7 +292,7 @@ class Option:
 
     field: str
     help: str = ""
-    kind: str = "float"  # float | lr (a float or 'find') | str | positive_int | non_negative_int | image_size
+    kind: str = "float"  # float | lr (a float or 'find') | str | positive_int | non_negative_int | image_size | flag
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
 
@@ -338,6 +339,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("precision", "auto: bf16 where the CPU or GPU runs it natively, fp16 with loss scaling on "
                         "older GPUs, else fp32", "str", PRECISIONS),
     Option("device", DEVICE_HELP, "str", metavar=DEVICE_METAVAR),
+    Option("sync_bn", "under torchrun on CUDA: BatchNorm statistics over the whole global batch "
+                      "(SyncBatchNorm) instead of each process's share", "flag"),
     Option("threads", THREADS_HELP, "positive_int"),
     Option("early_stopping", "stop when val_loss has not improved for PATIENCE epochs; keep the best "
                              "(0 = off)", "non_negative_int", metavar="PATIENCE"),
@@ -364,6 +367,9 @@ def command_line_options(values: dict[str, Any]) -> list[str]:
         if name not in OPTION_OF:
             raise ValueError(f"TrainConfig field {name!r} has no command-line option")
         if value is None or value == default_of(name):
+            continue
+        if OPTION_OF[name].kind == "flag":
+            words.append(OPTION_OF[name].flag)
             continue
         if OPTION_OF[name].kind == "image_size":
             value = "x".join(str(side) for side in value)

@@ -18,7 +18,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import torch
 
 from imgflow.data import Dataset, Split
 from imgflow.device import configure_for_training, describe_device, out_of_memory_as_user_error, resolve_device
+from imgflow.errors import UserError
 from imgflow.fileio import write_json
 from imgflow.history import read_history, write_history
 from imgflow.precision import resolve_precision, set_threads
@@ -34,9 +35,10 @@ from imgflow.runs import RunPaths, is_finished, load_run_data, state_dict_mismat
 from imgflow.text import plural
 from imgflow.training.batches import EpochBatches, check_classifiable, check_image_size, split_for_training
 from imgflow.training.batchnorm import has_batchnorm, reestimate_on_training_part
-from imgflow.training.checkpoint import (LoopState, load_checkpoint, new_sums, restore_checkpoint,
+from imgflow.training.checkpoint import (LoopState, load_checkpoint, new_sums, restore_checkpoint, rng_state,
                                          save_training_state, unreadable_checkpoint)
 from imgflow.training.config import TrainConfig
+from imgflow.training.distributed import SINGLE, Ranks, join_torchrun
 from imgflow.training.rundir import (OVERWRITE_STAGING, check_run_dir, recording_divergence, run_config,
                                      save_final, swap_in, warn_if_device_changed)
 from imgflow.training.schedule import lr_at
@@ -56,30 +58,38 @@ class TrainResult:
 
 
 class _StopRequest:
-    """Turns the first Ctrl-C into a flag checked between steps, so a checkpoint is consistent."""
+    """Turns the first Ctrl-C into a flag checked between steps, so a checkpoint is consistent.
+
+    SIGTERM (handled under torchrun only) sets the same flag and never aborts: it is what the
+    launcher's death and schedulers send, and each worker may get it more than once.
+    """
 
     def __init__(self) -> None:
         self.requested = False
 
     def __call__(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C: stop now
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
+        if not self.requested:
+            log.warning("stopping after this step; a checkpoint is being saved (Ctrl-C again to abort)")
         self.requested = True
-        log.warning("stopping after this step; a checkpoint is being saved (Ctrl-C again to abort)")
 
 
 @contextmanager
-def _sigint_as_flag():
+def _sigint_as_flag(sigterm: bool = False):
+    """Ctrl-C (and with `sigterm`, SIGTERM) as a stop request for the duration."""
     stop = _StopRequest()
+    signals = [signal.SIGINT, signal.SIGTERM] if sigterm else [signal.SIGINT]
     try:
-        previous = signal.signal(signal.SIGINT, stop)
+        previous = {s: signal.signal(s, stop) for s in signals}
     except ValueError:  # not the main thread: leave signals alone
         yield stop
         return
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def train_one_epoch(learner: Learner, batches: EpochBatches, loop: LoopState,
@@ -89,7 +99,7 @@ def train_one_epoch(learner: Learner, batches: EpochBatches, loop: LoopState,
 
     lr_of_step: the schedule, global step -> lr. after_step: called after every step (it
     checkpoints when due). Returns the whole epoch's {"train_loss", "train_acc"}, steps run by
-    an interrupted process included.
+    an interrupted process included (and, with several ranks, the images of every rank).
     """
     config = learner.config
     epoch, sums = loop.epoch, loop.sums
@@ -99,13 +109,13 @@ def train_one_epoch(learner: Learner, batches: EpochBatches, loop: LoopState,
     with bar:
         for step in range(loop.step, batches.steps):
             images, labels = batches.batch(epoch, step)
-            logits, loss = learner.train_step(images, labels, lr_of_step(loop.global_step), loop.global_step + 1,
-                                              f"epoch {epoch + 1}, step {step + 1}")
+            done = learner.train_step(images, labels, lr_of_step(loop.global_step), loop.global_step + 1,
+                                      f"epoch {epoch + 1}, step {step + 1}")
             loop.global_step += 1
             loop.step = step + 1
-            sums["loss"] += loss.item() * len(labels)
-            sums["correct"] += int((logits.argmax(1) == labels).sum())
-            sums["seen"] += len(labels)
+            sums["loss"] += done.loss_sum
+            sums["correct"] += done.correct
+            sums["seen"] += done.seen
             sums["seconds"] = time.perf_counter() - t_epoch
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}",
@@ -122,7 +132,9 @@ def validate_epoch(learner: Learner, val_part: Split | None, loop: LoopState) ->
     if val_part is None:
         return {"val_loss": None, "val_acc": None}
     with learner.evaluated_weights():
-        val = evaluate_part(learner.model, val_part, learner.prep, learner.precision, config.eval_batch_size)
+        learner.ranks.broadcast_buffers(learner.model)  # rank 0's BatchNorm statistics: one model
+        val = evaluate_part(learner.model, val_part, learner.prep, learner.precision, config.eval_batch_size,
+                            learner.ranks)
         if not math.isfinite(val["loss"]):
             raise TrainingDiverged(
                 f"validation loss became {val['loss']} after epoch {loop.epoch + 1}: lower --lr (now "
@@ -145,7 +157,7 @@ def finish_epoch(learner: Learner, val_part: Split | None, loop: LoopState, trai
     """Close the epoch the loop has just trained: check the weights, validate; return its
     history row (without seconds)."""
     config = learner.config
-    if not learner.all_finite():
+    if learner.ranks.any(not learner.all_finite())[0]:
         raise TrainingDiverged(
             f"the weights became inf/nan in epoch {loop.epoch + 1}: lower --lr (now {config.lr}) "
             "and start again with --overwrite")
@@ -175,7 +187,7 @@ def _with_precise_bn(learner: Learner, state: dict, train_part: Split, val_part:
     done = {"images": images, "seconds": None, "val_accuracy_before": val_acc, "val_accuracy": None}
     if val_part is not None:
         done["val_accuracy"] = evaluate_part(model, val_part, learner.prep, learner.precision,
-                                              config.eval_batch_size)["accuracy"]
+                                             config.eval_batch_size, learner.ranks)["accuracy"]
         log.info("BatchNorm statistics re-estimated on %d training images: val accuracy %.4f -> %.4f",
                  images, val_acc, done["val_accuracy"])
     done["seconds"] = round(time.perf_counter() - started, 2)
@@ -194,22 +206,37 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     it raises stops the run there, resumable (`tune` prunes trials this way).
     record: more top-level entries for config.json, beside "train", written when the run starts
     (how its settings were chosen: `train --lr find` records the range test's "lr_find" here).
+
+    Started by torchrun as one of several processes, this process trains its rank's share of the
+    run (training/distributed.py); only rank 0 writes files and shows progress.
     """
     if checkpoint_seconds is None:
         checkpoint_seconds = float(os.environ.get("IMGFLOW_CHECKPOINT_SECONDS", 60))
     if progress is None:
         progress = interactive()
     config.validate()
+    ranks, device = join_torchrun(config.device)
+    progress = progress and ranks.main
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, config, resume, overwrite)
-    if overwrite and not resume and run_dir.is_dir():
-        return _train_replacing(config, run_dir, progress, checkpoint_seconds, on_epoch, record)
-    return _train_into(config, run_dir, resume, progress, checkpoint_seconds, on_epoch, record)
+    ranks.on_main(lambda: check_run_dir(run_dir, config, resume, overwrite))
+    if overwrite and not resume and ranks.on_main(run_dir.is_dir):
+        return _train_replacing(config, run_dir, progress, checkpoint_seconds, on_epoch, record,
+                                _Where(ranks, device))
+    return _train_into(config, run_dir, resume, progress, checkpoint_seconds, on_epoch, record,
+                       _Where(ranks, device))
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Which process of how many trains, and on what device (`distributed.join_torchrun`)."""
+
+    ranks: Ranks = SINGLE
+    device: str | None = None  # a spec for resolve_device; None: the config's
 
 
 def _train_replacing(config: TrainConfig, run_dir: Path, progress: bool,
                      checkpoint_seconds: float, on_epoch: Callable[[dict], None] | None,
-                     record: dict | None = None) -> TrainResult:
+                     record: dict | None = None, where: _Where = _Where()) -> TrainResult:
     """--overwrite: train into a staging directory, and swap it in only once the run has finished.
 
     Any failure (divergence, bad data, Ctrl-C, a crash) leaves the earlier run as it was. This
@@ -219,17 +246,21 @@ def _train_replacing(config: TrainConfig, run_dir: Path, progress: bool,
     an interrupted overwrite cannot be resumed; it starts again.
     """
     staging = run_dir / OVERWRITE_STAGING
-    shutil.rmtree(staging, ignore_errors=True)  # left behind by a killed overwrite
+    main = where.ranks.main
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)  # left behind by a killed overwrite
     try:
-        result = _train_into(config, staging, False, progress, checkpoint_seconds, on_epoch, record)
+        result = _train_into(config, staging, False, progress, checkpoint_seconds, on_epoch, record, where)
     except KeyboardInterrupt:
-        shutil.rmtree(staging, ignore_errors=True)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
         raise KeyboardInterrupt(f"{run_dir} keeps its earlier run; run the same command again to "
                                 "replace it") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    swap_in(staging, run_dir)
+    where.ranks.on_main(lambda: swap_in(staging, run_dir))
     log.info("replaced the earlier run in %s", run_dir)
     return dataclasses.replace(result, run_dir=run_dir)
 
@@ -245,6 +276,7 @@ class Run:
     batches: EpochBatches
     learner: Learner
     threads: int
+    ranks: Ranks = SINGLE
 
     def lr_of_step(self, step: int) -> float:
         """The schedule: global step -> lr. At most half the run warms up, so a preset shortened
@@ -254,12 +286,21 @@ class Run:
         return lr_at(step, total, config.lr, config.schedule, warmup_steps, final_fraction=config.lr_floor)
 
 
-def set_up(config: TrainConfig, progress: bool, resumed: Path | None = None) -> Run:
+def set_up(config: TrainConfig, progress: bool, resumed: Path | None = None, ranks: Ranks = SINGLE,
+           device_spec: str | None = None) -> Run:
     """Load and check the data, split it, build the model and its learner.
 
     resumed: the run directory when continuing a run (its data missing is then data that moved).
+    ranks, device_spec: this process's rank, and its device (`distributed.join_torchrun`: under torchrun
+    each process on a GPU machine takes its own); None: config.device.
     """
-    device = resolve_device(config.device)  # before the data loads: --device cuda without CUDA is quick
+    if ranks.several and config.batch_size < 2 * ranks.world:
+        raise UserError(f"--batch-size {config.batch_size} is too small for {ranks.world} processes: each "
+                        "takes its share of every batch, and BatchNorm needs 2 images or more of it")
+    device = resolve_device(device_spec or config.device)  # before the data loads: --device cuda without CUDA is quick
+    if config.sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; leave it out, and each "
+                        "process keeps BatchNorm statistics of its own share of the batch (the default)")
     dataset = load_run_data(config.to_dict(), progress=progress, remarks=True, run_dir=resumed)
     check_classifiable(dataset)
     check_image_size(dataset, config)
@@ -269,53 +310,73 @@ def set_up(config: TrainConfig, progress: bool, resumed: Path | None = None) -> 
     threads = set_threads(config.threads)
     prep = preprocessing_for(config, dataset, train_part)
     model = prepare_model(config, dataset, train_part, prep, precision, device)
-    batches = EpochBatches(train_part, config, device)
-    learner = Learner(model, config, prep, precision, config.epochs * batches.steps)
-    return Run(config, dataset, train_part, val_part, batches, learner, threads)
+    if config.sync_bn and ranks.several:  # the same parameters and buffers, in modules that sync
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if ranks.rank > 0:  # every rank starts from the same weights; dropout draws are each rank's own
+        torch.manual_seed(ranks.seed(config.seed))
+    batches = EpochBatches(train_part, config, device, ranks)
+    learner = Learner(model, config, prep, precision, config.epochs * batches.steps, ranks)
+    return Run(config, dataset, train_part, val_part, batches, learner, threads, ranks)
 
 
 def _train_into(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
                 checkpoint_seconds: float, on_epoch: Callable[[dict], None] | None = None,
-                record: dict | None = None) -> TrainResult:
-    """train(), once the run directory is known to be free (or resumed): load, train, save."""
-    paths = RunPaths(run_dir)
+                record: dict | None = None, where: _Where = _Where()) -> TrainResult:
+    """train(), once the run directory is known to be free (or resumed): load, train, save.
+
+    With several ranks, rank 0 reads the checkpoint and hands it to the others, and alone
+    writes; every rank loads the data and builds the model, and a failure on any stops all."""
+    paths, ranks = RunPaths(run_dir), where.ranks
     # A damaged checkpoint is refused before the data set loads (and prints its remarks).
-    checkpoint = load_checkpoint(paths.checkpoint) if resume and paths.checkpoint.is_file() else None
-    run = set_up(config, progress, run_dir if resume else None)
+    checkpoint = ranks.on_main(lambda: load_checkpoint(paths.checkpoint)
+                               if resume and paths.checkpoint.is_file() else None)
+    run = ranks.everywhere(lambda: set_up(config, progress, run_dir if resume else None, ranks, where.device))
+    run.learner.distribute()
     finished = checkpoint is None or checkpoint["epoch"] >= config.epochs
-    if resume and finished and is_finished(run_dir):
+    if resume and finished and ranks.on_main(lambda: is_finished(run_dir)):
         log.info("%s has already finished; nothing to resume", run_dir)
-        return TrainResult(run_dir, read_history(paths.history))
-    # Everything is validated and loaded: only now touch the run directory.
-    run_dir.mkdir(parents=True, exist_ok=True)
+        return TrainResult(run_dir, ranks.on_main(lambda: read_history(paths.history)))
     device = describe_device(run.learner.device)
     described = run_config(config, run.dataset, run.train_part, run.val_part, run.learner.prep,
-                           run.learner.model, run.learner.precision, run.threads, device)
+                           run.learner.model, run.learner.precision, run.threads, device, ranks.world)
     described.update(record or {})
-    if not paths.config.is_file():
-        write_json(paths.config, described)
-    else:
-        warn_if_device_changed(run_dir, device)
+    # Everything is validated and loaded: only now touch the run directory.
+    ranks.on_main(lambda: _start_run_dir(paths, described, device, checkpoint, ranks.world))
     loop = _restored(checkpoint, run, paths) if checkpoint is not None else LoopState()
     log.info("training %s (%s params) on %s: %s / %s, %s of %s, %s, %s, %s", config.model,
              f"{described['model']['params']:,}", run.dataset.name, plural(len(run.train_part), "train image"),
              plural(len(run.val_part) if run.val_part else 0, "val image"), plural(config.epochs, "epoch"),
-             plural(run.batches.steps, "step"), _device_words(device), run.learner.precision,
+             plural(run.batches.steps, "step"), _device_words(device, ranks.world), run.learner.precision,
              plural(run.threads, "thread"))
     started = time.perf_counter()
     # Out of memory: the last checkpoint stays (one saved now could hold a half-taken step).
     advice = (f"train again with a smaller --batch-size (now {config.batch_size}) and --overwrite, or free "
               f"the GPU's memory and continue with --resume --out {run_dir}")
-    with _sigint_as_flag() as stop, recording_divergence(paths), \
+    with _sigint_as_flag(sigterm=ranks.several) as stop, recording_divergence(paths) if ranks.main else nullcontext(), \
             out_of_memory_as_user_error(run.learner.device, advice):
         checkpointer = _Checkpointer(paths, run.learner, loop, checkpoint_seconds, stop)
         _train_epochs(run, loop, checkpointer, progress, on_epoch)
     return _finish(run, loop, paths, seconds=loop.elapsed + time.perf_counter() - started)
 
 
-def _device_words(device: dict) -> str:
-    """'cpu', or 'cuda:0 (NVIDIA H200)' for the log line a run starts with."""
-    return device["device"] if device["gpu"] is None else f"{device['device']} ({device['gpu']})"
+def _start_run_dir(paths: RunPaths, described: dict, device: dict, checkpoint: dict | None, world: int) -> None:
+    """Create the run directory and its config.json, or say what changed since it started."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if not paths.config.is_file():
+        write_json(paths.config, described)
+        return
+    warn_if_device_changed(paths.root, device)
+    started_with = checkpoint.get("world_size", 1) if checkpoint is not None else world
+    if started_with != world:
+        log.warning("%s was trained by %s: continuing with %d. Every step trains on the same images, but "
+                    "BatchNorm statistics and dropout are per process, so the weights may not be those of "
+                    "an uninterrupted run", paths.root, plural(started_with, "process", "processes"), world)
+
+
+def _device_words(device: dict, world: int = 1) -> str:
+    """'cpu', 'cuda:0 (NVIDIA H200)', or '2 processes on cpu' for the log line a run starts with."""
+    words = device["device"] if device["gpu"] is None else f"{device['device']} ({device['gpu']})"
+    return words if world == 1 else f"{world} processes on {words}"
 
 
 def _restored(checkpoint: dict, run: Run, paths: RunPaths) -> LoopState:
@@ -336,17 +397,24 @@ class _Checkpointer:
         self.started = self.last = time.perf_counter()
 
     def save(self) -> None:
-        save_training_state(self.paths.checkpoint, self.learner, self.loop, time.perf_counter() - self.started)
+        """Save the checkpoint (with several ranks: every rank calls this together, rank 0 writes)."""
+        ranks = self.learner.ranks
+        states = ranks.gather(rng_state(self.learner.device)) if ranks.several else None
+        if ranks.main:
+            save_training_state(self.paths.checkpoint, self.learner, self.loop,
+                                time.perf_counter() - self.started, states)
         self.last = time.perf_counter()
 
     def stop_if_asked(self) -> None:
-        if self.stop.requested:
+        if self.learner.ranks.any(self.stop.requested)[0]:  # Ctrl-C seen by any rank stops all
             raise KeyboardInterrupt(f"checkpoint saved; continue with --resume --out {self.paths.root}")
 
     def after_step(self) -> None:
-        if self.stop.requested or time.perf_counter() - self.last >= self.interval:
+        stop, due = self.learner.ranks.any(self.stop.requested, time.perf_counter() - self.last >= self.interval)
+        if stop or due:
             self.save()
-            self.stop_if_asked()
+        if stop:
+            raise KeyboardInterrupt(f"checkpoint saved; continue with --resume --out {self.paths.root}")
 
 
 def _train_epochs(run: Run, loop: LoopState, checkpointer: _Checkpointer, progress: bool,
@@ -365,7 +433,8 @@ def _train_epochs(run: Run, loop: LoopState, checkpointer: _Checkpointer, progre
                  row["epoch"], config.epochs, row["train_loss"], row["train_acc"],
                  "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}",
                  "-" if row["val_acc"] is None else f"{row['val_acc']:.4f}", row["lr"], row["seconds"])
-        write_history(paths.history, loop.history)
+        if run.ranks.main:
+            write_history(paths.history, loop.history)
         loop.epoch, loop.step, loop.sums = loop.epoch + 1, 0, new_sums()
         if config.early_stopping and loop.best["bad_epochs"] >= config.early_stopping:
             loop.epoch = config.epochs  # nothing left to do on resume
@@ -390,6 +459,8 @@ def _finish(run: Run, loop: LoopState, paths: RunPaths, seconds: float) -> Train
         val_acc = precise_bn["val_accuracy"]
     elif config.precise_bn:
         log.info("--precise-bn: %s has no BatchNorm layer, nothing to re-estimate", config.model)
+    if not run.ranks.main:
+        return TrainResult(paths.root, loop.history, loop.best["epoch"], stopped_early, seconds)
     save_final(paths, config, state, {
         "epochs_run": len(loop.history), "best_epoch": loop.best["epoch"], "stopped_early": stopped_early,
         "train_seconds": round(seconds, 2),

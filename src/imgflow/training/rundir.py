@@ -156,10 +156,11 @@ def recording_divergence(paths: RunPaths):
 
 def run_config(config: TrainConfig, dataset: Dataset, train_part: Split, val_part: Split | None,
                 prep: Preprocessing, model: torch.nn.Module, precision: str, threads: int,
-                device: dict | None = None) -> dict:
+                device: dict | None = None, world_size: int = 1) -> dict:
     """The config.json of a run: resolved settings, data, preprocessing, model, device, machine.
 
-    device: `describe_device` of the device it trains on (default: the CPU)."""
+    device: `describe_device` of the device it trains on (default: the CPU; rank 0's device
+    when several processes train it). world_size: how many processes train it (torchrun)."""
     if device is None:
         from imgflow.device import describe_device
 
@@ -175,8 +176,8 @@ def run_config(config: TrainConfig, dataset: Dataset, train_part: Split, val_par
         "preprocessing": prep.to_dict(),
         "model": {"name": config.model, "num_classes": dataset.num_classes, "in_channels": C,
                   "image_size": [H, W], **count_params(model)},
-        "precision": precision, "threads": threads, "device": device,
-        "steps_per_epoch": steps_per_epoch(len(train_part), config.batch_size),
+        "precision": precision, "threads": threads, "device": device, "world_size": world_size,
+        "steps_per_epoch": steps_per_epoch(len(train_part), config.batch_size, world_size),
         "versions": versions(), "machine": machine_info(),
     }
 

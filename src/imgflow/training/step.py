@@ -5,7 +5,9 @@ throughput benchmark all time this same code.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from imgflow.precision import autocast, grad_scaler
 from imgflow.preprocess import Preprocessing, to_model_input
 from imgflow.training.averaging import Lookahead, WeightEMA
 from imgflow.training.config import TrainConfig
+from imgflow.training.distributed import SINGLE, Ranks
 from imgflow.training.optim import build_optimizer, set_lr
 from imgflow.weights import detached_copy
 
@@ -59,50 +62,104 @@ def preprocessing_for(config: TrainConfig, dataset: Dataset, train_part: Split) 
 
 
 def evaluate_part(model: torch.nn.Module, part: Split, prep: Preprocessing, precision: str,
-                   batch_size: int) -> dict[str, float]:
+                  batch_size: int, ranks: Ranks = SINGLE) -> dict[str, float]:
+    """Loss and accuracy of `model` on `part`. With several ranks each predicts a run of whole
+    batches of it, the same batches one process would, and they pool the logits: every rank gets
+    the numbers one process gets (the ranks' models must be the same: `Ranks.broadcast_buffers`)."""
     was_training = model.training
     model.eval()
-    logits = predict_logits(model, part.images, prep, precision, batch_size)
+    batches = math.ceil(len(part) / batch_size)
+    per_rank = math.ceil(batches / ranks.world) * batch_size
+    start, stop = ranks.rank * per_rank, (ranks.rank + 1) * per_rank
+    logits = predict_logits(model, part.images[start:stop], prep, precision, batch_size)
+    if ranks.several:
+        logits = torch.cat([chunk for chunk in ranks.gather(logits) if len(chunk)])
     model.train(was_training)
     return loss_and_accuracy(logits, part.labels)
+
+
+@dataclass
+class Step:
+    """What one training step did, over the whole global batch (every rank's shard of it)."""
+
+    logits: torch.Tensor  # of this rank's shard
+    loss: torch.Tensor  # mean loss of the global batch, fp32
+    loss_sum: float  # the loss summed over the global batch's images
+    correct: int  # its images classified right (top-1, before the update)
+    seen: int  # its images
+
+    def __iter__(self):
+        """`logits, loss = learner.train_step(...)`, as callers that need no sums write it."""
+        return iter((self.logits, self.loss))
 
 
 class Learner:
     """The model, how its input is prepared, and everything that updates its weights.
 
-    The model is on its device already (`prepare_model`); batches are moved there.
+    The model is on its device already (`prepare_model`); batches are moved there. With several
+    ranks each step's batch is this rank's shard of the global batch, and the model trains inside
+    DistributedDataParallel, which averages the gradients over the ranks (`net`; `model` is the
+    module itself, whose state is saved).
     """
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig, prep: Preprocessing, precision: str,
-                 total_steps: int):
+                 total_steps: int, ranks: Ranks = SINGLE):
         self.model, self.config, self.prep, self.precision = model, config, prep, precision
         self.device = model_device(model)
+        self.ranks = ranks
+        self.net = model  # DistributedDataParallel(model) once `distribute` has run
         self.total_steps = total_steps
         self.optimizer = build_optimizer(model, config)
         self.scaler = grad_scaler(precision, self.device.type)  # fp16 only
         self.ema = WeightEMA(model, config.ema) if config.ema > 0 else None
         self.lookahead = Lookahead(model, config.lookahead) if config.lookahead > 0 else None
 
+    def distribute(self) -> None:
+        """With several ranks, train through DistributedDataParallel from now on. Every rank calls
+        this together (it is a collective), once all of them have built their learner."""
+        if not self.ranks.several:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        # broadcast_buffers (the default): rank 0's BatchNorm statistics go to every rank before
+        # each forward; each rank then updates them from its own shard (per-rank BatchNorm).
+        self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                           if self.device.type == "cuda" else None)
+
     def logits_and_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (logits, loss) of a uint8 batch, the loss in fp32 whatever the precision."""
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         with autocast(self.precision, self.device.type):
-            logits = self.model(to_model_input(images, self.prep, channels_last=True))
+            logits = self.net(to_model_input(images, self.prep, channels_last=True))
         return logits, F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float, step: int,
-                   where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        """Train optimiser step number `step` (1-based) on a uint8 batch at `lr`; return its
-        (logits, loss). A loss or update that is not finite raises TrainingDiverged (`where`
-        names the step in its message)."""
+                   where: str = "") -> Step:
+        """Train optimiser step number `step` (1-based) on a uint8 batch (this rank's shard of
+        the global batch) at `lr`; return what it did (unpacks as (logits, loss)). A loss or
+        update that is not finite raises TrainingDiverged on every rank (`where` names the step
+        in its message)."""
         set_lr(self.optimizer, lr)
         logits, loss = self.logits_and_loss(images, labels)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss.item()} at {where or f'step {step}'}: lower --lr "
-                                   f"(now {self.config.lr}) and start again with --overwrite")
+        n = len(labels)
+        correct = int((logits.argmax(1) == labels.to(self.device)).sum())
+        # The sums are pooled before the update, so every rank sees the same loss and agrees on
+        # stopping (a rank stopping alone would leave the others waiting in the gradient sum).
+        loss_sum, correct, seen = self.ranks.sum([loss.item() * n, correct, n])
+        mean = loss_sum / seen
+        if not math.isfinite(mean):
+            raise TrainingDiverged(f"loss became {mean if self.ranks.several else loss.item()} at "
+                                   f"{where or f'step {step}'}: lower --lr (now {self.config.lr}) and start "
+                                   "again with --overwrite")
+        if self.ranks.several:
+            # DistributedDataParallel averages the ranks' gradients; weighting each rank's mean
+            # loss by its share of the global batch makes that the gradient of the global mean,
+            # whatever the shards' sizes: a step means the same at any number of processes.
+            loss = loss * (n * self.ranks.world / seen)
         update_or_diverge(self, loss, step, where or f"step {step}")
-        return logits, loss
+        global_loss = torch.tensor(mean, dtype=torch.float32) if self.ranks.several else loss
+        return Step(logits, global_loss, loss_sum, int(correct), int(seen))
 
     def update(self, loss: torch.Tensor, step: int) -> None:
         """Take optimiser step number `step` (1-based) down `loss`, then the averaging ones."""

@@ -124,6 +124,9 @@ def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int =
     device: where every run trains, and so what the throughput probes behind the budget plans
     measure (a GPU's speed buys a GPU's epochs).
     """
+    from imgflow.training.distributed import refuse_under_torchrun
+
+    refuse_under_torchrun("workflow", "its steps decide from timings each process would measure apart")
     out = Path(out)
     _check_arguments(out, budget_minutes, seed, threads, device)
     if progress is None:
