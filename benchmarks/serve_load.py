@@ -36,7 +36,7 @@ from PIL import Image
 
 from imgflow.fileio import write_json
 from imgflow.precision import default_threads
-from imgflow.predict import OnnxModel, RunModel, predict_images
+from imgflow.prediction import OnnxModel, RunModel, predict_images
 from throughput import RESULTS, machine_info, machine_slug
 
 HOST = "127.0.0.1"  # never anything else: this script loads only a server it started itself

@@ -176,17 +176,29 @@ def test_import_imgflow_does_not_import_torch():
     assert done.stdout.strip() == imgflow.__version__
 
 
-def test_submodules_named_like_functions_stay_callable_modules():
-    import imgflow.export
-    import imgflow.predict
-    import imgflow.workflow
+def test_importing_any_module_never_hides_an_api_function():
+    """Importing a submodule sets the package attribute of its name: none may be named like a function."""
+    import importlib
+    import pkgutil
 
-    for name in ("predict", "workflow", "export"):
-        module = getattr(imgflow, name)
-        assert callable(module) and module.__name__ == f"imgflow.{name}"
-    assert callable(imgflow.predict.predict_files)  # the module's own names are still there
+    for module in pkgutil.walk_packages(imgflow.__path__, "imgflow."):
+        if module.name.count(".") == 1 and module.name != "imgflow.__main__":
+            importlib.import_module(module.name)
+    for name in imgflow._API:
+        assert callable(getattr(imgflow, name)) and getattr(imgflow, name).__module__ == "imgflow.api", name
     with pytest.raises(UserError, match="run directory not found"):
         imgflow.predict("no-such-run", ["x.png"])
+
+
+def test_lr_find_and_train_at_the_found_lr(tiny_data, tmp_path):
+    found = imgflow.lr_find(str(tiny_data), model="seed-baseline", out=tmp_path / "find", steps=30,
+                            optimizer="sgd", batch_size=16)
+    assert found.suggestion > 0 and (tmp_path / "find" / "lr_find.png").is_file()
+    assert (tmp_path / "find" / "lr_find.csv").is_file()
+    run = imgflow.train(str(tiny_data), model="seed-baseline", epochs=1, out=tmp_path / "run", lr="find",
+                        optimizer="sgd", batch_size=16)
+    config = json.loads((run.run_dir / "config.json").read_text())
+    assert config["train"]["lr"] == config["lr_find"]["suggestion"]
 
 
 def test_inspect_in_memory_and_report(tiny_run, tmp_path):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from imgflow.cli import main
-from imgflow.export import CARD_METADATA_KEY, PARITY_TOLERANCE
-from imgflow.predict import predict_files
+from imgflow.exporting import CARD_METADATA_KEY, PARITY_TOLERANCE
+from imgflow.prediction import predict_files
 
 CLASSES = ["a", "b", "c"]
 
@@ -224,15 +224,15 @@ def test_an_export_directory_never_mixes_models(tiny_run, tmp_path, capsys):
 
 
 def test_failed_parity_is_exit_1_and_installs_nothing(tiny_run, tmp_path, monkeypatch, capsys):
-    import imgflow.export as export
+    import imgflow.exporting as exporting
 
-    good = export._RUNNERS["torchscript"]
+    good = exporting._RUNNERS["torchscript"]
 
     def perturbed(path):  # an "export" whose logits are off: the check must catch it
         run = good(path)
-        return lambda x: run(x) + export.torch.linspace(0, 1, 3)
+        return lambda x: run(x) + exporting.torch.linspace(0, 1, 3)
 
-    monkeypatch.setitem(export._RUNNERS, "torchscript", perturbed)
+    monkeypatch.setitem(exporting._RUNNERS, "torchscript", perturbed)
     out = tmp_path / "out"
     assert main(["export", str(tiny_run), "--format", "onnx", "--out", str(out)]) == 0  # a good export
     installed = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -243,7 +243,7 @@ def test_failed_parity_is_exit_1_and_installs_nothing(tiny_run, tmp_path, monkey
     assert all((out / name).read_bytes() == data for name, data in installed.items())  # parity.json too
     parity = json.loads((out / "parity-failed.json").read_text())
     assert parity["passed"] is False and parity["formats"]["torchscript"]["max_abs_prob_diff"] > 1e-4
-    monkeypatch.setitem(export._RUNNERS, "torchscript", good)
+    monkeypatch.setitem(exporting._RUNNERS, "torchscript", good)
     assert main(["export", str(tiny_run), "--format", "torchscript", "--out", str(out)]) == 0
     assert not (out / "parity-failed.json").exists()  # the failure is history once it passes
 
@@ -272,7 +272,7 @@ def test_an_onnx_file_with_a_damaged_embedded_card_is_one_line(exported, tmp_pat
 
 def test_an_unknown_or_missing_format_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     from imgflow.errors import UserError
-    from imgflow.export import export_run
+    from imgflow.exporting import export_run
 
     out = tmp_path / "export"
     with pytest.raises(UserError, match=r"^1 unknown export format \(png\): use onnx, torchscript$"):

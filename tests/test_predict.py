@@ -11,7 +11,7 @@ from PIL import Image
 from datagen import make_image
 from imgflow.cli import main
 from imgflow.data.decode import decode_image, resize_array
-from imgflow.predict import InputSpec, predict_files, read_image
+from imgflow.prediction import InputSpec, predict_files, read_image
 from imgflow.runs import RunPaths
 
 CLASSES = ["a", "b", "c"]

@@ -24,17 +24,17 @@ from PIL import Image
 
 from datagen import make_image, png_bytes
 from imgflow.cli import main
-from imgflow.predict import predict_files, read_image
+from imgflow.prediction import predict_files, read_image
 from imgflow.runs import read_metrics
-from imgflow.serve.batching import MicroBatcher
-from imgflow.serve.model import ServedModel, decode_upload, load_served_model
-from imgflow.serve.settings import ServeSettings
+from imgflow.serving.batching import MicroBatcher
+from imgflow.serving.model import ServedModel, decode_upload, load_served_model
+from imgflow.serving.settings import ServeSettings
 
 pytest.importorskip("fastapi", reason="imgflow serve needs pip install 'imgflow[serve]'")
 pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from imgflow.serve.app import create_app  # noqa: E402
+from imgflow.serving.app import create_app  # noqa: E402
 
 CLASSES = ["a", "b", "c"]
 
@@ -400,7 +400,7 @@ def live_server(app):
     """The app under uvicorn on a free loopback port, in a thread: yields its base URL."""
     import uvicorn
 
-    from imgflow.serve.server import open_socket
+    from imgflow.serving.server import open_socket
 
     sock = open_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

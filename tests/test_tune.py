@@ -141,3 +141,20 @@ def test_the_search_never_leaves_the_range_training_accepts():
 
     space = search_space(resolve_config("cifar10", {"model": "seed-baseline", "lr": 50.0, "weight_decay": 0.5}))
     assert space["lr"].high == MAX_LR and space["weight_decay"].high == MAX_WEIGHT_DECAY
+
+
+def test_the_printed_train_command_parses_back_to_the_same_config(tiny_data):
+    """Every flag it prints is one `imgflow train` knows, and every value reads back unchanged."""
+    import shlex
+
+    from imgflow.cli.arguments import config_from_args
+    from imgflow.cli.parser import build_parser
+    from imgflow.tune import train_command
+
+    config = resolve_config(str(tiny_data), {"model": "fast-small", "lr": 0.123456789, "weight_decay": 1.33e-3,
+                                             "bn_lr_scale": 64.0, "image_size": (24, 32), "augment": "flip",
+                                             "epochs": 3, "label_smoothing": 0.2}, preset=None)
+    words = shlex.split(train_command(config))
+    assert words[:2] == ["imgflow", "train"] and "--bn-lr-scale" in words and "64" in words
+    again = config_from_args(build_parser().parse_args(words[1:]))
+    assert again == config

@@ -5,15 +5,14 @@
     metrics = imgflow.evaluate(run)
     imgflow.predict(run, ["new_photo.jpg"])
 
-The functions (train, evaluate, predict, inspect, workflow, export, report: `imgflow.api`) load on
-first use, so that `import imgflow` and the command line stay quick and do not import torch.
+The functions (train, evaluate, predict, inspect, run_workflow, export, report, lr_find, serve:
+`imgflow.api`) load on first use, so that `import imgflow` and the command line stay quick and do
+not import torch. No module of the package is named like one of them (the modules are
+`prediction`, `exporting`, `serving`, `workflow`), so importing one never hides a function.
 """
-import sys
-import types
-
 from imgflow.version import __version__
 
-_API = ("train", "evaluate", "predict", "inspect", "workflow", "export", "report")
+_API = ("train", "evaluate", "predict", "inspect", "run_workflow", "export", "report", "lr_find", "serve")
 __all__ = [*_API, "UserError", "__version__"]
 
 
@@ -31,27 +30,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _CallableModule(types.ModuleType):
-    """A submodule named like an API function (imgflow.predict, .workflow, .export): still that
-    module for imports and patching, and calling it calls the function."""
-
-    def __call__(self, *args, **kwargs):
-        from imgflow import api
-
-        return getattr(api, self.__name__.rpartition(".")[2])(*args, **kwargs)
-
-
-class _Package(types.ModuleType):
-    """Importing a submodule sets the package attribute of its name (`imgflow.predict` becomes
-    the module imgflow/predict.py, the first time anything imports it); for the API's names that
-    module is made callable, so that `imgflow.predict(...)` works before and after."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _API and type(value) is types.ModuleType:
-            value.__class__ = _CallableModule
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

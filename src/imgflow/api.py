@@ -44,7 +44,8 @@ _IN_MEMORY = "<in-memory arrays>"
 
 _SWITCHES = {"resume", "overwrite", "tta", "json", "sync_bn"}  # flags without a value: `name=True`
 _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?: (?P<value>[^\s,;()'\"]+))?")
-_COMMAND = re.compile(r"'imgflow (train|evaluate|predict|inspect|workflow|export|report)((?: [^']*)?)'")
+_COMMAND = re.compile(r"'imgflow (train|evaluate|predict|inspect|workflow|export|report|lr-find|serve)((?: [^']*)?)'")
+_FUNCTION_OF = {"workflow": "run_workflow", "lr-find": "lr_find"}  # commands whose function is named otherwise
 _NUMBER = re.compile(r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
 _SIZE = re.compile(r"(\d+)x(\d+)")
 _PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*")  # NAME, K, RUN_DIR: stays as written
@@ -109,7 +110,7 @@ def _call(command: str, tokens: list[str], given: Mapping[str, Any]) -> str:
         else:
             args.append(token if token == "..." else _literal(token))
         i += 1
-    return f"imgflow.{command}({', '.join(args) or '...'})"
+    return f"imgflow.{_FUNCTION_OF.get(command, command)}({', '.join(args) or '...'})"
 
 
 def _python_errors(func: F) -> F:
@@ -281,26 +282,33 @@ def train(data: Data = None, model: str | None = None, epochs: int | None = None
     options: any `imgflow train` option by its Python name (lr=, batch_size=, val_split=, ...).
     progress: progress bars (None: in a terminal or a notebook).
     """
+    find_lr = options.get("lr") == "find"  # the range test first, then train at its suggestion
+    if find_lr:
+        options = {**options, "lr": None}
     overrides = _options({"model": model, "epochs": epochs, **options})
     arrays = _in_memory(data, classes) if data is not None else None
     spec = _IN_MEMORY if arrays is not None else None if data is None else _source(data)
     config = _train_config(spec, overrides, preset, Path(out) if out is not None else None, resume)
     run_dir = Path(out) if out is not None else Path(f"runs/{config.model}-seed{config.seed}")
     if arrays is None:
-        return _run_training(config, run_dir, resume, overwrite, progress)
+        return _run_training(config, run_dir, resume, overwrite, progress, find_lr)
     path, written = _save_in(run_dir, arrays)
     try:
         config = dataclasses.replace(config, data=str(path))
-        return _run_training(config, run_dir, resume, overwrite, progress)
+        return _run_training(config, run_dir, resume, overwrite, progress, find_lr)
     except BaseException:
         if written and not _names_data(run_dir, path):  # refused or failed: leave nothing behind
             path.unlink(missing_ok=True)
         raise
 
 
-def _run_training(config, run_dir: Path, resume: bool, overwrite: bool, progress: bool | None):
+def _run_training(config, run_dir: Path, resume: bool, overwrite: bool, progress: bool | None,
+                  find_lr: bool = False):
     from imgflow.training import train as train_run
+    from imgflow.training.lr_find import train_at_found_lr
 
+    if find_lr:
+        return train_at_found_lr(config, run_dir, resume=resume, overwrite=overwrite, progress=progress)[0]
     return train_run(config, run_dir, resume=resume, overwrite=overwrite, progress=progress)
 
 
@@ -336,7 +344,7 @@ def evaluate(run: Run, data: Data = None, tta: bool = False, *, classes: Sequenc
         if classes is not None:
             raise UserError("classes= goes with data=: the run's own test split has the run's classes")
         return evaluate_run(run_dir, tta=tta, progress=progress, device=device)
-    from imgflow.predict import RunModel
+    from imgflow.prediction import RunModel
 
     model = RunModel(run_dir, tta=tta, device=device)
     dataset = _evaluation_data(data, classes, model.spec, progress)
@@ -407,7 +415,7 @@ def predict(run: Run, images: Any, top_k: int = 5, *, tta: bool = False,
         one image (H, W, C) or (H, W), a batch (N, H, W, C), or a list of images; "image" is
         then the index in the input.
     """
-    from imgflow.predict import predict_files
+    from imgflow.prediction import predict_files
 
     run_dir = _run_dir(run)
     onnx = run_dir if run_dir.suffix.lower() == ".onnx" else None
@@ -441,7 +449,7 @@ def _image_arrays(images: Any) -> list[np.ndarray] | None:
 def _predict_arrays(onnx: Path | None, run_dir: Path, arrays: list[np.ndarray], top_k: int,
                     tta: bool, device: str = "auto") -> list[dict]:
     """predict() on arrays: fitted to the model as files are, then the same top-k rows."""
-    from imgflow.predict import OnnxModel, RunModel
+    from imgflow.prediction import OnnxModel, RunModel
 
     if top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {top_k}")
@@ -459,7 +467,7 @@ def _predict_arrays(onnx: Path | None, run_dir: Path, arrays: list[np.ndarray], 
 
 
 # ----------------------------------------------------------------------------------------------
-# inspect, workflow, export, report
+# inspect, run_workflow, export, report
 
 
 @_python_errors
@@ -492,16 +500,16 @@ def inspect(data: Data, out: str | os.PathLike | None = None, *,
 
 
 @_python_errors
-def workflow(data: Data, out: str | os.PathLike = "runs/workflow", *, budget_minutes: float = 15.0,
+def run_workflow(data: Data, out: str | os.PathLike = "runs/workflow", *, budget_minutes: float = 15.0,
              seed: int = 0, threads: int | None = None, image_size: int | Sequence[int] | None = None,
              classes: Sequence[str] | None = None, progress: bool | None = None, device: str = "auto") -> dict:
     """Run (or continue) the eight workflow steps within a time budget; return workflow.json's
     content (steps, decisions, final run, test accuracy). In-memory data is saved into `out`."""
-    from imgflow.workflow import run_workflow
+    from imgflow.workflow import run_workflow as run_steps
 
     dataset = _in_memory(data, classes)
     spec = _source(data) if dataset is None else str(_save_in(Path(out), dataset)[0])
-    return run_workflow(spec, Path(out), budget_minutes=budget_minutes, seed=seed, progress=progress,
+    return run_steps(spec, Path(out), budget_minutes=budget_minutes, seed=seed, progress=progress,
                         threads=threads, image_size=_image_size(image_size), device=device)
 
 
@@ -511,9 +519,9 @@ def export(run: Run, out: str | os.PathLike | None = None, format: str = "all", 
     """Export a finished run to ONNX and/or TorchScript ("onnx", "torchscript", "all"), check that
     the exports agree with the PyTorch model, and return the parity report (parity.json).
 
-    out: default <run>/export. Raises imgflow.export.ParityError when an export disagrees.
+    out: default <run>/export. Raises imgflow.exporting.ParityError when an export disagrees.
     """
-    from imgflow.export import FORMATS, export_run
+    from imgflow.exporting import FORMATS, export_run
 
     if format != "all" and format not in FORMATS:
         raise UserError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}, all")
@@ -533,3 +541,40 @@ def report(runs: Run | Sequence[Run], out: str | os.PathLike | None = None) -> P
     if len(run_dirs) == 1:
         return report_run(run_dirs[0], Path(out) if out is not None else None)
     return compare_runs(run_dirs, Path(out) if out is not None else Path("runs/compare"))
+
+
+@_python_errors
+def lr_find(data: Data, model: str | None = None, out: str | os.PathLike | None = None, *,
+            preset: str | None = None, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0,
+            classes: Sequence[str] | None = None, progress: bool | None = None, **options: Any):
+    """The learning-rate range test of `imgflow lr-find`: train a throwaway copy of the model with a
+    growing lr, write lr_find.png and lr_find.csv into `out` (default runs/lr-find/<model>), and
+    return the result (.suggestion, .rule, .valley, .lrs, .losses, .smoothed). No run is touched."""
+    from imgflow.reports.lr_find import range_test_figure
+    from imgflow.training.config import resolve_config
+    from imgflow.training.lr_find import RangeTest, save_curve
+    from imgflow.training.lr_find import lr_find as range_test
+
+    overrides = _options({"model": model, **options})
+    dataset = _in_memory(data, classes)
+    out_dir = Path(out) if out is not None else None
+    if dataset is not None:  # the arrays go beside the curve, so the test can be run again
+        out_dir = out_dir or Path("runs/lr-find/arrays")
+        spec = str(_save_in(out_dir, dataset)[0])
+    else:
+        spec = _source(data)
+    config = resolve_config(spec, overrides, preset)
+    found = range_test(config, RangeTest(steps, start_lr, end_lr).validate(), progress)
+    out_dir = out_dir or Path(f"runs/lr-find/{config.model}")
+    save_curve(found, out_dir)
+    range_test_figure(found, out_dir / "lr_find.png", f"lr-find: {config.model}, seed {config.seed}")
+    return found
+
+
+@_python_errors
+def serve(run: Run, host: str = "127.0.0.1", port: int = 8000, **settings: Any) -> None:
+    """Serve a run (or an exported .onnx file) over HTTP with its upload page, as `imgflow serve`,
+    until interrupted (blocks). settings: top_k, max_upload_mb, max_files, max_batch, batch_wait_ms."""
+    from imgflow.serving import serve as run_server
+
+    run_server(_run_dir(run), host, port, **settings)

@@ -30,7 +30,7 @@ from imgflow.history import read_history
 from imgflow.reports.tune_report import write_tune_report
 from imgflow.runs import holds_run, load_run_data, read_run_config
 from imgflow.text import plural
-from imgflow.training.config import AUGMENTS, MAX_LR, MAX_WEIGHT_DECAY, TrainConfig
+from imgflow.training.config import AUGMENTS, MAX_LR, MAX_WEIGHT_DECAY, OPTION_OF, TrainConfig, command_line_options
 
 log = logging.getLogger(__name__)
 
@@ -319,16 +319,9 @@ def train_command(config: TrainConfig) -> str:
     """The `imgflow train` command that trains `config` (options that differ from the defaults)."""
     import shlex
 
-    defaults = TrainConfig(data=config.data, model=config.model)
-    parts = ["imgflow", "train", shlex.quote(config.data), "--model", config.model]
-    for field in dataclasses.fields(TrainConfig):
-        value = getattr(config, field.name)
-        if field.name in ("data", "model", "preset") or value == getattr(defaults, field.name):
-            continue
-        if field.name == "image_size":
-            value = f"{value[0]}x{value[1]}"
-        parts += [f"--{field.name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
-    return " ".join(parts)
+    settings = {k: v for k, v in config.to_dict().items() if k in OPTION_OF and k != "model"}
+    return " ".join(["imgflow", "train", shlex.quote(config.data), "--model", config.model,
+                     *command_line_options(settings)])
 
 
 def format_summary(record: dict) -> str:

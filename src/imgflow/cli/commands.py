@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     from imgflow.cli.arguments import overrides_from_args
-    from imgflow.reports.lr_find import lr_find_figure
+    from imgflow.reports.lr_find import range_test_figure
     from imgflow.training.config import resolve_config
     from imgflow.training.lr_find import RangeTest, lr_find, save_curve
 
@@ -65,8 +65,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is a file, not a directory: choose another path")
     found = lr_find(config, test, progress=interactive())
     csv_path = save_curve(found, out)
-    png = lr_find_figure(found.lrs, found.losses, found.smoothed, found.suggestion, found.valley,
-                         out / "lr_find.png", title=f"lr-find: {config.model}, seed {config.seed}")
+    png = range_test_figure(found, out / "lr_find.png", f"lr-find: {config.model}, seed {config.seed}")
     print(f"suggested lr {found.suggestion:.1e} ({found.rule})")
     print(f"wrote {png} and {csv_path}")
     return 0
@@ -99,7 +98,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from imgflow.predict import format_predictions, predict_files
+    from imgflow.prediction import format_predictions, predict_files
 
     inputs, onnx, run_dir = list(args.inputs), args.onnx, None
     if onnx is None and inputs[0].lower().endswith(".onnx"):
@@ -116,7 +115,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from imgflow.export import FORMATS, ParityError, export_run, format_parity
+    from imgflow.exporting import FORMATS, ParityError, export_run, format_parity
 
     formats = FORMATS if args.format == "all" else (args.format,)
     try:
@@ -164,7 +163,7 @@ def cmd_workflow(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from imgflow.serve import serve
+    from imgflow.serving import serve
 
     serve(args.model, host=args.host, port=args.port, top_k=args.top_k, max_upload_mb=args.max_upload_mb,
           max_files=args.max_files, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)

@@ -41,3 +41,9 @@ def _loss_limits(losses: Sequence[float], smoothed: Sequence[float]) -> tuple[fl
     top = 1.15 * max(max(smoothed[:lowest + 1]), float(np.median(losses[:lowest + 1])))
     bottom = min(min(losses[:lowest + 1]), min(smoothed))
     return bottom - 0.05 * (top - bottom), top
+
+
+
+def range_test_figure(found, path: Path, title: str) -> Path:
+    """lr_find_figure of what imgflow.training.lr_find.lr_find returned (read by attribute)."""
+    return lr_find_figure(found.lrs, found.losses, found.smoothed, found.suggestion, found.valley, path, title)

@@ -373,6 +373,8 @@ def command_line_options(values: dict[str, Any]) -> list[str]:
             continue
         if OPTION_OF[name].kind == "image_size":
             value = "x".join(str(side) for side in value)
+        elif isinstance(value, float):  # the shortest text that reads back as the same number
+            value = int(value) if value.is_integer() else repr(value)
         words += [OPTION_OF[name].flag, str(value)]
     return words
 

@@ -27,9 +27,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from imgflow.serve.batching import MicroBatcher
-from imgflow.serve.model import ServedModel, decode_upload, top_classes, upload_error
-from imgflow.serve.settings import ServeSettings
+from imgflow.serving.batching import MicroBatcher
+from imgflow.serving.model import ServedModel, decode_upload, top_classes, upload_error
+from imgflow.serving.settings import ServeSettings
 from imgflow.text import plural
 
 Upload = tuple[str, bytes]  # (name shown in the answer, content)
@@ -52,7 +52,7 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()) -
     # No /docs: FastAPI's docs page loads its scripts from a CDN, and this server works offline.
     app = FastAPI(title="imgflow serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher = batcher
-    page = resources.files("imgflow.serve").joinpath("page.html").read_text(encoding="utf-8")
+    page = resources.files("imgflow.serving").joinpath("page.html").read_text(encoding="utf-8")
     limits = {"max_upload_mb": settings.max_upload_mb, "max_files": settings.max_files,
               "top_k": settings.top_k}
 

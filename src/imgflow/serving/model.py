@@ -1,6 +1,6 @@
 """The served model: loaded once as `imgflow predict` loads it, fed uploads as predict feeds files.
 
-Nothing here knows HTTP. An upload goes through `imgflow.predict.read_image`, the very function
+Nothing here knows HTTP. An upload goes through `imgflow.prediction.read_image`, the very function
 predict calls on a file, so a served image becomes model input with the same numbers (decoding,
 EXIF, alpha, resize, channels), and failures get the data layer's wording, as predict reports them.
 """
@@ -19,7 +19,7 @@ from PIL import Image
 
 from imgflow.data.folder import skip_reason
 from imgflow.errors import UserError
-from imgflow.predict import Model, OnnxModel, RunModel, read_image, read_model_card
+from imgflow.prediction import Model, OnnxModel, RunModel, read_image, read_model_card
 from imgflow.text import plural
 
 log = logging.getLogger(__name__)

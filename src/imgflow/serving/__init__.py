@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from imgflow.serve.settings import ServeSettings
+from imgflow.serving.settings import ServeSettings
 
 __all__ = ["ServeSettings", "serve"]
 
@@ -26,7 +26,7 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *
 
     `host` 127.0.0.1 answers this machine only; "0.0.0.0" the whole network. See ServeSettings.
     """
-    from imgflow.serve.server import run_server
+    from imgflow.serving.server import run_server
 
     run_server(model, ServeSettings(host=host, port=port, top_k=top_k, max_upload_mb=max_upload_mb,
                                     max_files=max_files, max_batch=max_batch, batch_wait_ms=batch_wait_ms))

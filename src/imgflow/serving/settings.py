@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from imgflow.errors import UserError
-from imgflow.predict import DEFAULT_TOP_K
+from imgflow.prediction import DEFAULT_TOP_K
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import os
 import socket
 
 from imgflow.errors import UserError
-from imgflow.serve.settings import ServeSettings
+from imgflow.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ def run_server(source: str | os.PathLike, settings: ServeSettings = ServeSetting
     require_serving_stack()
     import uvicorn
 
-    from imgflow.serve.app import create_app
-    from imgflow.serve.model import describe, load_served_model
+    from imgflow.serving.app import create_app
+    from imgflow.serving.model import describe, load_served_model
 
     served = load_served_model(source)
     app = create_app(served, settings)
