@@ -209,3 +209,14 @@ def test_inspect_in_memory_and_report(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     assert imgflow.report(run) == run / "report.html" and (run / "report.html").is_file()
+
+
+def test_a_piped_script_shows_one_line_per_epoch_and_no_bars(tiny_data, tmp_path):
+    """keras#8414: a progress bar piped into a log writes a line per step; here: a line per epoch."""
+    script = (f"import imgflow; imgflow.train({str(tiny_data)!r}, model='seed-baseline', epochs=3, "
+              f"batch_size=16, out={str(tmp_path / 'run')!r})")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    epochs = [line for line in done.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/3", "2/3", "3/3"]
+    assert "\r" not in done.stderr and "step/s" not in done.stderr and "it/s" not in done.stderr

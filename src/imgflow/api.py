@@ -120,6 +120,7 @@ def _python_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        _show_log_lines()
         try:
             return func(*args, **kwargs)
         except UserError as exc:
@@ -127,6 +128,21 @@ def _python_errors(func: F) -> F:
             raise exc.with_traceback(None) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _show_log_lines() -> None:
+    """Show imgflow's INFO lines (one per epoch, the data loaded, where files went) on stderr, as
+    the command line does, unless the program has set up logging itself. Piped into a file,
+    these lines are the progress (the bars draw only in a terminal or a notebook)."""
+    import logging
+
+    logger = logging.getLogger("imgflow")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _given(parameters, args: tuple, kwargs: dict) -> dict[str, Any]:
