@@ -158,3 +158,81 @@ def test_the_printed_train_command_parses_back_to_the_same_config(tiny_data):
     assert words[:2] == ["imgflow", "train"] and "--bn-lr-scale" in words and "64" in words
     again = config_from_args(build_parser().parse_args(words[1:]))
     assert again == config
+
+
+def test_two_workers_share_one_study_and_never_run_a_trial_twice(tiny_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import optuna
+
+    out, journal = tmp_path / "study", tmp_path / "study.log"
+    argv = [sys.executable, "-m", "imgflow", "-q", "tune", str(tiny_data), "--out", str(out), "--trials", "6",
+            "--storage", f"journal:{journal}", "--model", "seed-baseline", "--epochs", "2", "--batch-size", "16",
+            "--precision", "fp32", "--lr", "3e-3", "--threads", "1"]
+    workers = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    ended = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err for _, err in ended]
+
+    record = json.loads((out / "tune.json").read_text())
+    runs = [t["run"] for t in record["trials"]]
+    assert len(runs) == 6 and len(set(runs)) == 6
+    assert sorted(p.name for p in (out / "trials").iterdir()) == [f"{i:03d}" for i in range(6)]
+    # A trial run twice would show as two trials with the same values.
+    assert len({json.dumps(t["params"], sort_keys=True) for t in record["trials"]}) == 6
+    assert record["storage"] == f"journal:{journal}" and (out / "report.html").is_file()
+    study = optuna.load_study(study_name="imgflow-tune", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
+    done = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+    assert len(done) == 6
+    assert len({t.user_attrs["worker"]["pid"] for t in done}) == 2, "both workers ran trials"
+
+
+def test_a_storage_that_is_neither_a_journal_nor_a_database_is_one_line(tiny_data, tmp_path, capsys):
+    code = main(["tune", str(tiny_data), "--out", str(tmp_path / "s"), "--trials", "2", "--storage", "study.txt",
+                 "--model", "seed-baseline", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--storage study.txt: give a journal file" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_database_url_holds_the_study_and_an_unreachable_one_is_one_line(tiny_data, tmp_path, capsys):
+    from imgflow.tune import _without_password
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    record = _tune(tiny_data, tmp_path / "study", trials=2, storage=url)
+    assert (tmp_path / "shared.db").is_file() and not (tmp_path / "study" / "study.db").exists()
+    assert record["storage"] == url and len(record["trials"]) == 2
+    # Another directory, the same database: the study continues there (one more trial, not two).
+    assert len(_tune(tiny_data, tmp_path / "elsewhere", trials=3, storage=url)["trials"]) == 3
+
+    assert _without_password("postgresql://ann:s3cret@db.lab/imgflow") == "postgresql://ann:***@db.lab/imgflow"
+    code = main(["tune", str(tiny_data), "--out", str(tmp_path / "pg"), "--trials", "2", "--model", "seed-baseline",
+                 "--storage", "postgresql://ann:s3cret@127.0.0.1:1/imgflow"])
+    err = capsys.readouterr().err
+    assert code == 2 and "postgresql://ann:***@127.0.0.1:1/imgflow" in err and "s3cret" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_running_trial_is_continued_only_when_its_worker_is_gone():
+    import os
+    import socket
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from imgflow.tune import _was_interrupted
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    here = socket.gethostname()
+
+    def running(**worker):
+        return SimpleNamespace(user_attrs={"worker": worker} if worker else {})
+
+    assert _was_interrupted(running(host=here, pid=int(gone.stdout)))
+    assert _was_interrupted(running(host=here, pid=os.getpid()))  # this process: its trial was cut short
+    assert _was_interrupted(running())  # a study from before workers were recorded
+    assert not _was_interrupted(running(host=here, pid=os.getppid()))  # another worker, still training
+    assert not _was_interrupted(running(host=here + "-elsewhere", pid=int(gone.stdout)))

@@ -6,17 +6,27 @@ weights it saves. Trials that trail the median of earlier ones at the same epoch
 there (Optuna's MedianPruner), as are those whose loss diverges. The study lives in
 OUT/study.db (SQLite): running the same command again continues it.
 
+Several workers can share one study through Optuna's own storages (`--storage`): a journal file
+for processes on one machine (SQLite locks under concurrent writers), a PostgreSQL or MySQL URL
+for machines. Optuna hands each `ask` a distinct trial, so no trial runs twice; each worker
+writes tune.json and the report whole from the study, one at a time (a lock file in OUT).
+
 Reproducible: every trial trains with the base seed (so trials differ only in what is searched),
 and the sampler is re-seeded before each trial from (seed, trials finished so far). What a trial
 samples then depends only on the trials before it, so an interrupted study, continued, proposes
 what an uninterrupted one would; the trial that was cut short is run again with its values and
-continues its training run from the last checkpoint.
+continues its training run from the last checkpoint. With several workers, which trial samples
+what depends on their timing: the study is then a search, not a reproducible sequence.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import contextlib
 import math
+import os
+import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +47,7 @@ log = logging.getLogger(__name__)
 STUDY_NAME = "imgflow-tune"
 STUDY_FILE = "study.db"
 RECORD_FILE = "tune.json"
+LOCK_FILE = ".tune.lock"
 STARTUP_TRIALS = 4  # random trials before TPE models the results, and before any pruning
 
 
@@ -106,14 +117,16 @@ def _optuna():
     return optuna
 
 
-def _base_record(out: Path, base: TrainConfig, space: dict[str, Dimension]) -> dict:
-    """What the study in OUT was started with; a different base or search space is refused."""
+def _base_record(out: Path, base: TrainConfig, space: dict[str, Dimension], storage: str | None = None) -> dict:
+    """What the study in OUT was started with; a different base, search space or storage is refused."""
     started = {"base": base.to_dict(), "search": {n: d.describe() for n, d in space.items()}}
+    if storage is not None:  # absent for OUT/study.db, as in records from before --storage
+        started["storage"] = _without_password(storage)
     path = out / RECORD_FILE
     if path.is_file():
         record = read_json_checked(path, "tune record", lambda r: expect(r, "an object", "the file"),
                                    "restore it, or choose another --out")
-        before = {k: record.get(k) for k in started}
+        before = {k: record.get(k) for k in (*started, "storage") if k in started or k in record}
         if before != started:
             raise UserError(f"{out} holds a study of other settings: run the same command as before to "
                             "continue it, or choose another --out")
@@ -135,6 +148,12 @@ def _finished_count(study, optuna) -> int:
     return len(study.get_trials(deepcopy=False, states=done))
 
 
+def _claimed_count(study, optuna, below: int | None = None) -> int:
+    """Trials finished or being run (by any worker), of those numbered below `below` if given."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if below is None or t.number < below)
+
+
 def _enqueue_base(study, base: TrainConfig, space: dict[str, Dimension]) -> None:
     """The first trial is the base configuration itself: the score the search has to beat.
 
@@ -148,11 +167,39 @@ def _enqueue_base(study, base: TrainConfig, space: dict[str, Dimension]) -> None
                  ", ".join(f"{n}={values[n]}" for n, d in space.items() if not d.contains(values[n])))
 
 
+def _worker() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _was_interrupted(trial) -> bool:
+    """Whether a running trial's worker is gone: it ran in this process, or in one on this machine
+    that no longer exists. A trial run on another machine is left to that machine's workers."""
+    worker = trial.user_attrs.get("worker")
+    if worker is None:  # a study from before workers were recorded: one process at a time
+        return True
+    if worker["host"] != socket.gethostname():
+        return False
+    if worker["pid"] == os.getpid():
+        return True
+    try:
+        os.kill(worker["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
 def _requeue_interrupted(study, optuna) -> None:
-    """A trial an earlier invocation left running is failed and queued again with its values."""
+    """A trial a gone worker left running is failed and queued again with its values and run."""
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"continues": trial.number,
+        if not _was_interrupted(trial):
+            continue
+        try:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another machine's worker got there first
+            continue
+        study.enqueue_trial(trial.params, user_attrs={"continues": trial.number, "run": trial.user_attrs.get("run"),
                                                       "base": trial.user_attrs.get("base", False)})
         log.info("trial %d was interrupted: it runs again and continues its training run", trial.number)
 
@@ -171,7 +218,8 @@ def _run_trial(trial, optuna, base: TrainConfig, space: dict[str, Dimension], ou
     params = {name: _three_digits(dim.suggest(trial, name)) for name, dim in space.items()}
     trial.set_user_attr("trained", params)
     config = _trial_config(base, params)
-    run_dir = _trial_dir(out, index)
+    # A trial queued again continues the run it was interrupted in.
+    run_dir = out / trial.user_attrs["run"] if trial.user_attrs.get("run") else _trial_dir(out, index)
     trial.set_user_attr("run", str(run_dir.relative_to(out)))  # OUT may move
 
     def report(row: dict) -> None:
@@ -195,32 +243,75 @@ def _run_trial(trial, optuna, base: TrainConfig, space: dict[str, Dimension], ou
 
 
 def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = None,
-             budget_minutes: float | None = None, progress: bool = False) -> dict:
-    """Run (or continue) a study of `trials` trials in `out`; return the record written to tune.json."""
+             budget_minutes: float | None = None, progress: bool = False, storage: str | None = None) -> dict:
+    """Run (or continue) a study of `trials` trials in `out`; return the record written to tune.json.
+
+    storage: where the study lives, for several workers sharing it (see `open_storage`);
+    None keeps it in OUT/study.db.
+    """
     space = _check_request(base, out, trials, search, budget_minutes)
+    if storage is not None and "://" not in str(storage):
+        _journal_path(str(storage))  # refused before anything is written
     out = Path(out)
-    started = _base_record(out, base, space)
     optuna = _optuna()
+    storage_url = storage if storage is None else str(storage)
+    with _one_writer(out, create=False):
+        started = _base_record(out, base, space, storage_url)
     _check_data(base, progress)  # before anything is written: a wrong DATA leaves no study behind
-    study = _open_study(out, base, space, optuna)
+    # One local worker at a time creates the study, queues its base trial and requeues a gone
+    # worker's trial: two workers started together then neither queue the base twice nor both
+    # continue one interrupted trial.
+    with _one_writer(out):
+        study = _open_study(out, base, space, optuna, storage_url)
+        record = _write_record(out, study, optuna, started, trials)
     t0 = time.perf_counter()
-    record = _record(study, optuna, started, trials)
-    write_json(out / RECORD_FILE, record)
     # Over the trials, with the best score so far; each trial's epochs show their own bar below.
     with tqdm(total=trials, initial=min(_finished_count(study, optuna), trials), desc="tune", unit="trial",
               disable=not progress, dynamic_ncols=True) as bar:
-        while (index := _finished_count(study, optuna)) < trials:
+        # Trials other workers are running count as taken: together the workers start `trials`.
+        while (index := _claimed_count(study, optuna)) < trials:
             if budget_minutes is not None and time.perf_counter() - t0 > budget_minutes * 60:
                 log.info("budget of %g min used: %d of %s done; run the same command to go on",
-                         budget_minutes, index, plural(trials, "trial"))
+                         budget_minutes, _finished_count(study, optuna), plural(trials, "trial"))
                 break
-            _next_trial(study, optuna, base, space, out, index, trials, progress)
-            record = _record(study, optuna, started, trials)
-            write_json(out / RECORD_FILE, record)
-            bar.update(1)
+            if not _next_trial(study, optuna, base, space, out, index, trials, progress):
+                break
+            with _one_writer(out):
+                record = _write_record(out, study, optuna, started, trials)
+            bar.n = min(_finished_count(study, optuna), trials)
+            bar.refresh()
             if record["best"]:
                 bar.set_postfix(best=f"{record['best']['val_acc']:.4f}")
-    write_tune_report(out, record)
+    with _one_writer(out):
+        record = _write_record(out, study, optuna, started, trials)
+        write_tune_report(out, record)
+    return record
+
+
+@contextlib.contextmanager
+def _one_writer(out: Path, create: bool = True):
+    """Held while a worker reads the study and writes OUT's files: one process on this machine at a time.
+
+    create=False: OUT is not made (nothing is locked while it does not exist).
+    """
+    import fcntl
+
+    if not create and not out.is_dir():
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write_record(out: Path, study, optuna, started: dict, trials: int) -> dict:
+    """tune.json, whole, from the study as it is now."""
+    record = _record(study, optuna, started, trials)
+    write_json(out / RECORD_FILE, record)
     return record
 
 
@@ -251,16 +342,56 @@ def _check_data(base: TrainConfig, progress: bool) -> None:
     load_run_data(base.to_dict(), progress=progress, remarks=True)
 
 
-def _open_study(out: Path, base: TrainConfig, space: dict[str, Dimension], optuna):
-    """The study in OUT/study.db, created or continued, with an interrupted trial queued again."""
+def open_storage(storage: str | None, out: Path, optuna):
+    """The Optuna storage a study lives in.
+
+    None: OUT/study.db (SQLite), for one worker. 'journal:PATH' or a PATH ending in .log: a journal
+    file, for workers on one machine. A database URL (postgresql://, mysql://, sqlite:///): shared
+    by workers on several machines (PostgreSQL or MySQL; SQLite locks under concurrent writers).
+    """
+    if storage is None:
+        return f"sqlite:///{(out / STUDY_FILE).resolve()}"
+    if "://" in storage:
+        try:
+            return optuna.storages.RDBStorage(storage)
+        except (ImportError, ModuleNotFoundError) as exc:
+            raise UserError(f"--storage {_without_password(storage)} needs a database driver: {exc}") from None
+        except Exception as exc:  # sqlalchemy's errors: no server, wrong password, unknown dialect
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot open --storage {_without_password(storage)}: {first}") from None
+    path = _journal_path(storage)
+    journal = optuna.storages.journal
+    backend = journal.JournalFileBackend if hasattr(journal, "JournalFileBackend") else journal.JournalFileStorage
+    return optuna.storages.JournalStorage(backend(str(path)))
+
+
+def _journal_path(storage: str) -> Path:
+    """The file of a journal --storage; a UserError for what is neither a journal nor a URL."""
+    path = storage.removeprefix("journal:")
+    if not storage.startswith("journal:") and not path.endswith(".log"):
+        raise UserError(f"--storage {storage}: give a journal file (journal:PATH or a path ending in .log) "
+                        "or a database URL (postgresql://..., mysql://..., sqlite:///...)")
+    path = Path(path).expanduser()
+    if path.is_dir() or not path.parent.is_dir():
+        raise UserError(f"--storage {storage}: {path} must be a file in an existing directory")
+    return path
+
+
+def _without_password(url: str) -> str:
+    """A database URL as it may be printed or recorded: its password, if any, replaced by ***."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _open_study(out: Path, base: TrainConfig, space: dict[str, Dimension], optuna, storage: str | None = None):
+    """The study in its storage (OUT/study.db by default), created or continued, with a trial a
+    gone worker left running queued again."""
     out.mkdir(parents=True, exist_ok=True)
-    storage = f"sqlite:///{(out / STUDY_FILE).resolve()}"
     # Never judged in the first half of its epochs: there a one-cycle run is warming up or at its
     # peak learning rate, and its accuracy says little yet about where it ends (CIFAR-10, `fast`
     # preset, 2-epoch trials: validation 0.18 after epoch 1 became 0.38, 0.34 became 0.46).
     pruner = optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS, n_warmup_steps=base.epochs // 2 + 1)
-    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
-                                pruner=pruner, load_if_exists=True)
+    study = optuna.create_study(storage=open_storage(storage, out, optuna), study_name=STUDY_NAME,
+                                direction="maximize", pruner=pruner, load_if_exists=True)
     if not study.trials:
         _enqueue_base(study, base, space)
     _requeue_interrupted(study, optuna)
@@ -268,18 +399,24 @@ def _open_study(out: Path, base: TrainConfig, space: dict[str, Dimension], optun
 
 
 def _next_trial(study, optuna, base: TrainConfig, space: dict[str, Dimension], out: Path, index: int,
-                trials: int, progress: bool) -> None:
-    """Ask the study for trial `index` (sampler seeded by the trials before it), train it, tell
-    the study how it ended."""
+                trials: int, progress: bool) -> bool:
+    """Ask the study for a trial (sampler seeded by the trials before it), train it, tell the study
+    how it ended. False when other workers took the last trials first (nothing was trained)."""
     study.sampler = optuna.samplers.TPESampler(
         seed=int(np.random.SeedSequence([base.seed, index]).generate_state(1)[0]),
         n_startup_trials=STARTUP_TRIALS)
     trial = study.ask()
+    trial.set_user_attr("worker", _worker())
+    # Its place among the trials finished or running: unique while it runs, so is its directory.
+    index = _claimed_count(study, optuna, below=trial.number)
+    if index >= trials:  # another worker asked between our count and our ask
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return False
     log.info("trial %d of %d", index + 1, trials)
     try:
         value = _run_trial(trial, optuna, base, space, out, index, progress)
     except KeyboardInterrupt:
-        # The trial stays 'running' in study.db; the next invocation queues it again.
+        # The trial stays 'running' in the study; the next invocation queues it again.
         raise KeyboardInterrupt(f"trial {index + 1} saved a checkpoint; run the same 'imgflow tune' "
                                 "command to continue the study") from None
     except optuna.TrialPruned as exc:
@@ -288,6 +425,7 @@ def _next_trial(study, optuna, base: TrainConfig, space: dict[str, Dimension], o
     else:
         study.tell(trial, value)
         log.info("trial %d: validation accuracy %.4f with %s", index + 1, value, _params_text(trial.params))
+    return True
 
 
 def _params_text(params: dict[str, Any]) -> str:

@@ -148,7 +148,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     base = resolve_config(args.data, overrides_from_args(args), preset=args.preset)
     record = run_tune(base, Path(args.out), trials=args.trials, search=args.search,
-                      budget_minutes=args.budget_minutes, progress=interactive())
+                      budget_minutes=args.budget_minutes, progress=interactive(), storage=args.storage)
     print(format_summary(record))
     return 0
 

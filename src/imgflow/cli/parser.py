@@ -100,7 +100,10 @@ def _add_tune(sub) -> None:
                     "earlier ones at the same epoch are stopped early. Writes OUT/tune.json,\n"
                     "OUT/report.html and prints the 'imgflow train' command of the best trial.\n"
                     "The study is kept in OUT/study.db: the same command again continues it\n"
-                    "(an interrupted trial continues its run), and a larger --trials extends it.",
+                    "(an interrupted trial continues its run), and a larger --trials extends it.\n"
+                    "Several workers share one study with --storage: start the same command in\n"
+                    "several processes with --storage journal:OUT.log (one machine), or on several\n"
+                    "machines with --storage postgresql://user:password@host/db (or mysql://).",
         epilog="Search space: lr (base lr / 10 .. x 10, log), weight-decay (1e-5 .. 1e-2, log),\n"
                "label-smoothing (0 .. 0.3), augment (none | flip | flip+translate |\n"
                "flip+translate+cutout), momentum (0.8 .. 0.95). The test split is never used.")
@@ -111,6 +114,10 @@ def _add_tune(sub) -> None:
                    help="options to search (default: lr,weight-decay,label-smoothing,augment)")
     p.add_argument("--budget-minutes", type=float, metavar="M",
                    help="start no new trial after M minutes (the running one finishes)")
+    p.add_argument("--storage", metavar="URL",
+                   help="where the study lives, shared by every worker given the same: journal:PATH (or a "
+                        "PATH ending in .log) for processes on one machine, a database URL "
+                        "(postgresql://, mysql://, sqlite:///) across machines (default: OUT/study.db)")
     add_config_arguments(p)
     p.set_defaults(func=commands.cmd_tune)
 
