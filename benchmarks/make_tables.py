@@ -32,7 +32,9 @@ def describe_machine(m: dict) -> str:
     threads = "/".join(map(str, m.get("threads_measured") or [m.get("threads", "?")]))
     load = m.get("load_average_1_5_15")
     load_text = f", load average {load[0]:.1f} at start" if load else ""
-    return (f"{m.get('cpu', '?')}{family}{vm}, {m.get('logical_cpus', '?')} logical CPUs, {simd}, {bf16}; "
+    gpu = (m.get("device") or {}).get("gpu")
+    on = f"GPU {gpu} ({m['device']['build']} build), host " if gpu else ""
+    return (f"{on}{m.get('cpu', '?')}{family}{vm}, {m.get('logical_cpus', '?')} logical CPUs, {simd}, {bf16}; "
             f"torch {m.get('torch', '?')}, {threads} thread(s){load_text}")
 
 

@@ -1,4 +1,4 @@
-"""Training and inference throughput of the registered models on this CPU, in one run.
+"""Training and inference throughput of the registered models on this CPU or a GPU, in one run.
 
 For each model and precision: training img/s (the median of steady-state steps after warm-up:
 forward, backward and a Nesterov-SGD step on uint8 batches made model input exactly as the
@@ -13,6 +13,11 @@ the notebook's two CNNs are also timed in Keras for a side-by-side ratio.
     python benchmarks/throughput.py --quick            # ~1-2 minutes on 2 cores
     python benchmarks/throughput.py --models fast-small,fast-large --precisions fp32
     python benchmarks/throughput.py --profile fast-small   # torch.profiler table of 5 steps
+    python benchmarks/throughput.py --device cuda --precisions bf16,fp32   # on a GPU
+--device (auto, cpu, cuda, cuda:N, mps; default auto) is resolved as `imgflow train --device`
+resolves it; the model and the batches live there (as a training run holds its data on the GPU),
+and each timed step ends with a synchronize, so GPU times are of finished work. On a GPU, bf16
+and fp16 are autocast; the bf16-on-CPU note below does not apply.
 Timings on a shared or virtualised machine vary by up to 2x between runs: compare rows of the
 same run, and read the load average recorded in the JSON.
 """
@@ -32,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from imgflow.device import describe_device, resolve_device
+from imgflow.errors import UserError
 from imgflow.fileio import write_json
 from imgflow.models import count_flops, count_params, create_model
 from imgflow.precision import autocast, cpu_info, default_threads, set_threads
@@ -86,7 +93,11 @@ def machine_info(threads: int) -> dict:
 
 
 def machine_slug(machine: dict) -> str:
-    """A file-name-safe name for this CPU, e.g. 'amd-epyc-f23m1' (KVM hides the exact model)."""
+    """A file-name-safe name for this CPU, e.g. 'amd-epyc-f23m1' (KVM hides the exact model),
+    or for the GPU measured, e.g. 'nvidia-h200'."""
+    gpu = (machine.get("device") or {}).get("gpu")
+    if gpu:
+        return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")[:40] or "gpu"
     name = re.sub(r"[^a-z0-9]+", "-", machine["cpu"].lower()).strip("-")
     name = re.sub(r"-(processor|\d+-core|cpu)\b", "", name)[:40].strip("-") or "cpu"
     if machine.get("cpu_family"):
@@ -94,22 +105,35 @@ def machine_slug(machine: dict) -> str:
     return name
 
 
-def matmul_peak(dtype: torch.dtype, n: int, repeats: int) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: GPU calls return before their kernels finish."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, n: int, repeats: int, device: torch.device = torch.device("cpu")) -> float:
     """Best GFLOP/s of an n x n matmul over `repeats` timed calls (after one warm-up)."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+    a = torch.randn(n, n).to(device, dtype)
+    b = torch.randn(n, n).to(device, dtype)
     torch.mm(a, b)
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
 
 
-def measure_peaks(precisions: list[str], n: int, repeats: int) -> dict[str, float]:
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    return {p: round(matmul_peak(dtypes[p], n, repeats), 1) for p in precisions}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def measure_peaks(precisions: list[str], n: int, repeats: int,
+                  device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    return {p: round(matmul_peak(DTYPES[p], n, repeats, device), 1) for p in precisions}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,31 +147,33 @@ def _learner(model: torch.nn.Module, name: str, precision: str, prep: Preprocess
     return Learner(model, config, prep, precision, total_steps)
 
 
-def _timed_steps(step, warmup: int, steps: int) -> list[float]:
+def _timed_steps(step, warmup: int, steps: int, device: torch.device = torch.device("cpu")) -> list[float]:
     times = []
     for i in range(warmup + steps):
         t = time.perf_counter()
         step()
+        synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return times
 
 
 def bench_torch(name: str, precision: str, batch: int, eval_batch: int, warmup: int, steps: int,
-                eval_steps: int) -> dict:
-    """Training and inference img/s of one registered model at one precision."""
+                eval_steps: int, device: torch.device = torch.device("cpu")) -> dict:
+    """Training and inference img/s of one registered model at one precision on `device`."""
     H, W, C = IMAGE
     torch.manual_seed(0)
     model = create_model(name, num_classes=CLASSES, in_channels=C, image_size=(H, W))
     flops = count_flops(model, C, (H, W))
     params = count_params(model)["params"]
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device=device, memory_format=torch.channels_last)
     # Standardised input as the fast presets use; plain /255 costs the same.
     prep = Preprocessing((0.49, 0.48, 0.45), (0.25, 0.24, 0.26), (H, W), C)
     gen = torch.Generator().manual_seed(0)
-    x_train = torch.randint(0, 256, (batch, H, W, C), dtype=torch.uint8, generator=gen)
-    y_train = torch.randint(0, CLASSES, (batch,), generator=gen)
-    x_eval = torch.randint(0, 256, (eval_batch, H, W, C), dtype=torch.uint8, generator=gen)
+    # Drawn on the CPU (the same numbers on every device), then held on the device as a run holds its data.
+    x_train = torch.randint(0, 256, (batch, H, W, C), dtype=torch.uint8, generator=gen).to(device)
+    y_train = torch.randint(0, CLASSES, (batch,), generator=gen).to(device)
+    x_eval = torch.randint(0, 256, (eval_batch, H, W, C), dtype=torch.uint8, generator=gen).to(device)
     learner = _learner(model, name, precision, prep, warmup + steps)
     done = iter(range(1, warmup + steps + 1))
 
@@ -156,17 +182,17 @@ def bench_torch(name: str, precision: str, batch: int, eval_batch: int, warmup: 
 
     @torch.no_grad()
     def eval_step() -> None:
-        with autocast(precision):
+        with autocast(precision, device.type):
             model(to_model_input(x_eval, prep, channels_last=True)).float()
 
     model.train()
-    train_times = _timed_steps(train_step, warmup, steps)
+    train_times = _timed_steps(train_step, warmup, steps, device)
     model.eval()
-    eval_times = _timed_steps(eval_step, 1, eval_steps)
+    eval_times = _timed_steps(eval_step, 1, eval_steps, device)
     train_ips = batch / statistics.median(train_times)
     eval_ips = eval_batch / statistics.median(eval_times)
     return {
-        "framework": "pytorch", "model": name, "precision": precision, "params": params,
+        "framework": "pytorch", "device": str(device), "model": name, "precision": precision, "params": params,
         "mflop_per_image": round(flops / 1e6, 2),
         "batch_size": batch, "eval_batch_size": eval_batch, "steps": steps, "warmup_steps": warmup,
         "train_images_per_second": round(train_ips, 1),
@@ -237,18 +263,19 @@ def tensorflow_version() -> str | None:
 # where the time goes
 
 
-def profile_training(name: str, precision: str, batch: int, steps: int, row_limit: int = 30) -> str:
+def profile_training(name: str, precision: str, batch: int, steps: int, row_limit: int = 30,
+                     device: torch.device = torch.device("cpu")) -> str:
     """torch.profiler table of `steps` training steps (after 2 untimed ones), by self CPU time."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     H, W, C = IMAGE
     torch.manual_seed(0)
     model = create_model(name, num_classes=CLASSES, in_channels=C, image_size=(H, W))
-    model = model.to(memory_format=torch.channels_last).train()
+    model = model.to(device=device, memory_format=torch.channels_last).train()
     prep = Preprocessing((0.49, 0.48, 0.45), (0.25, 0.24, 0.26), (H, W), C)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (batch, H, W, C), dtype=torch.uint8, generator=gen)
-    y = torch.randint(0, CLASSES, (batch,), generator=gen)
+    x = torch.randint(0, 256, (batch, H, W, C), dtype=torch.uint8, generator=gen).to(device)
+    y = torch.randint(0, CLASSES, (batch,), generator=gen).to(device)
     learner = _learner(model, name, precision, prep, steps + 2)
     done = iter(range(1, steps + 3))
 
@@ -260,16 +287,19 @@ def profile_training(name: str, precision: str, batch: int, steps: int, row_limi
 
     for _ in range(2):
         step()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     t = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+    with profile(activities=activities, record_shapes=False) as prof:
         for _ in range(steps):
             step()
+        synchronize(device)
     seconds = time.perf_counter() - t
     flops = count_flops(model, C, (H, W))
     events = prof.key_averages()
     phases = sorted((e for e in events if e.key.startswith("## ")), key=lambda e: -e.cpu_time_total)
     total = sum(e.cpu_time_total for e in phases) or 1
-    header = [f"torch.profiler: {steps} training steps of {name}, batch {batch}, {precision}, channels_last, "
+    header = [f"torch.profiler: {steps} training steps of {name} on {device}, batch {batch}, {precision}, channels_last, "
               f"random uint8 data, {torch.get_num_threads()} threads, torch {torch.__version__}",
               f"wall {seconds:.2f} s with profiling = {steps * batch / seconds:.0f} img/s; "
               f"{flops / 1e6:.1f} MFLOP/img forward, ~{TRAIN_FLOP_FACTOR * flops * steps * batch / seconds / 1e9:.1f} "
@@ -297,6 +327,9 @@ def format_table(result: dict) -> str:
                      f"{r['train_images_per_second']:>11.1f} {r['train_gflops']:>8.1f} {util(r['train_utilisation'])}"
                      f"  {r['inference_images_per_second']:>11.1f} {r['inference_gflops']:>8.1f} "
                      f"{util(r['inference_utilisation'])}")
+    device = result["machine"].get("device")
+    if device and device["type"] != "cpu":
+        lines.append(f"device: {device['device']} ({device['name']}), torch {device['torch']} ({device['build']} build)")
     for peak in result["matmul_peaks"]:
         text = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items() if k != "threads")
         lines.append(f"matmul peak, {peak['threads']} thread(s): {text}")
@@ -319,7 +352,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="few steps and small batches (about 1-2 minutes on 2 cores)")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
-    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16 (fp16: GPUs)")
     p.add_argument("--force-bf16", action="store_true",
                    help="measure bf16 even where the CPU has no native bf16 (it will be slow)")
     p.add_argument("--batch-size", type=int, help="training batch (default 256; --quick 64)")
@@ -347,10 +382,16 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
     eval_steps = 3 if args.quick else 10
     thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [default_threads()]
+    try:
+        device = resolve_device(args.device)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.profile:
         set_threads(thread_counts[0])
-        precision = "bf16" if "bf16" in args.precisions.split(",")[:1] else "fp32"
-        text = profile_training(args.profile, precision, args.batch_size or 256, args.profile_steps)
+        first = args.precisions.split(",")[0].strip()
+        precision = first if first in DTYPES else "fp32"
+        text = profile_training(args.profile, precision, args.batch_size or 256, args.profile_steps, device=device)
         out = args.out or RESULTS / f"profile-{args.profile}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
@@ -361,10 +402,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     machine = machine_info(thread_counts[0])
     machine["threads_measured"] = thread_counts
+    machine["device"] = describe_device(device)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    unknown = [p for p in precisions if p not in DTYPES]
+    if unknown:
+        print(f"error: unknown precision {', '.join(unknown)}: use fp32, bf16 or fp16", file=sys.stderr)
+        return 2
     notes: list[str] = []
-    if "bf16" in precisions and not machine["native_bf16"] and not args.force_bf16:
+    if device.type == "cuda" and "bf16" in precisions and not torch.cuda.is_bf16_supported():
+        precisions.remove("bf16")
+        notes.append(f"bf16 skipped: {machine['device']['gpu']} has no bf16 (use fp16)")
+    if device.type == "cpu" and "fp16" in precisions:
+        precisions.remove("fp16")
+        notes.append("fp16 skipped: it is a GPU precision (the CPU's half precision is bf16)")
+    if device.type == "cpu" and "bf16" in precisions and not machine["native_bf16"] and not args.force_bf16:
         precisions.remove("bf16")
         notes.append("bf16 skipped: no native bf16 on this CPU (oneDNN would emulate it, 5-15x "
                      "slower than fp32); --force-bf16 measures it anyway")
@@ -376,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for threads in thread_counts:
         set_threads(threads)
-        peak = measure_peaks(precisions, n, repeats)
+        peak = measure_peaks(precisions, n, repeats, device)
         thread_rows = []
         for name in models:
             for precision in precisions:
@@ -384,14 +436,14 @@ def main(argv: list[str] | None = None) -> int:
                 heavy = args.quick and name == "seed-batchnorm"
                 row = bench_torch(name, precision, max(8, batch // 2) if heavy else batch,
                                   max(50, eval_batch // 2) if heavy else eval_batch,
-                                  warmup, steps, eval_steps)
+                                  warmup, steps, eval_steps, device)
                 row["threads"] = threads
                 thread_rows.append(row)
                 log.info("%-15s %-5s %d thr  train %8.1f img/s  inference %8.1f img/s", name, precision,
                          threads, row["train_images_per_second"], row["inference_images_per_second"])
         # The peak again after the models, and the better of the two: on a shared machine one
         # short measurement can land in a busy moment and make every utilisation look too high.
-        after = measure_peaks(precisions, n, repeats)
+        after = measure_peaks(precisions, n, repeats, device)
         peak = {k: max(peak[k], after[k]) for k in peak}
         peaks.append({"threads": threads, **peak})
         log.info("matmul peak, %d thread(s): %s GFLOP/s", threads, peak)
@@ -402,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             row["inference_utilisation"] = round(row["inference_gflops"] / p, 3)
         rows += thread_rows
 
-    tf_version = None if args.no_keras else tensorflow_version()
+    # Keras runs on the CPU here: beside GPU rows its ratio would compare devices, not frameworks.
+    tf_version = None if args.no_keras or device.type != "cpu" else tensorflow_version()
     keras_rows = []
     if tf_version:
         set_threads(thread_counts[0])

@@ -603,3 +603,23 @@ def test_a_run_shorter_than_its_lookahead_period_keeps_what_it_trained(tiny_data
     averaged = load_file(tmp_path / "lookahead" / "model.safetensors")
     assert plain.keys() == averaged.keys()
     assert all(torch.equal(plain[k], averaged[k]) for k in plain)
+
+
+def test_the_throughput_benchmark_measures_on_the_device_it_is_given(monkeypatch, tmp_path, capsys):
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import throughput
+
+    out = tmp_path / "throughput.json"
+    assert throughput.main(["--quick", "--device", "cpu", "--models", "seed-baseline", "--precisions", "fp32,fp16",
+                            "--steps", "2", "--warmup", "1", "--threads", "1", "--no-keras", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["machine"]["device"]["type"] == "cpu"
+    assert [(r["device"], r["precision"]) for r in result["pytorch"]] == [("cpu", "fp32")]
+    assert any("fp16 skipped" in note for note in result["notes"])
+    assert result["pytorch"][0]["train_images_per_second"] > 0
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert throughput.main(["--device", "cuda", "--out", str(tmp_path / "no.json")]) == 2
+        assert "--device cuda" in capsys.readouterr().err and not (tmp_path / "no.json").exists()
