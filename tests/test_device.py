@@ -397,3 +397,41 @@ def test_the_workflow_probe_measures_on_the_device(cpu_only):
     assert probe_throughput("seed-baseline", images, np.arange(8) % 2, 2, 1, "cpu") > 0
     with pytest.raises(UserError, match="--device cuda"):
         probe_throughput("seed-baseline", images, np.arange(8) % 2, 2, 1, "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# on a real GPU (marked gpu; skipped without CUDA, as in CI)
+
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+def test_a_gpu_run_saves_weights_that_score_the_same_on_the_cpu(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["-q", "train", str(tiny_data), "--model", "seed-batchnorm", "--epochs", "3", "--batch-size", "16",
+                 "--device", "cuda", "--out", str(run_dir)]) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["device"]["type"] == "cuda" and config["device"]["gpu"] == torch.cuda.get_device_name(0)
+    assert config["precision"] in ("bf16", "fp16")  # precision auto on a GPU
+    weights = load_file(str(run_dir / "model.safetensors"))
+    assert weights and all(t.device.type == "cpu" for t in weights.values())
+    gpu_accuracy = json.loads((run_dir / "metrics.json").read_text())["accuracy"]
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir), "--device", "cpu", "--json"]) == 0
+    # The CPU computes in fp32 what the GPU computed under autocast: a test image near a decision
+    # boundary may flip, no more than a couple of the 39.
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(gpu_accuracy, abs=2 / 39)
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+@pytest.mark.parametrize("first, then", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_a_run_resumes_across_the_gpu_and_the_cpu(tiny_data, tmp_path, caplog, first, then):
+    run_dir = tmp_path / "run"
+    _interrupted_run(tiny_data, run_dir, device=first)
+    with caplog.at_level("WARNING"):
+        result = train_tiny(tiny_data, run_dir, resume=True, epochs=2, device=then)
+    assert f"continuing on {resolve_device(then)}" in caplog.text
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    assert all(t.device.type == "cpu" for t in load_file(str(run_dir / "model.safetensors")).values())
