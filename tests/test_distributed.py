@@ -137,6 +137,52 @@ def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_data,
     assert config["steps_per_epoch"] == json.loads((one / "config.json").read_text())["steps_per_epoch"]
 
 
+# Runs `imgflow ARGS` as a rank would, then writes a digest of the weights this rank's model ends
+# with: rank 1 writes no file of the run, so its weights are seen only this way.
+RANK_DIGEST = """
+import hashlib, os, sys
+import imgflow.training.loop as loop
+from imgflow.cli import main
+
+runs = []
+set_up = loop.set_up
+loop.set_up = lambda *args, **kwargs: runs.append(set_up(*args, **kwargs)) or runs[-1]
+code = main(sys.argv[1:])
+state = runs[-1].learner.model.state_dict()
+digest = hashlib.sha256()
+for name in sorted(state):
+    digest.update(name.encode() + state[name].detach().cpu().contiguous().numpy().tobytes())
+with open(os.path.join(os.environ["DIGESTS"], "rank-" + os.environ["RANK"]), "w") as f:
+    f.write(digest.hexdigest())
+sys.exit(code)
+"""
+
+
+def _digest(weights: dict[str, torch.Tensor]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode() + weights[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.slow
+def test_both_ranks_end_with_the_weights_rank_0_saved(tiny_data, tmp_path):
+    script, digests = tmp_path / "rank_digest.py", tmp_path / "digests"
+    script.write_text(RANK_DIGEST)
+    digests.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               "-q", "train", str(tiny_data), *RUN, "--out", str(tmp_path / "run")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT,
+                          env={**os.environ, "DIGESTS": str(digests), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    ranks = {p.name: p.read_text() for p in digests.iterdir()}
+    assert sorted(ranks) == ["rank-0", "rank-1"]
+    # Bit for bit: every step applies the same all-reduced gradients to the same weights.
+    assert ranks["rank-0"] == ranks["rank-1"] == _digest(_weights(tmp_path / "run"))
+
+
 @pytest.mark.slow
 def test_only_rank_0_writes(tiny_data, tmp_path):
     """Rank 1 runs in an empty directory with a relative --out: anything it wrote would be there."""
