@@ -141,5 +141,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["lr"] = None
     config = config_to_train(args.data, overrides, args.preset, started)
     if args.out is None:
-        args.out = f"runs/{config.model}-seed{config.seed}"
+        from imgflow.models.hf import run_name
+
+        args.out = f"runs/{run_name(config.model)}-seed{config.seed}"
     return config

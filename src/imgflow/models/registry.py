@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from imgflow.errors import UserError
+from imgflow.models.hf import build_hf, hf_source, is_hf
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,13 @@ def list_models() -> list[str]:
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    """Return the spec registered as `name`; an unknown name is a UserError listing the known ones."""
+    """Return the spec registered as `name`; an unknown name is a UserError listing the known ones.
+
+    `hf:<hub id or local dir>` names a Hugging Face transformers classifier (models.hf), built
+    on demand rather than registered."""
+    if is_hf(name):
+        return ModelSpec(name, build_hf, {"source": hf_source(name)},
+                         "a Hugging Face transformers image classifier", family="hf")
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -85,7 +92,9 @@ def create_model(name: str, num_classes: int, in_channels: int = 3,
     def build() -> nn.Module:
         return spec.builder(num_classes=num_classes, in_channels=in_channels, image_size=(H, W), **kwargs)
 
-    if meta or _unusual_size(H, W, num_classes, in_channels):
+    # hf: models have a fixed size whatever the image (and loading weights on the meta device
+    # would read them for nothing).
+    if meta or (spec.family != "hf" and _unusual_size(H, W, num_classes, in_channels)):
         with torch.device("meta"):
             shapes = build()
         if meta:

@@ -66,6 +66,11 @@ class TrainConfig:
     precise_bn: int = 0  # re-estimate BatchNorm statistics on N training images at the end; 0 = Keras' running averages
     eval_batch_size: int = 500  # images per forward pass at evaluation
     preset: str | None = None  # name of the preset the defaults came from, if any
+    weights: str | None = None  # hf: models: local directory (save_pretrained) or file to start from; offline
+    pretrained: bool = False  # hf: models: download the hub id's weights (HF's cache); never otherwise
+    finetune: bool = False  # hf: models: head only for freeze_epochs (backbone frozen), then all, backbone at lr/10
+    freeze_epochs: int = 1  # with finetune: epochs with the backbone frozen
+    freeze_backbone: bool = False  # hf: models: keep the backbone frozen throughout (train the head only)
 
     def validate(self) -> "TrainConfig":
         """Raise UserError on values that cannot work; return self for chaining."""
@@ -125,8 +130,20 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
         from imgflow.models import list_models
+        from imgflow.models.hf import is_hf
 
-        if self.model not in list_models():
+        if (self.weights is not None or self.pretrained or self.finetune or self.freeze_backbone) \
+                and not is_hf(self.model):
+            raise UserError("--weights, --pretrained, --finetune and --freeze-backbone need an hf: model, "
+                            f"e.g. --model hf:microsoft/resnet-50 (got {self.model!r})")
+        if self.weights is not None and self.pretrained:
+            raise UserError("--weights and --pretrained both say where the weights come from: use one")
+        if self.finetune and self.freeze_backbone:
+            raise UserError("--finetune unfreezes the backbone after --freeze-epochs, --freeze-backbone "
+                            "never does: use one")
+        if self.freeze_epochs < 0:
+            raise UserError(f"--freeze-epochs must be >= 0, got {self.freeze_epochs}")
+        if not is_hf(self.model) and self.model not in list_models():
             raise UserError(f"unknown model {self.model!r}: use one of {', '.join(list_models())} "
                             "(see 'imgflow models')")
         return self
@@ -151,7 +168,7 @@ class TrainConfig:
 
 
 _KIND_OF_DEFAULT = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
-_KIND_WHEN_NOT_NONE = {"threads": "an integer", "preset": "a string"}
+_KIND_WHEN_NOT_NONE = {"threads": "an integer", "preset": "a string", "weights": "a string"}
 
 
 def _setting(f: dataclasses.Field, value: Any) -> Any:
@@ -251,6 +268,11 @@ def resolve_config(data: str, overrides: dict[str, Any], preset: str | None = No
         values["preset"] = preset
     values.update({k: v for k, v in overrides.items() if v is not None})
     data = absolute_if_path(data)
+    # Local weights are recorded absolute, like the data, so the run's files find them from anywhere.
+    if values.get("weights"):
+        values["weights"] = _absolute(values["weights"])
+    if str(values.get("model", "")).startswith("hf:"):
+        values["model"] = "hf:" + _absolute(values["model"][3:])
     if "model" not in values:
         raise UserError("no model given: pass --model NAME (see 'imgflow models') or --preset")
     return TrainConfig(data=data, **values).validate()
@@ -272,6 +294,12 @@ def config_to_train(data: str | None, overrides: dict[str, Any], preset: str | N
     if data is None:
         raise UserError("no DATA given: name a data set (cifar10, fashion-mnist) or an image folder/archive")
     return resolve_config(data, overrides, preset=preset)
+
+
+def _absolute(place: str) -> str:
+    from pathlib import Path
+
+    return str(Path(place).resolve()) if Path(place).exists() else place
 
 
 def absolute_if_path(data: str) -> str:
@@ -350,6 +378,13 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
                          "moving (0 = off, as in Keras)", "non_negative_int", metavar="N"),
     Option("image_size", "resize images to SIZE or HxW (default: the data's own size)", "image_size",
            metavar="SIZE|HxW"),
+    Option("weights", "hf: models: start from these local weights (a save_pretrained directory or a "
+                      ".safetensors/.bin file), offline", "str", metavar="DIR_OR_FILE"),
+    Option("pretrained", "hf: models: download the hub id's weights through Hugging Face's cache", "flag"),
+    Option("finetune", "hf: models: train the new head with the backbone frozen for --freeze-epochs, "
+                       "then everything, the backbone at lr/10", "flag"),
+    Option("freeze_epochs", "with --finetune: epochs with the backbone frozen", "non_negative_int"),
+    Option("freeze_backbone", "hf: models: keep the backbone frozen throughout (head only)", "flag"),
 )
 OPTION_OF = {option.field: option for option in TRAIN_OPTIONS}
 

@@ -15,6 +15,8 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     trainable scale, like the fast family here; in a model whose BatchNorm scales train
     (seed-batchnorm), they get the multiplier too.
     """
+    if config.finetune or config.freeze_backbone:
+        return _optimizer(_finetune_groups(model, config), config)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay,
                "lr_scale": 1.0},
@@ -25,6 +27,43 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         groups[1]["params"] = [p for p in groups[1]["params"] if id(p) not in norm]
         groups.append({"params": [p for p in params if id(p) in norm], "weight_decay": 0.0,
                        "lr_scale": config.bn_lr_scale})
+    return _optimizer(groups, config)
+
+
+# Discriminative learning rates when fine-tuning: the pretrained backbone moves at a tenth of the
+# new head's lr (fastai's fine_tune and Keras' fine-tuning guide both lower it by ~10x), so the
+# features it learnt are adjusted, not overwritten by the head's first large gradients.
+BACKBONE_LR_SCALE = 0.1
+
+
+def _finetune_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    """The head at lr, the backbone at BACKBONE_LR_SCALE x lr (none with --freeze-backbone); each
+    split into decayed weights and undecayed norms/biases. Frozen parameters are in the groups too:
+    while they have no gradient the optimiser skips them, so unfreezing needs no new optimiser."""
+    parts = [(model.head_parameters(), 1.0)]
+    if not config.freeze_backbone:
+        parts.append((model.backbone_parameters(), BACKBONE_LR_SCALE))
+    groups = []
+    for params, scale in parts:
+        groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay,
+                       "lr_scale": scale})
+        groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale})
+    return groups
+
+
+def backbone_frozen_at(config: TrainConfig, epoch: int) -> bool:
+    """Whether the backbone is frozen during `epoch` (0-based): a function of the epoch alone, so a
+    resumed run freezes exactly where the uninterrupted one did."""
+    return config.freeze_backbone or (config.finetune and epoch < config.freeze_epochs)
+
+
+def apply_freezing(model: torch.nn.Module, config: TrainConfig, epoch: int) -> None:
+    """Freeze or unfreeze an hf: model's backbone for `epoch` (a no-op for other runs)."""
+    if config.finetune or config.freeze_backbone:
+        model.freeze_backbone(backbone_frozen_at(config, epoch))
+
+
+def _optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
     if config.optimizer == "adamw":

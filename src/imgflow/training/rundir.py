@@ -175,11 +175,20 @@ def run_config(config: TrainConfig, dataset: Dataset, train_part: Split, val_par
                  "skipped": len(dataset.skipped)},
         "preprocessing": prep.to_dict(),
         "model": {"name": config.model, "num_classes": dataset.num_classes, "in_channels": C,
-                  "image_size": [H, W], **count_params(model)},
+                  "image_size": [H, W], **count_params(model), **_weights_source(config)},
         "precision": precision, "threads": threads, "device": device, "world_size": world_size,
         "steps_per_epoch": steps_per_epoch(len(train_part), config.batch_size, world_size),
         "versions": versions(), "machine": machine_info(),
     }
+
+
+def _weights_source(config: TrainConfig) -> dict:
+    """hf: models: where the starting weights came from (path + sha256, or hub id + revision)."""
+    from imgflow.models.hf import hf_source, is_hf, weights_source
+
+    if not is_hf(config.model):
+        return {}
+    return {"weights_source": weights_source(hf_source(config.model), config.weights, config.pretrained)}
 
 
 def save_final(paths: RunPaths, config: TrainConfig, state: dict, result: dict) -> None:

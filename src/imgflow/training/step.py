@@ -5,6 +5,7 @@ throughput benchmark all time this same code.
 """
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from imgflow.data import Dataset, Split, channel_stats
 from imgflow.errors import UserError
 from imgflow.inference import loss_and_accuracy, model_device, predict_logits
 from imgflow.models import create_model
+from imgflow.models.hf import hf_preprocessing, hf_source, is_hf
 from imgflow.precision import autocast, grad_scaler
 from imgflow.preprocess import Preprocessing, to_model_input
 from imgflow.training.averaging import Lookahead, WeightEMA
@@ -24,6 +26,9 @@ from imgflow.training.config import TrainConfig
 from imgflow.training.distributed import SINGLE, Ranks
 from imgflow.training.optim import build_optimizer, set_lr
 from imgflow.weights import detached_copy
+
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(UserError):
@@ -39,7 +44,8 @@ def prepare_model(config: TrainConfig, dataset: Dataset, train_part: Split, prep
     numbers on every device and in every process of a distributed run."""
     H, W, C = dataset.image_shape
     torch.manual_seed(config.seed)
-    model = create_model(config.model, num_classes=dataset.num_classes, in_channels=C, image_size=(H, W))
+    hf = {"weights": config.weights, "pretrained": config.pretrained} if is_hf(config.model) else {}
+    model = create_model(config.model, num_classes=dataset.num_classes, in_channels=C, image_size=(H, W), **hf)
     if hasattr(model, "init_whitening"):
         # Fitted on a fixed, seeded sample of the training part (never validation or test).
         n = min(5000, len(train_part))
@@ -53,7 +59,14 @@ def prepare_model(config: TrainConfig, dataset: Dataset, train_part: Split, prep
 
 def preprocessing_for(config: TrainConfig, dataset: Dataset, train_part: Split) -> Preprocessing:
     H, W, C = dataset.image_shape
-    if config.normalize == "standardize":
+    own = hf_preprocessing(hf_source(config.model), config.weights, config.pretrained) if is_hf(config.model) else {}
+    if "image_size" in own and tuple(own["image_size"]) != (H, W):
+        log.warning("%s was pretrained on %dx%d images, the data is %dx%d: --image-size %d may serve it better",
+                    config.model, *own["image_size"], H, W, own["image_size"][0])
+    if "mean" in own and len(own["mean"]) == C:
+        # A pretrained model's features expect the normalisation it was trained with.
+        mean, std = own["mean"], own["std"]
+    elif config.normalize == "standardize":
         mean, std = channel_stats(train_part.images)  # training part only: no peeking at val/test
         std = [max(s, 1e-3) for s in std]
     else:

@@ -1,0 +1,254 @@
+"""Hugging Face `transformers` image classifiers as imgflow models: `hf:<hub id or local dir>`.
+
+An optional extra (`pip install 'imgflow[pretrained]'`). transformers rather than timm: timm
+needs torchvision, whose wheel does not load with the CPU build of torch this project installs.
+Nothing here touches the network unless `pretrained` asks for a hub download (through HF's own
+cache); a local directory or file is read offline.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from imgflow.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "hf:"
+INSTALL_HINT = "pip install 'imgflow[pretrained]'"
+# What a fresh head is called in the models transformers ships (ResNet, ConvNeXt, ViT,
+# EfficientNet, MobileViT, ...): everything else is the backbone.
+HEAD_NAMES = ("classifier", "head")
+
+
+def is_hf(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def hf_source(name: str) -> str:
+    """The hub id or local directory of `hf:<source>`."""
+    source = name[len(PREFIX):]
+    if not source:
+        raise UserError("hf: needs a hub id or a local directory, e.g. --model hf:microsoft/resnet-50")
+    return source
+
+
+def run_name(name: str) -> str:
+    """A model name as one path component, for default run directories: `hf:/a/b/resnet-50`
+    (or `hf:microsoft/resnet-50`) -> `hf-resnet-50`; other names unchanged."""
+    if not is_hf(name):
+        return name
+    return "hf-" + (Path(hf_source(name).rstrip("/\\")).name or "model")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(f"hf: models need Hugging Face transformers: {INSTALL_HINT}") from None
+    return transformers
+
+
+class HFClassifier(nn.Module):
+    """A transformers image classifier returning plain logits; its backbone can be frozen.
+
+    While frozen the backbone's parameters take no gradient and its BatchNorm layers stay in
+    eval mode (their running statistics are the pretrained ones), whatever `train()` is called."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.backbone_frozen = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values=x).logits
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        for name in HEAD_NAMES:
+            head = getattr(self.net, name, None)
+            if isinstance(head, nn.Module):
+                return list(head.parameters())
+        raise UserError(f"cannot tell the head of {type(self.net).__name__} from its backbone "
+                        f"(no {' or '.join(HEAD_NAMES)} module): train it without --finetune")
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        head = {id(p) for p in self.head_parameters()}
+        return [p for p in self.parameters() if id(p) not in head]
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        self.backbone_frozen = frozen
+        for p in self.backbone_parameters():
+            p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "HFClassifier":
+        super().train(mode)
+        if mode and self.backbone_frozen:
+            head = {id(m) for name in HEAD_NAMES if isinstance(getattr(self.net, name, None), nn.Module)
+                    for m in getattr(self.net, name).modules()}
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in head:
+                    m.eval()
+        return self
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).exists()
+
+
+def _hf_config(source: str, num_classes: int, pretrained: bool):
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            source, local_files_only=not (pretrained and not _is_local(source)))
+    except OSError as exc:
+        raise UserError(f"cannot read the model config of hf:{source}: {str(exc).splitlines()[0]} "
+                        "(a hub id is downloaded only with --pretrained; offline, pass a local "
+                        "directory saved with save_pretrained)") from None
+    config.num_labels = num_classes
+    config.id2label = {i: str(i) for i in range(num_classes)}
+    config.label2id = {str(i): i for i in range(num_classes)}
+    return config
+
+
+def build_hf(num_classes: int, in_channels: int, image_size: tuple[int, int], source: str,
+             weights: str | None = None, pretrained: bool = False) -> HFClassifier:
+    """The model `hf:<source>` with a new head of `num_classes`.
+
+    weights: a local directory (save_pretrained) or a .safetensors/.bin file to start from;
+    None: `source` itself when it is a local directory, the hub when `pretrained`, else the
+    config's random initialisation (its architecture only: for predict and export, whose
+    weights come from the run)."""
+    transformers = _transformers()
+    config = _hf_config(source, num_classes, pretrained)
+    channels = getattr(config, "num_channels", in_channels)
+    if channels != in_channels:
+        raise UserError(f"hf:{source} takes {channels}-channel images, the data has {in_channels}")
+    auto = transformers.AutoModelForImageClassification
+    start = weights if weights is not None else (source if _is_local(source) or pretrained else None)
+    if start is None:
+        return HFClassifier(auto.from_config(config))
+    if Path(start).is_file():
+        net = auto.from_config(config)
+        _load_file_into(net, Path(start))
+        return HFClassifier(net)
+    try:
+        with _quiet(transformers):  # its load report tables the head we replace on purpose
+            net = auto.from_pretrained(start, config=config, ignore_mismatched_sizes=True,
+                                       local_files_only=not (pretrained and not _is_local(start)))
+    except OSError as exc:
+        raise UserError(f"cannot load weights from {start}: {str(exc).splitlines()[0]}") from None
+    log.info("hf:%s: weights from %s, a new head of %d classes", source, start, num_classes)
+    return HFClassifier(net)
+
+
+@contextmanager
+def _quiet(transformers) -> Iterator[None]:
+    logging_ = transformers.utils.logging
+    level = logging_.get_verbosity()
+    bars = logging_.is_progress_bar_enabled()
+    logging_.set_verbosity_error()
+    logging_.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging_.set_verbosity(level)
+        if bars:
+            logging_.enable_progress_bar()
+
+
+def _load_file_into(net: nn.Module, path: Path) -> None:
+    """Backbone weights from one file; the head (of another number of classes) is left new."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    own = net.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not fitting:
+        raise UserError(f"{path} holds no weights of this model's layers: is it the right file?")
+    net.load_state_dict(fitting, strict=False)
+
+
+def weights_file(start: Path) -> Path | None:
+    """The file that holds the weights of a directory saved with save_pretrained (or `start`)."""
+    if start.is_file():
+        return start
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (start / name).is_file():
+            return start / name
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_source(source: str, weights: str | None, pretrained: bool) -> dict[str, Any]:
+    """Where a run's starting weights came from, for config.json: a local file and its sha256,
+    or a hub id and the revision HF's cache resolved."""
+    start = weights if weights is not None else (source if _is_local(source) else None)
+    if start is not None:
+        path = Path(start).resolve()
+        file = weights_file(path)
+        return {"kind": "local", "path": str(path), "file": str(file) if file else None,
+                "sha256": sha256_of(file) if file else None}
+    if not pretrained:
+        return {"kind": "none"}
+    revision = None
+    try:
+        from huggingface_hub import HfApi
+
+        revision = HfApi().model_info(source).sha
+    except Exception:  # offline or no access: the cache served it; the id still names it
+        pass
+    return {"kind": "hub", "id": source, "revision": revision}
+
+
+def hf_preprocessing(source: str, weights: str | None, pretrained: bool = False) -> dict[str, Any]:
+    """The model's own mean, std and input size from its preprocessor_config.json: beside local
+    weights, in the hf: directory, or (only with `pretrained`) from the hub; {} when there is none."""
+    for place in (weights, source):
+        if place is None or not _is_local(place):
+            continue
+        path = Path(place)
+        found = path / "preprocessor_config.json" if path.is_dir() else path.parent / "preprocessor_config.json"
+        if found.is_file():
+            return _preprocessor_values(json.loads(found.read_text()))
+    if pretrained and not _is_local(source):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            found = Path(hf_hub_download(source, "preprocessor_config.json"))
+            return _preprocessor_values(json.loads(found.read_text()))
+        except Exception as exc:  # a model without one: our own normalisation, said once
+            log.warning("hf:%s has no preprocessor_config.json (%s): normalising as --normalize says",
+                        source, type(exc).__name__)
+    return {}
+
+
+def _preprocessor_values(d: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "image_mean" in d and "image_std" in d:
+        out["mean"], out["std"] = tuple(d["image_mean"]), tuple(d["image_std"])
+    size = d.get("size")
+    if isinstance(size, dict) and "height" in size and "width" in size:
+        out["image_size"] = (int(size["height"]), int(size["width"]))
+    elif isinstance(size, dict) and "shortest_edge" in size:
+        out["image_size"] = (int(size["shortest_edge"]),) * 2
+    elif isinstance(size, int):
+        out["image_size"] = (size, size)
+    return out
