@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import train_tiny  # noqa: E402
+from conftest import train_tiny as _train_tiny  # noqa: E402
 from imgflow.cli import main  # noqa: E402
 from imgflow.models import create_model  # noqa: E402
 from imgflow.training.config import resolve_config  # noqa: E402
@@ -108,7 +108,7 @@ def test_finetune_freezes_the_backbone_for_its_epochs_then_trains_it(tiny_data, 
 
     run = tmp_path / "run"
     settings = dict(model=f"hf:{tiny_resnet}", epochs=3, batch_size=16, precision="fp32", finetune=True,
-                    freeze_epochs=1, lr=0.01)
+                    freeze_epochs=1, lr=0.01, image_size=(16, 16))
     with pytest.raises(_Stop):
         train(resolve_config(str(tiny_data), settings), run, progress=False, on_epoch=stop_after_first)
     assert stopped_after == [1]
@@ -128,6 +128,12 @@ def test_finetune_freezes_the_backbone_for_its_epochs_then_trains_it(tiny_data, 
     train_tiny(tiny_data, reference, **settings)
     assert _same(_saved_state(reference), final)
     assert _history(reference) == _history(run)
+
+
+def train_tiny(data: Path, run_dir: Path, **overrides):
+    """conftest's train_tiny at the data's own 16x16: tiny_resnet's preprocessor_config.json
+    says 224, which an hf: run takes by default (tested on its own)."""
+    return _train_tiny(data, run_dir, **{"image_size": (16, 16), **overrides})
 
 
 class _Stop(Exception):
@@ -183,9 +189,19 @@ def hf_run(tiny_data, tiny_resnet, tmp_path_factory) -> Path:
     return run
 
 
-def test_predict_and_onnx_export_of_an_hf_run(hf_run, tiny_data, tmp_path, capsys):
+def test_predict_and_onnx_export_of_an_hf_run(hf_run, tiny_data, tiny_resnet, tmp_path, capsys):
+    """Without the hf: directory: the run rebuilds the architecture from its config.json."""
     from imgflow.prediction import predict_files
 
+    moved = tiny_resnet.with_name("moved")
+    tiny_resnet.rename(moved)
+    try:
+        _predict_and_export(hf_run, tiny_data, tmp_path, capsys, predict_files)
+    finally:
+        moved.rename(tiny_resnet)
+
+
+def _predict_and_export(hf_run, tiny_data, tmp_path, capsys, predict_files):
     image = next((tiny_data / "test").rglob("*.png"))
     results = predict_files(hf_run, [image], progress=False)
     assert len(results) == 1 and results[0]["top"][0]["class"] in ("a", "b", "c")
@@ -205,6 +221,32 @@ def test_without_transformers_train_says_how_to_install_it_in_one_line(tiny_data
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "pip install 'imgflow[pretrained]'" in err
+
+
+def test_the_input_size_defaults_to_the_models_own(tiny_data, tiny_resnet, other_resnet):
+    config = resolve_config(str(tiny_data), dict(model=f"hf:{tiny_resnet}"))
+    assert config.image_size == (224, 224)  # tiny_resnet's preprocessor_config.json: shortest_edge 224
+    assert resolve_config(str(tiny_data), dict(model=f"hf:{tiny_resnet}", image_size=(16, 16))).image_size == (16, 16)
+    assert resolve_config(str(tiny_data), dict(model=f"hf:{other_resnet}")).image_size is None  # none said
+
+
+def test_a_vision_transformer_trains_from_local_weights(tiny_data, tmp_path):
+    """Not only ResNet: a tiny ViT (LayerNorm, no BatchNorm, a fixed input size) fine-tunes too."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=1,
+                                              num_attention_heads=2, intermediate_size=32, num_labels=5))
+    vit.save_pretrained(tmp_path / "vit")
+    run = tmp_path / "run"
+    result = train_tiny(tiny_data, run, model=f"hf:{tmp_path / 'vit'}", epochs=2, finetune=True, lr=0.01)
+    assert len(result.history) == 2
+    torch.manual_seed(0)
+    initial = create_model(f"hf:{tmp_path / 'vit'}", 3, image_size=(16, 16)).state_dict()
+    final = _saved_state(run)
+    assert not torch.equal(final["net.classifier.weight"], initial["net.classifier.weight"])
+    assert not torch.equal(final["net.vit.embeddings.patch_embeddings.projection.weight"],
+                           initial["net.vit.embeddings.patch_embeddings.projection.weight"])
 
 
 @pytest.mark.parametrize("options, words", [

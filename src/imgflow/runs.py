@@ -196,8 +196,10 @@ def create_run_model(config: dict):
     from imgflow.models import create_model
 
     m = config["model"]
+    # An hf: run rebuilds its architecture from what it recorded, not from the hf: directory.
+    recorded = {"hf_config": m["architecture"]} if m.get("architecture") else {}
     return create_model(m["name"], num_classes=m["num_classes"], in_channels=m["in_channels"],
-                        image_size=tuple(m["image_size"]))
+                        image_size=tuple(m["image_size"]), **recorded)
 
 
 def load_trained_model(run_dir: Path, device: str = "cpu"):

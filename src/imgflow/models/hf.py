@@ -119,14 +119,22 @@ def _hf_config(source: str, num_classes: int, pretrained: bool):
 
 
 def build_hf(num_classes: int, in_channels: int, image_size: tuple[int, int], source: str,
-             weights: str | None = None, pretrained: bool = False) -> HFClassifier:
+             weights: str | None = None, pretrained: bool = False,
+             hf_config: dict | None = None) -> HFClassifier:
     """The model `hf:<source>` with a new head of `num_classes`.
 
     weights: a local directory (save_pretrained) or a .safetensors/.bin file to start from;
     None: `source` itself when it is a local directory, the hub when `pretrained`, else the
     config's random initialisation (its architecture only: for predict and export, whose
-    weights come from the run)."""
+    weights come from the run).
+    hf_config: the architecture as a run's config.json recorded it (`architecture`): rebuilt
+    from that alone, with random weights, wherever `source` has gone."""
     transformers = _transformers()
+    if hf_config is not None:
+        d = dict(hf_config)
+        net = transformers.AutoModelForImageClassification.from_config(
+            transformers.AutoConfig.for_model(d.pop("model_type"), **d))
+        return HFClassifier(net)
     config = _hf_config(source, num_classes, pretrained)
     channels = getattr(config, "num_channels", in_channels)
     if channels != in_channels:
@@ -177,6 +185,11 @@ def _load_file_into(net: nn.Module, path: Path) -> None:
     if not fitting:
         raise UserError(f"{path} holds no weights of this model's layers: is it the right file?")
     net.load_state_dict(fitting, strict=False)
+
+
+def architecture(model: HFClassifier) -> dict:
+    """The transformers config of `model` as JSON values (build_hf's `hf_config`)."""
+    return json.loads(model.net.config.to_json_string())
 
 
 def weights_file(start: Path) -> Path | None:

@@ -273,6 +273,8 @@ def resolve_config(data: str, overrides: dict[str, Any], preset: str | None = No
         values["weights"] = _absolute(values["weights"])
     if str(values.get("model", "")).startswith("hf:"):
         values["model"] = "hf:" + _absolute(values["model"][3:])
+        if values.get("image_size") is None:  # the size the model was pretrained at, not the data's
+            values["image_size"] = _pretrained_size(values)
     if "model" not in values:
         raise UserError("no model given: pass --model NAME (see 'imgflow models') or --preset")
     return TrainConfig(data=data, **values).validate()
@@ -294,6 +296,15 @@ def config_to_train(data: str | None, overrides: dict[str, Any], preset: str | N
     if data is None:
         raise UserError("no DATA given: name a data set (cifar10, fashion-mnist) or an image folder/archive")
     return resolve_config(data, overrides, preset=preset)
+
+
+def _pretrained_size(values: dict[str, Any]) -> tuple[int, int] | None:
+    """An hf: model's input size from its preprocessor_config.json (None: none found)."""
+    from imgflow.models.hf import hf_preprocessing, hf_source
+
+    size = hf_preprocessing(hf_source(values["model"]), values.get("weights"),
+                            bool(values.get("pretrained"))).get("image_size")
+    return tuple(size) if size else None
 
 
 def _absolute(place: str) -> str:

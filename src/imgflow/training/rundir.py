@@ -175,20 +175,22 @@ def run_config(config: TrainConfig, dataset: Dataset, train_part: Split, val_par
                  "skipped": len(dataset.skipped)},
         "preprocessing": prep.to_dict(),
         "model": {"name": config.model, "num_classes": dataset.num_classes, "in_channels": C,
-                  "image_size": [H, W], **count_params(model), **_weights_source(config)},
+                  "image_size": [H, W], **count_params(model), **_hf_record(config, model)},
         "precision": precision, "threads": threads, "device": device, "world_size": world_size,
         "steps_per_epoch": steps_per_epoch(len(train_part), config.batch_size, world_size),
         "versions": versions(), "machine": machine_info(),
     }
 
 
-def _weights_source(config: TrainConfig) -> dict:
-    """hf: models: where the starting weights came from (path + sha256, or hub id + revision)."""
-    from imgflow.models.hf import hf_source, is_hf, weights_source
+def _hf_record(config: TrainConfig, model: torch.nn.Module) -> dict:
+    """hf: models: where the starting weights came from (path + sha256, or hub id + revision),
+    and the architecture, so predict and export rebuild it without the hf: directory or the hub."""
+    from imgflow.models.hf import architecture, hf_source, is_hf, weights_source
 
     if not is_hf(config.model):
         return {}
-    return {"weights_source": weights_source(hf_source(config.model), config.weights, config.pretrained)}
+    return {"weights_source": weights_source(hf_source(config.model), config.weights, config.pretrained),
+            "architecture": architecture(model)}
 
 
 def save_final(paths: RunPaths, config: TrainConfig, state: dict, result: dict) -> None:
