@@ -221,6 +221,7 @@ def test_a_running_trial_is_continued_only_when_its_worker_is_gone():
     import socket
     import subprocess
     import sys
+    from datetime import datetime, timedelta
     from types import SimpleNamespace
 
     from imgflow.tune import _was_interrupted
@@ -228,11 +229,48 @@ def test_a_running_trial_is_continued_only_when_its_worker_is_gone():
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     here = socket.gethostname()
 
-    def running(**worker):
-        return SimpleNamespace(user_attrs={"worker": worker} if worker else {})
+    def running(started=datetime.now(), **worker):
+        return SimpleNamespace(user_attrs={"worker": worker} if worker else {}, datetime_start=started)
 
     assert _was_interrupted(running(host=here, pid=int(gone.stdout)))
     assert _was_interrupted(running(host=here, pid=os.getpid()))  # this process: its trial was cut short
-    assert _was_interrupted(running())  # a study from before workers were recorded
+    assert _was_interrupted(running(datetime.now() - timedelta(hours=1)))  # from before workers were recorded
+    assert not _was_interrupted(running())  # just asked for on another machine, its worker not yet named
     assert not _was_interrupted(running(host=here, pid=os.getppid()))  # another worker, still training
     assert not _was_interrupted(running(host=here + "-elsewhere", pid=int(gone.stdout)))
+
+
+def test_a_killed_workers_trial_is_continued_by_the_next_worker(tiny_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+
+    out, journal = tmp_path / "study", tmp_path / "study.log"
+    argv = [sys.executable, "-m", "imgflow", "-q", "tune", str(tiny_data), "--out", str(out), "--trials", "2",
+            "--storage", str(journal), "--model", "seed-baseline", "--epochs", "6", "--batch-size", "16",
+            "--precision", "fp32", "--lr", "3e-3", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IMGFLOW_CHECKPOINT_SECONDS": "0"}
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    history = out / "trials" / "000" / "history.csv"
+    deadline = time.monotonic() + 120
+    while not (history.is_file() and len(history.read_text().splitlines()) >= 2) and first.poll() is None:
+        assert time.monotonic() < deadline, "the first worker trained no epoch"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)  # no Ctrl-C handler runs: the trial stays 'running' in the study
+    first.wait()
+    assert first.returncode == -signal.SIGKILL
+
+    second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr
+    record = json.loads((out / "tune.json").read_text())
+    assert [t["run"] for t in record["trials"]] == ["trials/000", "trials/001"]
+    assert record["trials"][0]["epochs_trained"] == 6
+    assert [int(row.split(",")[0]) for row in history.read_text().splitlines()[1:]] == [1, 2, 3, 4, 5, 6]
+    trials = optuna.load_study(study_name="imgflow-tune", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal)))).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].user_attrs["continues"] == 0 and trials[1].user_attrs["run"] == "trials/000"

@@ -48,6 +48,7 @@ STUDY_NAME = "imgflow-tune"
 STUDY_FILE = "study.db"
 RECORD_FILE = "tune.json"
 LOCK_FILE = ".tune.lock"
+UNSIGNED_SECONDS = 60  # a running trial without its worker's name older than this was left by an old imgflow
 STARTUP_TRIALS = 4  # random trials before TPE models the results, and before any pruning
 
 
@@ -175,8 +176,10 @@ def _was_interrupted(trial) -> bool:
     """Whether a running trial's worker is gone: it ran in this process, or in one on this machine
     that no longer exists. A trial run on another machine is left to that machine's workers."""
     worker = trial.user_attrs.get("worker")
-    if worker is None:  # a study from before workers were recorded: one process at a time
-        return True
+    if worker is None:
+        # A trial from before workers were recorded, or one a worker on another machine has just
+        # asked for and not yet signed (on this machine, asking and signing hold the lock).
+        return trial.datetime_start is None or time.time() - trial.datetime_start.timestamp() > UNSIGNED_SECONDS
     if worker["host"] != socket.gethostname():
         return False
     if worker["pid"] == os.getpid():
@@ -268,8 +271,12 @@ def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = Non
     # Over the trials, with the best score so far; each trial's epochs show their own bar below.
     with tqdm(total=trials, initial=min(_finished_count(study, optuna), trials), desc="tune", unit="trial",
               disable=not progress, dynamic_ncols=True) as bar:
-        # Trials other workers are running count as taken: together the workers start `trials`.
-        while (index := _claimed_count(study, optuna)) < trials:
+        while True:
+            with _one_writer(out):  # a worker on this machine that died: its trial is taken over
+                _requeue_interrupted(study, optuna)
+            # Trials other workers are running count as taken: together the workers start `trials`.
+            if (index := _claimed_count(study, optuna)) >= trials:
+                break
             if budget_minutes is not None and time.perf_counter() - t0 > budget_minutes * 60:
                 log.info("budget of %g min used: %d of %s done; run the same command to go on",
                          budget_minutes, _finished_count(study, optuna), plural(trials, "trial"))
@@ -402,16 +409,18 @@ def _next_trial(study, optuna, base: TrainConfig, space: dict[str, Dimension], o
                 trials: int, progress: bool) -> bool:
     """Ask the study for a trial (sampler seeded by the trials before it), train it, tell the study
     how it ended. False when other workers took the last trials first (nothing was trained)."""
-    study.sampler = optuna.samplers.TPESampler(
-        seed=int(np.random.SeedSequence([base.seed, index]).generate_state(1)[0]),
-        n_startup_trials=STARTUP_TRIALS)
-    trial = study.ask()
-    trial.set_user_attr("worker", _worker())
+    study.sampler = _sampler(optuna, base, index)
+    with _one_writer(out):  # no worker here sees the trial running before it names its worker
+        trial = study.ask()
+        trial.set_user_attr("worker", _worker())
     # Its place among the trials finished or running: unique while it runs, so is its directory.
     index = _claimed_count(study, optuna, below=trial.number)
     if index >= trials:  # another worker asked between our count and our ask
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return False
+    # TPE draws when the trial suggests its values, not at the ask: seeded again by the trial's place,
+    # two workers that asked at once draw different values (one worker: the place it was asked at).
+    study.sampler = _sampler(optuna, base, index)
     log.info("trial %d of %d", index + 1, trials)
     try:
         value = _run_trial(trial, optuna, base, space, out, index, progress)
@@ -426,6 +435,11 @@ def _next_trial(study, optuna, base: TrainConfig, space: dict[str, Dimension], o
         study.tell(trial, value)
         log.info("trial %d: validation accuracy %.4f with %s", index + 1, value, _params_text(trial.params))
     return True
+
+
+def _sampler(optuna, base: TrainConfig, index: int):
+    return optuna.samplers.TPESampler(seed=int(np.random.SeedSequence([base.seed, index]).generate_state(1)[0]),
+                                      n_startup_trials=STARTUP_TRIALS)
 
 
 def _params_text(params: dict[str, Any]) -> str:
