@@ -167,7 +167,7 @@ def test_two_workers_share_one_study_and_never_run_a_trial_twice(tiny_data, tmp_
 
     import optuna
 
-    out, journal = tmp_path / "study", tmp_path / "study.log"
+    out, journal = tmp_path / "study", tmp_path / "studies" / "study.log"  # its folder made as it opens
     argv = [sys.executable, "-m", "imgflow", "-q", "tune", str(tiny_data), "--out", str(out), "--trials", "6",
             "--storage", f"journal:{journal}", "--model", "seed-baseline", "--epochs", "2", "--batch-size", "16",
             "--precision", "fp32", "--lr", "3e-3", "--threads", "1"]

@@ -367,6 +367,7 @@ def open_storage(storage: str | None, out: Path, optuna):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"cannot open --storage {_without_password(storage)}: {first}") from None
     path = _journal_path(storage)
+    path.parent.mkdir(parents=True, exist_ok=True)
     journal = optuna.storages.journal
     backend = journal.JournalFileBackend if hasattr(journal, "JournalFileBackend") else journal.JournalFileStorage
     return optuna.storages.JournalStorage(backend(str(path)))
@@ -379,8 +380,8 @@ def _journal_path(storage: str) -> Path:
         raise UserError(f"--storage {storage}: give a journal file (journal:PATH or a path ending in .log) "
                         "or a database URL (postgresql://..., mysql://..., sqlite:///...)")
     path = Path(path).expanduser()
-    if path.is_dir() or not path.parent.is_dir():
-        raise UserError(f"--storage {storage}: {path} must be a file in an existing directory")
+    if path.is_dir():
+        raise UserError(f"--storage {storage}: {path} is a directory: name the journal file in it")
     return path
 
 
