@@ -156,3 +156,17 @@ def test_the_checks_catch_what_they_are_for():
     layers = layer_table()
     assert layer_of("imgflow.training.config", layers) < layer_of("imgflow.training.loop", layers)
     assert layer_of("imgflow.runs", layers) < layer_of("imgflow.training.loop", layers)
+
+
+MAX_FUNCTION_LINES = 60  # a screen: a longer function holds more than one step to name
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{module}.{node.name}: {lines} lines")
+    assert not long, "\n".join(long)

@@ -298,6 +298,8 @@ def train(data: Data = None, model: str | None = None, epochs: int | None = None
     options: any `imgflow train` option by its Python name (lr=, batch_size=, val_split=, ...).
     progress: progress bars (None: in a terminal or a notebook).
     """
+    from imgflow.training.rundir import default_run_dir
+
     find_lr = options.get("lr") == "find"  # the range test first, then train at its suggestion
     if find_lr:
         options = {**options, "lr": None}
@@ -305,7 +307,7 @@ def train(data: Data = None, model: str | None = None, epochs: int | None = None
     arrays = _in_memory(data, classes) if data is not None else None
     spec = _IN_MEMORY if arrays is not None else None if data is None else _source(data)
     config = _train_config(spec, overrides, preset, Path(out) if out is not None else None, resume)
-    run_dir = Path(out) if out is not None else Path(f"runs/{config.model}-seed{config.seed}")
+    run_dir = Path(out) if out is not None else default_run_dir(config)
     if arrays is None:
         return _run_training(config, run_dir, resume, overwrite, progress, find_lr)
     path, written = _save_in(run_dir, arrays)

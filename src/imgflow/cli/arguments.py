@@ -141,7 +141,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["lr"] = None
     config = config_to_train(args.data, overrides, args.preset, started)
     if args.out is None:
-        from imgflow.models.hf import run_name
+        from imgflow.training.rundir import default_run_dir
 
-        args.out = f"runs/{run_name(config.model)}-seed{config.seed}"
+        args.out = str(default_run_dir(config))
     return config

@@ -82,7 +82,15 @@ class TrainConfig:
         from imgflow.device import check_device_spec
 
         check_device_spec(self.device)
-        checks = [
+        for ok, message in [*self._range_checks(), *self._choice_checks()]:
+            if not ok:
+                raise UserError(message)
+        self._check_model()
+        return self
+
+    def _range_checks(self) -> list[tuple[bool, str]]:
+        """(value is in range, what to say otherwise) for each number."""
+        return [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (0 < self.lr <= MAX_LR, f"--lr must be > 0 and <= {MAX_LR:g}, got {self.lr}"),
@@ -99,6 +107,11 @@ class TrainConfig:
             (0 < self.bn_lr_scale <= MAX_BN_LR_SCALE,
              f"--bn-lr-scale must be > 0 and <= {MAX_BN_LR_SCALE:g}, got {self.bn_lr_scale}"),
             (self.lookahead >= 0, f"--lookahead must be >= 0, got {self.lookahead}"),
+        ]
+
+    def _choice_checks(self) -> list[tuple[bool, str]]:
+        """(choice is known and fits the others, what to say otherwise)."""
+        return [
             (self.flip in FLIPS, f"unknown flip {self.flip!r}: use one of {', '.join(FLIPS)}"),
             (self.flip == "random" or "flip" in self.augment,
              f"--flip {self.flip} needs flipping in --augment (now {self.augment!r}), e.g. --augment flip+translate"),
@@ -126,9 +139,8 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}"),
             (self.val_mode in VAL_MODES, f"unknown val mode {self.val_mode!r}: use one of {', '.join(VAL_MODES)}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+
+    def _check_model(self) -> None:
         from imgflow.models import list_models
         from imgflow.models.hf import is_hf
 
@@ -146,7 +158,6 @@ class TrainConfig:
         if not is_hf(self.model) and self.model not in list_models():
             raise UserError(f"unknown model {self.model!r}: use one of {', '.join(list_models())} "
                             "(see 'imgflow models')")
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -58,6 +58,13 @@ def machine_info() -> dict[str, str | int | bool]:
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
+def default_run_dir(config: TrainConfig) -> Path:
+    """Where a run goes without --out: runs/<model>-seed<N> (an hf: model's name made one folder)."""
+    from imgflow.models.hf import run_name
+
+    return Path("runs") / f"{run_name(config.model)}-seed{config.seed}"
+
+
 def started_config(run_dir: Path) -> TrainConfig | None:
     """The config the run in run_dir was started with, or None when there is none to continue."""
     if not RunPaths(run_dir).config.is_file():
