@@ -335,6 +335,19 @@ def test_serve_refuses_what_is_not_a_finished_run_in_one_line(tiny_run, tmp_path
     assert err.startswith("imgflow: error: ") and err.count("\n") == 1, err
 
 
+def test_serve_on_a_device_this_machine_lacks_is_one_line(tiny_run, no_uvicorn_run, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, out, err = run_cli(capsys, "serve", str(tiny_run), "--port", "0", "--device", "cuda")
+    assert rc == 2 and no_uvicorn_run == [] and err.count("\n") == 1 and "cuda" in err, err
+
+
+def test_served_model_runs_on_the_device_asked_for(tiny_run):
+    served = load_served_model(tiny_run, device="cpu")
+    assert next(served.model.model.parameters()).device.type == "cpu"
+
+
 def test_serve_without_the_serving_packages_says_what_to_install(tiny_run, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
     rc, out, err = run_cli(capsys, "serve", str(tiny_run))

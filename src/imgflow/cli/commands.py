@@ -166,5 +166,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from imgflow.serving import serve
 
     serve(args.model, host=args.host, port=args.port, top_k=args.top_k, max_upload_mb=args.max_upload_mb,
-          max_files=args.max_files, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+          max_files=args.max_files, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+          device=args.device)
     return 0

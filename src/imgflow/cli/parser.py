@@ -257,4 +257,5 @@ def _add_serve(sub) -> None:
                    help="images per forward pass (default: 64)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
                    help="how long a request waits for others to batch with (default: 5)")
+    add_device_argument(p)
     p.set_defaults(func=commands.cmd_serve)

@@ -21,7 +21,7 @@ __all__ = ["ServeSettings", "serve"]
 
 def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *, top_k: int = 5,
           max_upload_mb: float = 20.0, max_files: int = 16, max_batch: int = 64,
-          batch_wait_ms: float = 5.0) -> None:
+          batch_wait_ms: float = 5.0, device: str = "auto") -> None:
     """Serve a run directory or an exported MODEL.onnx over HTTP until Ctrl-C (blocks).
 
     `host` 127.0.0.1 answers this machine only; "0.0.0.0" the whole network. See ServeSettings.
@@ -29,4 +29,4 @@ def serve(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *
     from imgflow.serving.server import run_server
 
     run_server(model, ServeSettings(host=host, port=port, top_k=top_k, max_upload_mb=max_upload_mb,
-                                    max_files=max_files, max_batch=max_batch, batch_wait_ms=batch_wait_ms))
+                                    max_files=max_files, max_batch=max_batch, batch_wait_ms=batch_wait_ms, device=device))

@@ -37,7 +37,7 @@ class ServedModel:
         return self.model.spec.classes
 
 
-def load_served_model(source: str | os.PathLike) -> ServedModel:
+def load_served_model(source: str | os.PathLike, device: str = "auto") -> ServedModel:
     """A run directory or an exported .onnx file, with its description; UserError when unusable."""
     source = Path(source)
     if source.suffix.lower() == ".onnx":
@@ -46,7 +46,7 @@ def load_served_model(source: str | os.PathLike) -> ServedModel:
     elif source.is_file():
         raise UserError(f"{source} is a file, not a run directory: give RUN_DIR or an exported MODEL.onnx")
     else:
-        model = RunModel(source)  # predict's checks: UserError for anything but a finished run
+        model = RunModel(source, device=device)  # predict's checks: UserError for anything but a finished run
         name, accuracy, fmt = _run_facts(source)
     spec = model.spec
     info = {"format": fmt, "source": str(source.resolve()), "model": name, "classes": list(spec.classes),

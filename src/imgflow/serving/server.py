@@ -37,7 +37,7 @@ def run_server(source: str | os.PathLike, settings: ServeSettings = ServeSetting
     from imgflow.serving.app import create_app
     from imgflow.serving.model import describe, load_served_model
 
-    served = load_served_model(source)
+    served = load_served_model(source, settings.device)
     app = create_app(served, settings)
     sock = open_socket(settings.host, settings.port)
     port = sock.getsockname()[1]

@@ -18,6 +18,7 @@ class ServeSettings:
     # How long the first request of a batch waits for others, ms. Under load requests queue
     # while the model runs and batch anyway; this adds the ones that arrive at the same moment.
     batch_wait_ms: float = 5.0
+    device: str = "auto"  # where a run's model runs (an .onnx file runs on onnxruntime's CPU provider)
 
     def __post_init__(self):
         checks = {"top_k": self.top_k >= 1, "max_files": self.max_files >= 1,

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, TypeVar
 
 import numpy as np
@@ -203,9 +204,24 @@ def join_torchrun(device_spec: str) -> tuple[Ranks, str]:
     return ranks, device_spec
 
 
+# How long a leaving rank waits for the others at the door (a dead rank never comes).
+LEAVE_TIMEOUT = timedelta(seconds=10)
+
+
 def _leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group together: a gloo rank whose peer has already closed its sockets
+    can abort (SIGABRT) instead of exiting with its own status, as seen once a rank that failed
+    to load its data left first. A barrier first; a rank that never comes is not waited for long."""
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=LEAVE_TIMEOUT)
+        else:
+            dist.barrier()
+    except Exception:  # noqa: BLE001 - a peer is gone: leave anyway
+        log.debug("leaving without the other ranks", exc_info=True)
+    dist.destroy_process_group()
 
 
 def _stop_with_the_launcher() -> None:
