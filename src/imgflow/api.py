@@ -31,6 +31,7 @@ import numpy as np
 
 from imgflow.data.dataset import Dataset
 from imgflow.errors import UserError
+from imgflow.progress import interactive
 
 Data = Any  # a data set name, a path, a Dataset, or (images, labels[, test_images, test_labels])
 Run = Any  # a TrainResult (anything with .run_dir) or a run directory
@@ -377,7 +378,7 @@ def _evaluation_data(data: Data, classes: Sequence[str] | None, spec, progress: 
     if dataset is None:
         from imgflow.data import load_dataset
 
-        show = sys.stderr.isatty() if progress is None else progress
+        show = interactive() if progress is None else progress
         dataset = load_dataset(_source(data), image_size=spec.image_size if spec.jpeg_draft else None,
                                progress=show)
     return dataset
@@ -545,7 +546,7 @@ def export(run: Run, out: str | os.PathLike | None = None, format: str = "all", 
         raise UserError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}, all")
     formats = FORMATS if format == "all" else (format,)
     return export_run(_run_dir(run), Path(out) if out is not None else None, formats,
-                      progress=sys.stderr.isatty() if progress is None else progress, device=device)
+                      progress=interactive() if progress is None else progress, device=device)
 
 
 @_python_errors

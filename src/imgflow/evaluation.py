@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from imgflow.fileio import atomic_write, write_json
 from imgflow.inference import loss_and_accuracy, model_device, predict_logits
 from imgflow.precision import resolve_precision, set_threads
 from imgflow.preprocess import Preprocessing
+from imgflow.progress import interactive
 from imgflow.runs import RunPaths, load_run_data, load_trained_model
 from imgflow.text import plural
 
@@ -69,7 +69,7 @@ def evaluate_run(run_dir: Path, tta: bool = False, progress: bool | None = None,
     run_dir = Path(run_dir)
     model, config = load_trained_model(run_dir, device)
     if progress is None:
-        progress = sys.stderr.isatty()
+        progress = interactive()
     train_cfg = config["train"]
     dataset = load_run_data(train_cfg, progress=progress, run_dir=run_dir)
     if dataset.test is None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,13 @@ from typing import Protocol, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from imgflow.data.decode import decode_image, resize_array
 # The data layer's wording for undecodable files, so predict and `inspect` report them alike.
 from imgflow.data.folder import skip_reason as unreadable_reason
 from imgflow.data.readers import DirReader
 from imgflow.errors import UserError
+from imgflow.progress import interactive, progress_bar
 from imgflow.text import plural
 
 log = logging.getLogger(__name__)
@@ -281,10 +280,11 @@ def predict_images(model: Model, inputs: Sequence[str | Path], top_k: int = DEFA
     spec = model.spec
     k = min(top_k, len(spec.classes))
     if progress is None:
-        progress = sys.stderr.isatty()
+        progress = interactive()
     results: list[dict] = []
-    with warnings.catch_warnings(), tqdm(total=len(files), desc="predict", unit="img", leave=False,
-                                         disable=not progress or len(files) < PROGRESS_MIN_FILES) as bar:
+    with warnings.catch_warnings(), progress_bar(
+            enabled=progress and len(files) >= PROGRESS_MIN_FILES, total=len(files), desc="predict", unit="img",
+            leave=False) as bar:
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse those files too.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         for start in range(0, len(files), model.batch_size):

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from imgflow.data.arrays import train_images_shape
 from imgflow.data.dataset import Dataset, Split
 from imgflow.data.decode import check_fits_in_memory, decode_image, resize_array
 from imgflow.data.readers import Listing, open_reader, printable
 from imgflow.errors import UserError
+from imgflow.progress import interactive, progress_bar
 from imgflow.text import plural
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,8 @@ def _decode_all(reader, listing: Listing, indices: list[int], image_size, progre
     arrays: list[np.ndarray | None] = [None] * len(indices)
     skipped = []
     handles = [listing.files[i][1] for i in indices]
-    with warnings.catch_warnings(), tqdm(total=len(indices), desc=desc, unit="img",
-                                         disable=None if progress else True, leave=False) as bar:
+    with warnings.catch_warnings(), progress_bar(
+            enabled=progress and interactive(), total=len(indices), desc=desc, unit="img", leave=False) as bar:
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse those files too.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         for k, data in reader.read(handles):

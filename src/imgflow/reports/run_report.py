@@ -9,7 +9,6 @@ a note on how to get test numbers.
 from __future__ import annotations
 
 import logging
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from imgflow.history import read_history
 from imgflow.reports import figures
 from imgflow.reports.html import (Markup, figures as side_by_side, image, key_values, note, number,
                                   page, paragraph, table, tag)
+from imgflow.progress import interactive
 from imgflow.runs import RunPaths, load_run_data, read_metrics, read_run_config, unfinished_run_advice
 from imgflow.text import plural
 
@@ -136,7 +136,7 @@ def _load_data(config: dict, run_dir: Path, labels: np.ndarray | None):
     """
     spec = config["train"]["data"]
     try:  # with the run's test hold-out, when the source had no test split
-        dataset = load_run_data(config["train"], progress=sys.stderr.isatty(), run_dir=run_dir)
+        dataset = load_run_data(config["train"], progress=interactive(), run_dir=run_dir)
     except UserError as exc:
         log.warning("data set %s not available (%s): the report has no images", spec, exc)
         return None, f"The data set {spec} could not be loaded ({exc}), so the images are not shown."

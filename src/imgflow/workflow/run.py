@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
 from imgflow.errors import UserError
 from imgflow.fileio import write_json
+from imgflow.progress import interactive
 from imgflow.workflow.context import Context
 from imgflow.workflow.image_size import decide_image_size
 from imgflow.workflow.record import STEP_NAMES, Constants, WorkflowRecord, WorkflowState, read_workflow_record
@@ -130,7 +130,7 @@ def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int =
     out = Path(out)
     _check_arguments(out, budget_minutes, seed, threads, device)
     if progress is None:
-        progress = sys.stderr.isatty()
+        progress = interactive()
     record = _record_to_continue(out, data, seed, budget_minutes, progress, threads, image_size, device)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "workflow.json"
