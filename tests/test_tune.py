@@ -120,9 +120,11 @@ def test_a_study_of_other_settings_or_a_training_run_is_not_continued(study, tin
     before = (out / "tune.json").read_text()
     with pytest.raises(UserError, match="holds a study of other settings"):
         run_tune(resolve_config(str(tiny_data), {**BASE, "lr": 1e-3}), out, trials=5)
+    run_files = sorted(p.name for p in tiny_run.iterdir())
     with pytest.raises(UserError, match="holds something other than an imgflow study"):
         run_tune(resolve_config(str(tiny_data), BASE), tiny_run, trials=1)
     assert (out / "tune.json").read_text() == before
+    assert sorted(p.name for p in tiny_run.iterdir()) == run_files  # no lock file left in the run
 
 
 def test_a_damaged_tune_json_is_one_line(tiny_data, tmp_path, capsys):

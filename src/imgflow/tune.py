@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from imgflow.errors import UserError
 from imgflow.fileio import expect, read_json_checked, write_json
 from imgflow.history import read_history
+from imgflow.progress import progress_bar
 from imgflow.reports.tune_report import write_tune_report
 from imgflow.runs import holds_run, load_run_data, read_run_config
 from imgflow.text import plural
@@ -269,8 +269,8 @@ def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = Non
         record = _write_record(out, study, optuna, started, trials)
     t0 = time.perf_counter()
     # Over the trials, with the best score so far; each trial's epochs show their own bar below.
-    with tqdm(total=trials, initial=min(_finished_count(study, optuna), trials), desc="tune", unit="trial",
-              disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(enabled=progress, total=trials, initial=min(_finished_count(study, optuna), trials),
+                      desc="tune", unit="trial") as bar:
         while True:
             with _one_writer(out):  # a worker on this machine that died: its trial is taken over
                 _requeue_interrupted(study, optuna)
@@ -299,11 +299,12 @@ def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = Non
 def _one_writer(out: Path, create: bool = True):
     """Held while a worker reads the study and writes OUT's files: one process on this machine at a time.
 
-    create=False: OUT is not made (nothing is locked while it does not exist).
+    create=False: OUT is not made, and a folder that holds no study yet (a training run, say,
+    which the caller is about to refuse) gets no lock file.
     """
     import fcntl
 
-    if not create and not out.is_dir():
+    if not create and not (out / RECORD_FILE).is_file():
         yield
         return
     out.mkdir(parents=True, exist_ok=True)
