@@ -218,19 +218,21 @@ def _prep(C=3, H=12, W=10):
     return Preprocessing((0.5,) * C, (0.25,) * C, (H, W), C)
 
 
-def test_tta_views_are_the_image_its_mirror_and_one_pixel_shifts():
+def test_tta_views_are_airbench94s_six_the_image_its_mirror_and_both_one_pixel_shifts():
     x = _batch(B=5)
-    views = tta_views(x)
-    assert len(views) == 4
+    views, weights = zip(*tta_views(x))
+    assert len(views) == 6 and sum(weights) == pytest.approx(1.0)
+    assert weights == (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)
     assert all(v.shape == x.shape and v.dtype == torch.uint8 for v in views)
     assert torch.equal(views[0], x) and torch.equal(views[1], x.flip(2))
-    assert torch.equal(views[2], shift(x, 1, 1)) and torch.equal(views[3], shift(x.flip(2), -1, -1))
+    assert torch.equal(views[2], shift(x, 1, 1)) and torch.equal(views[3], shift(x, 1, 1).flip(2))
+    assert torch.equal(views[4], shift(x, -1, -1)) and torch.equal(views[5], shift(x, -1, -1).flip(2))
 
 
 def test_tta_of_a_flip_invariant_model_equals_plain_prediction(monkeypatch):
     import imgflow.inference as inference
 
-    monkeypatch.setattr(inference, "tta_views", lambda images: [images, images.flip(2)])
+    monkeypatch.setattr(inference, "tta_views", lambda images: [(images, 0.5), (images.flip(2), 0.5)])
     model = _FlipInvariant().eval()
     x = _batch(B=7)
     plain = predict_logits(model, x, _prep(), batch_size=3).softmax(1)
@@ -238,11 +240,11 @@ def test_tta_of_a_flip_invariant_model_equals_plain_prediction(monkeypatch):
     assert torch.allclose(tta, plain, atol=1e-5)
 
 
-def test_tta_averages_the_probabilities_of_all_views():
+def test_tta_averages_the_probabilities_of_all_views_with_their_weights():
     model = _FlipInvariant().eval()
     x = _batch(B=6)
     tta = predict_logits(model, x, _prep(), batch_size=4, tta=True).softmax(1)
-    expected = torch.stack([predict_logits(model, v, _prep()).softmax(1) for v in tta_views(x)]).mean(0)
+    expected = sum(w * predict_logits(model, v, _prep()).softmax(1) for v, w in tta_views(x))
     assert torch.allclose(tta, expected, atol=1e-5)
 
 

@@ -131,21 +131,25 @@ def test_resume_after_kill_9_mid_epoch_matches_uninterrupted_run(tiny_data, tmp_
 # Ctrl-C test runs with them, so both kinds of run are covered by a resume-parity test.
 AIRBENCH_OPTIONS = ("--optimizer", "sgd", "--lr", "0.05", "--schedule", "onecycle", "--warmup-epochs", "1",
                     "--bn-lr-scale", "8", "--lookahead", "3", "--flip", "alternate", "--lr-floor", "0.07")
+# Muon's momentum and the whitening bias stopped after epoch 2 (of 3), on the airbench layout.
+MUON_OPTIONS = ("--model", "fast-small", "--optimizer", "muon", "--lr", "0.05", "--muon-lr", "0.1",
+                "--schedule", "onecycle", "--bn-lr-scale", "8", "--whiten-bias-epochs", "2")
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_data, tmp_path):
+@pytest.mark.parametrize("options", [AIRBENCH_OPTIONS, MUON_OPTIONS], ids=["airbench", "muon"])
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_data, tmp_path, options):
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    subprocess.run(_train_command(tiny_data, reference, *AIRBENCH_OPTIONS), check=True)
+    subprocess.run(_train_command(tiny_data, reference, *options), check=True)
     env = {**os.environ, "IMGFLOW_CHECKPOINT_SECONDS": "0"}
-    proc = subprocess.Popen(_train_command(tiny_data, interrupted, *AIRBENCH_OPTIONS), env=env,
+    proc = subprocess.Popen(_train_command(tiny_data, interrupted, *options), env=env,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_mid_epoch_checkpoint(proc, interrupted / "checkpoint" / "state.pt")
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "--resume" in stderr
-    subprocess.run(_train_command(tiny_data, interrupted, *AIRBENCH_OPTIONS, "--resume"), check=True)
+    subprocess.run(_train_command(tiny_data, interrupted, *options, "--resume"), check=True)
     assert _history_without_time(interrupted) == _history_without_time(reference)
     assert _same_weights(interrupted, reference)
 

@@ -11,10 +11,14 @@ from imgflow.preprocess import Preprocessing, to_model_input
 from imgflow.progress import progress_bar
 
 
-def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
-    """Test-time views: the image, its mirror, and both shifted one pixel (reflect fill)."""
-    flipped = images.flip(2)
-    return [images, flipped, shift(images, 1, 1), shift(flipped, -1, -1)]
+def tta_views(images: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+    """airbench94's six test-time views and their weights: the image and its mirror (1/4 each),
+    and both shifted one pixel down-right and up-left (reflect fill), each with its mirror (1/8)."""
+    views = [(images, 0.25), (images.flip(2), 0.25)]
+    for d in (1, -1):
+        moved = shift(images, d, d)
+        views += [(moved, 0.125), (moved.flip(2), 0.125)]
+    return views
 
 
 @torch.no_grad()
@@ -24,7 +28,7 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, pr
     """float32 logits (N, classes), on the CPU, for uint8 images (N, H, W, C) wherever they are.
 
     The model must be in eval mode; it runs on its own device, and each batch goes there. With
-    tta, the logits are log of the mean softmax over the views, so softmax() of the result is
+    tta, the logits are log of the weighted mean softmax over the views, so softmax() of the result is
     the averaged probability.
     """
     images = torch.as_tensor(images)
@@ -36,18 +40,18 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, pr
     with progress_bar(enabled=progress, total=len(images), desc=desc, unit="img", leave=False) as bar:
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size].to(device, non_blocking=True)
-            views = tta_views(batch) if tta else [batch]
+            views = tta_views(batch) if tta else [(batch, 1.0)]
             probs = None
-            for view in views:
+            for view, weight in views:
                 with autocast(precision, device.type):
                     logits = model(to_model_input(view, prep, channels_last=True)).float()
                 if not tta:
                     out.append(logits.cpu())
                     break
-                p = logits.softmax(dim=1)
+                p = weight * logits.softmax(dim=1)
                 probs = p if probs is None else probs + p
             if tta:
-                out.append((probs / len(views)).clamp_min(1e-12).log().cpu())
+                out.append(probs.clamp_min(1e-12).log().cpu())
             bar.update(len(batch))
     return torch.cat(out) if out else torch.empty(0)
 

@@ -172,6 +172,10 @@ class FastNet(nn.Module):
         if isinstance(self.stem, WhiteningStem):
             self.stem.init_whitening(images)
 
+    def whitening_bias(self) -> nn.Parameter | None:
+        """The whitening stem's bias (airbench trains it for the first epochs only); None for a conv stem."""
+        return self.stem.conv.bias if isinstance(self.stem, WhiteningStem) else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(self.stem(x))
         return self.scale(self.head(self.pool(x)))

@@ -8,7 +8,7 @@ from typing import Any
 from imgflow.errors import MalformedContent, UserError
 from imgflow.fileio import expect, list_of
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
 SCHEDULES = ("constant", "onecycle", "cosine")
 AUGMENTS = ("none", "flip", "flip+translate", "flip+translate+cutout")
 NORMALIZATIONS = ("scale", "standardize")
@@ -33,7 +33,7 @@ class TrainConfig:
     image_size: tuple[int, int] | None = None  # (H, W) to resize to; None = the data's own size
     epochs: int = 20  # full passes over the training part
     batch_size: int = 128  # images per optimiser step
-    optimizer: str = "adam"  # adam | adamw | sgd (sgd uses Nesterov momentum)
+    optimizer: str = "adam"  # adam | adamw | sgd (Nesterov momentum) | muon (conv filters; SGD for the rest)
     lr: float = 1e-3  # peak learning rate
     momentum: float = 0.9  # sgd momentum; adam beta1 stays 0.9
     adam_eps: float = 1e-7  # Keras' Adam epsilon (PyTorch's default is 1e-8)
@@ -71,6 +71,8 @@ class TrainConfig:
     finetune: bool = False  # hf: models: head only for freeze_epochs (backbone frozen), then all, backbone at lr/10
     freeze_epochs: int = 1  # with finetune: epochs with the backbone frozen
     freeze_backbone: bool = False  # hf: models: keep the backbone frozen throughout (train the head only)
+    whiten_bias_epochs: int = 0  # train the whitening stem's bias in the first N epochs only (airbench: 3); 0 = always
+    muon_lr: float = 0.24  # with --optimizer muon: peak lr of the conv filters (airbench94_muon: 0.24)
 
     def validate(self) -> "TrainConfig":
         """Raise UserError on values that cannot work; return self for chaining."""
@@ -107,6 +109,8 @@ class TrainConfig:
             (0 < self.bn_lr_scale <= MAX_BN_LR_SCALE,
              f"--bn-lr-scale must be > 0 and <= {MAX_BN_LR_SCALE:g}, got {self.bn_lr_scale}"),
             (self.lookahead >= 0, f"--lookahead must be >= 0, got {self.lookahead}"),
+            (self.whiten_bias_epochs >= 0, f"--whiten-bias-epochs must be >= 0, got {self.whiten_bias_epochs}"),
+            (0 < self.muon_lr <= MAX_LR, f"--muon-lr must be > 0 and <= {MAX_LR:g}, got {self.muon_lr}"),
         ]
 
     def _choice_checks(self) -> list[tuple[bool, str]]:
@@ -153,6 +157,8 @@ class TrainConfig:
         if self.finetune and self.freeze_backbone:
             raise UserError("--finetune unfreezes the backbone after --freeze-epochs, --freeze-backbone "
                             "never does: use one")
+        if self.optimizer == "muon" and (self.finetune or self.freeze_backbone):
+            raise UserError("--optimizer muon is for training from scratch; fine-tune with sgd or adamw")
         if self.freeze_epochs < 0:
             raise UserError(f"--freeze-epochs must be >= 0, got {self.freeze_epochs}")
         if not is_hf(self.model) and self.model not in list_models():
@@ -359,7 +365,9 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("batch_size", "images per optimiser step", "positive_int"),
     Option("lr", f"peak learning rate (at most {MAX_LR:g}); '{LR_FIND}': run 'imgflow lr-find' with these "
                  "options first and train at its suggestion", "lr", metavar="F|find"),
-    Option("optimizer", "sgd is Nesterov SGD", "str", OPTIMIZERS),
+    Option("optimizer", "sgd is Nesterov SGD; muon: Muon for the conv filters (at --muon-lr), Nesterov SGD "
+                        "for the rest, as airbench94_muon", "str", OPTIMIZERS),
+    Option("muon_lr", "with --optimizer muon: the conv filters' peak lr (scheduled like --lr)"),
     Option("momentum", "SGD momentum in [0, 1)"),
     Option("weight_decay", f"on conv/dense weights, 0 to {MAX_WEIGHT_DECAY:g}"),
     Option("schedule", "onecycle: linear warmup then linear decay", "str", SCHEDULES),
@@ -368,6 +376,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("bn_lr_scale", f"lr multiplier for BatchNorm parameters (airbench: 64; at most {MAX_BN_LR_SCALE:g})"),
     Option("lookahead", "every N steps average the weights with a slow copy (airbench: 5; 0 = off)",
            "non_negative_int", metavar="N"),
+    Option("whiten_bias_epochs", "train the whitening stem's bias in the first N epochs only, then "
+                                 "freeze it (airbench: 3; 0 = throughout)", "non_negative_int", metavar="N"),
     Option("label_smoothing", "in [0, 1)"),
     Option("augment", "", "str", AUGMENTS),
     Option("flip", "random: a fresh coin per image and epoch; alternate: each image flipped every other "

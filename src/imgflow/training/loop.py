@@ -42,7 +42,7 @@ from imgflow.training.distributed import SINGLE, Ranks, join_torchrun
 from imgflow.training.rundir import (OVERWRITE_STAGING, check_run_dir, recording_divergence, run_config,
                                      save_final, swap_in, warn_if_device_changed)
 from imgflow.training.schedule import lr_at
-from imgflow.training.optim import apply_freezing
+from imgflow.training.optim import apply_freezing, apply_whitening_bias
 from imgflow.training.step import Learner, TrainingDiverged, evaluate_part, prepare_model, preprocessing_for
 from imgflow.weights import detached_copy
 
@@ -425,6 +425,7 @@ def _train_epochs(run: Run, loop: LoopState, checkpointer: _Checkpointer, progre
     run.learner.model.train()
     while loop.epoch < config.epochs:
         apply_freezing(run.learner.model, config, loop.epoch)
+        apply_whitening_bias(run.learner.optimizer, config, loop.epoch)
         epoch_started = time.perf_counter() - loop.sums["seconds"]  # earlier when resumed mid-epoch
         trained = train_one_epoch(run.learner, run.batches, loop, run.lr_of_step, checkpointer.after_step,
                                   progress)

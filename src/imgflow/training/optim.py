@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from imgflow.training.config import TrainConfig
+from imgflow.training.muon import MuonAndSGD
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -13,21 +14,58 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     lr: BatchNorm gets `bn_lr_scale` (airbench trains its BatchNorm biases 64x faster: their
     gradients are small, and they set where each activation bends). airbench's BatchNorm has no
     trainable scale, like the fast family here; in a model whose BatchNorm scales train
-    (seed-batchnorm), they get the multiplier too.
+    (seed-batchnorm), they get the multiplier too. With --whiten-bias-epochs the whitening
+    stem's bias has a group of its own, stopped by `apply_whitening_bias`; with --optimizer muon
+    the conv filters have one at --muon-lr (`MuonAndSGD`).
     """
     if config.finetune or config.freeze_backbone:
         return _optimizer(_finetune_groups(model, config), config)
     params = [p for p in model.parameters() if p.requires_grad]
+    special = _whitening_bias_group(model, config) + _norm_group(model, config, params)
+    taken = {id(p) for group in special for p in group["params"]}
+    params = [p for p in params if id(p) not in taken]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay,
                "lr_scale": 1.0},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
-    if config.bn_lr_scale != 1.0:
-        norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
-        norm = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters()}
-        groups[1]["params"] = [p for p in groups[1]["params"] if id(p) not in norm]
-        groups.append({"params": [p for p in params if id(p) in norm], "weight_decay": 0.0,
-                       "lr_scale": config.bn_lr_scale})
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0},
+              *special]
+    if config.optimizer == "muon":
+        return _muon(groups, config)
     return _optimizer(groups, config)
+
+
+def _norm_group(model: torch.nn.Module, config: TrainConfig, params: list) -> list[dict]:
+    if config.bn_lr_scale == 1.0:
+        return []
+    norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    norm = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters()}
+    return [{"params": [p for p in params if id(p) in norm], "weight_decay": 0.0,
+             "lr_scale": config.bn_lr_scale}]
+
+
+def _whitening_bias_group(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    bias = model.whitening_bias() if config.whiten_bias_epochs and hasattr(model, "whitening_bias") else None
+    if bias is None:
+        return []
+    return [{"params": [bias], "weight_decay": 0.0, "lr_scale": 1.0, "whitening_bias": True}]
+
+
+def apply_whitening_bias(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -> None:
+    """airbench's whitening bias trains for the first --whiten-bias-epochs epochs only. Stopped by a
+    zero lr rather than by requires_grad, so DistributedDataParallel's set of gradients never
+    changes; a function of the epoch, so a resumed run stops it where the uninterrupted one did."""
+    for group in optimizer.param_groups:
+        if group.get("whitening_bias"):
+            group["lr_scale"] = 1.0 if epoch < config.whiten_bias_epochs else 0.0
+
+
+def _muon(groups: list[dict], config: TrainConfig) -> MuonAndSGD:
+    """The 4-D weights (conv filters) to Muon at --muon-lr, undecayed (each filter is rescaled to
+    a fixed norm instead); everything else to Nesterov SGD as without Muon."""
+    filters = [p for group in groups for p in group["params"] if p.ndim == 4]
+    sgd_groups = [{**group, "params": [p for p in group["params"] if p.ndim != 4]} for group in groups]
+    muon_groups = [{"params": filters, "weight_decay": 0.0, "lr_scale": config.muon_lr / config.lr}]
+    return MuonAndSGD([g for g in sgd_groups if g["params"]], muon_groups, lr=config.lr,
+                      momentum=config.momentum)
 
 
 # Discriminative learning rates when fine-tuning: the pretrained backbone moves at a tenth of the
@@ -65,7 +103,8 @@ def apply_freezing(model: torch.nn.Module, config: TrainConfig, epoch: int) -> N
 
 def _optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+        # Nesterov needs a momentum: --momentum 0 is plain SGD.
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, eps=config.adam_eps)
     # Keras' Adam has no weight decay; with --weight-decay it is the classic L2 form.
