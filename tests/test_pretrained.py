@@ -293,3 +293,64 @@ def test_a_vision_transformer_trains_from_local_weights(tiny_data, tmp_path):
 def test_hf_options_without_an_hf_model_are_refused(tiny_data, tmp_path, capsys, options, words):
     rc = main(["train", str(tiny_data), *options, "--out", str(tmp_path / "run")])
     assert rc == 2 and words in capsys.readouterr().err
+
+
+def _trained_with_and_without_the_cache(tiny_data, tiny_resnet, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import imgflow.training.loop as loop
+
+    settings = dict(model=f"hf:{tiny_resnet}", epochs=2, freeze_backbone=True, lr=0.05)
+    with caplog.at_level(logging.INFO, logger="imgflow.training.features"):
+        train_tiny(tiny_data, tmp_path / "cached", **settings)
+    assert "computed once" in caplog.text
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "caches_features", lambda config, ranks: False)
+        train_tiny(tiny_data, tmp_path / "through", **settings)
+    return tmp_path / "cached", tmp_path / "through", settings
+
+
+def test_the_head_trained_on_cached_features_is_the_head_trained_through_the_frozen_backbone(
+        tiny_data, tiny_resnet, tmp_path, monkeypatch, caplog):
+    from imgflow.prediction import predict_files
+
+    cached, through, settings = _trained_with_and_without_the_cache(tiny_data, tiny_resnet, tmp_path,
+                                                                    monkeypatch, caplog)
+    a, b = _saved_state(cached), _saved_state(through)
+    assert a.keys() == b.keys()  # model.safetensors holds the backbone and the head either way
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a), \
+        [k for k in a if not torch.allclose(a[k].float(), b[k].float(), atol=1e-5)]
+    assert _same(_backbone(a, "net."), _backbone(_saved_state(tiny_resnet)))
+    torch.manual_seed(0)
+    initial = create_model(f"hf:{tiny_resnet}", 3, image_size=(16, 16)).state_dict()
+    assert not torch.equal(a["net.classifier.1.weight"], initial["net.classifier.1.weight"])  # it trained
+    val_loss = [[float(row[3]) for row in _history(run)[1:]] for run in (cached, through)]
+    assert val_loss[0] == pytest.approx(val_loss[1], abs=1e-4)  # validated on cached features alike
+    images = sorted((tiny_data / "test").rglob("*.png"))[:6]
+    p, q = (predict_files(run, images, progress=False) for run in (cached, through))
+    assert [r["top"][0]["class"] for r in p] == [r["top"][0]["class"] for r in q]
+    assert [r["top"][0]["probability"] for r in p] == pytest.approx([r["top"][0]["probability"] for r in q],
+                                                                   abs=1e-4)
+
+    # Exact resume: stopped after epoch 1, continued, it ends where the uninterrupted run did.
+    from imgflow.training.loop import train
+
+    def stop(row):
+        raise _Stop
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(_Stop):
+        train(resolve_config(str(tiny_data), {**settings, "batch_size": 16, "precision": "fp32",
+                                              "image_size": (16, 16)}), resumed, progress=False, on_epoch=stop)
+    train_tiny(tiny_data, resumed, resume=True, **settings)
+    assert _same(_saved_state(resumed), a) and _history(resumed) == _history(cached)
+
+
+def test_features_are_not_cached_when_augmentation_changes_the_images(tiny_data, tiny_resnet, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="imgflow.training.features"):
+        train_tiny(tiny_data, tmp_path / "run", model=f"hf:{tiny_resnet}", epochs=1, freeze_backbone=True,
+                   augment="flip")
+    said = [r.getMessage() for r in caplog.records if r.name == "imgflow.training.features"]
+    assert len(said) == 1 and "not cached, as --augment flip changes the images" in said[0]

@@ -192,6 +192,10 @@ class Learner:
         if self.lookahead is not None:
             self.lookahead.after_step(self.model, step, self.total_steps)
 
+    def evaluate(self, part: Split) -> dict[str, float]:
+        """Loss and accuracy of the model as it is on `part` (`evaluate_part`)."""
+        return evaluate_part(self.model, part, self.prep, self.precision, self.config.eval_batch_size, self.ranks)
+
     def all_finite(self) -> bool:
         """True when weights, BatchNorm statistics and the EMA hold no inf or nan."""
         averaged = self.ema.state.values() if self.ema is not None else []
