@@ -49,6 +49,29 @@ def run_name(name: str) -> str:
     return "hf-" + (Path(hf_source(name).rstrip("/\\")).name or "model")
 
 
+def extra_installed() -> bool:
+    """Whether the `pretrained` extra (transformers) is installed, without importing it (seconds)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("transformers") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules holds None for it (blocked)
+        return False
+
+
+def in_local_cache(hub_id: str) -> bool:
+    """Whether Hugging Face's cache holds `hub_id`'s config and weights (reads the cache only)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+
+    def cached(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(hub_id, name), str)
+
+    return cached("config.json") and (cached("model.safetensors") or cached("pytorch_model.bin"))
+
+
 def _transformers():
     try:
         import transformers

@@ -20,6 +20,7 @@ from torch import nn
 from imgflow.data import Split
 from imgflow.inference import loss_and_accuracy, predict_logits
 from imgflow.precision import autocast
+from imgflow.preprocess import Preprocessing
 from imgflow.training.batches import EpochBatches
 from imgflow.training.config import TrainConfig
 from imgflow.training.distributed import Ranks
@@ -65,14 +66,14 @@ class _Features(nn.Module):
         return seen[0]
 
 
-def backbone_features(model: nn.Module, images: np.ndarray, learner_prep, precision: str,
+def backbone_features(model: nn.Module, images: np.ndarray, prep: Preprocessing, precision: str,
                       batch_size: int, progress: bool = False) -> torch.Tensor:
     """float32 features the head reads, for uint8 images (N, H, W, C): in eval mode, on the model's
     device, returned on the CPU."""
     was_training = model.training
     model.eval()
     try:
-        return predict_logits(_Features(model).eval(), images, learner_prep, precision, batch_size,
+        return predict_logits(_Features(model).eval(), images, prep, precision, batch_size,
                               progress=progress, desc="features")
     finally:
         model.train(was_training)
@@ -130,7 +131,8 @@ def on_cached_features(learner: Learner, train_part: Split, val_part: Split | No
     return head, EpochBatches(train_part, config, device, images=features)
 
 
-def _head_reads_features(model: nn.Module, images: np.ndarray, prep, precision: str, batch_size: int) -> bool:
+def _head_reads_features(model: nn.Module, images: np.ndarray, prep: Preprocessing, precision: str,
+                         batch_size: int) -> bool:
     was_training = model.training
     model.eval()
     try:
