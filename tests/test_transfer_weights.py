@@ -111,3 +111,19 @@ def test_fastnets_stages_are_its_stem_then_each_group_and_unfreezing_keeps_the_f
     assert [p.requires_grad for p in model.parameters()] == [False] * (len(trainable) - 1) + [True]
     model.freeze_backbone(False)
     assert [p.requires_grad for p in model.parameters()] == trainable  # the whitening weight stays fixed
+
+
+def test_finetuning_a_fastnet_grades_its_groups_learning_rates(tiny_data):
+    from imgflow.training.config import resolve_config
+    from imgflow.training.optim import build_optimizer, stage_lr_scales
+
+    config = resolve_config(str(tiny_data), dict(model="fast-small", finetune=True))
+    model = create_model("fast-small", num_classes=3, image_size=(16, 16))
+    groups = build_optimizer(model, config).param_groups
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))  # no parameter in two groups
+    assert {id(p) for p in model.parameters() if p.requires_grad} <= set(ids)  # every trainable one in a group
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    by_stage = [{scale_of[id(p)] for p in stage} for stage in model.backbone_stages()]
+    assert by_stage == [{s} for s in stage_lr_scales(4)]  # stem lowest, each group higher, the last at 1/10
+    assert {scale_of[id(p)] for p in model.head_parameters()} == {1.0}
