@@ -4,7 +4,8 @@
 
 One performance table per throughput-*.json (each names its machine: numbers from different
 machines are never mixed in one table), and one time-to-accuracy table per
-time_to_accuracy*.json, beside the reference notebook's numbers, and one table per ablation-*.json.
+time_to_accuracy*.json, beside the reference notebook's numbers, and one table per ablation-*.json
+and per transfer-*.json.
 """
 from __future__ import annotations
 
@@ -140,6 +141,25 @@ def batchnorm_lag_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def transfer_table(result: dict) -> str:
+    b, t = result["backbone"], result["task"]
+    backbone_acc = f", test accuracy {b['test_accuracy']:.4f}" if b.get("test_accuracy") is not None else ""
+    lines = [f"Machine: {describe_machine(result['machine'])}. Backbone: {b['model']} trained on {b['data']} "
+             f"({b.get('preset') or 'no preset'}, {b['epochs']} epochs{backbone_acc}). Task: {t['data']}, "
+             f"{t['per_class']} training images per class ({t.get('num_train', '?')}), as {t['size'][0]}x"
+             f"{t['size'][1]} RGB; test accuracy on {t.get('num_test', '?')} of its test images. Every arm "
+             f"trains with `{' '.join(result['train_options'])}`.", "",
+             "| arm | options | test accuracy | seeds | seconds per run |",
+             "|---|---|---:|---|---:|"]
+    for s in result.get("summary", []):
+        acc = (f"{s['test_accuracy_mean']:.4f} ± {s['test_accuracy_std']:.4f}" if s["n"] > 1
+               else f"{s['test_accuracy_mean']:.4f}")
+        options = " ".join(result.get("arms", {}).get(s["arm"], [])) or "-"
+        lines.append(f"| {s['arm']} | `{options}` | {acc} | {', '.join(map(str, s['seeds']))} "
+                     f"| {s['train_seconds_mean']:.0f} |")
+    return "\n".join(lines)
+
+
 def _test_change(r: dict) -> str:
     test = r.get("test_accuracy")
     if not test:
@@ -164,7 +184,10 @@ def build(results: Path) -> str:
     lags = sorted(results.glob("batchnorm-lag-*.json"))
     for path in lags:
         parts += [f"## BatchNorm statistics ({path.name})", "", batchnorm_lag_table(json.loads(path.read_text())), ""]
-    if not throughput and not tta and not ablations and not lags:
+    transfers = sorted(results.glob("transfer-*.json"))
+    for path in transfers:
+        parts += [f"## Transfer from CIFAR-10 ({path.name})", "", transfer_table(json.loads(path.read_text())), ""]
+    if not throughput and not tta and not ablations and not lags and not transfers:
         parts.append("No results yet: run `benchmarks/throughput.py` or `benchmarks/time_to_accuracy.py`.")
     return "\n".join(parts).rstrip() + "\n"
 

@@ -17,7 +17,8 @@ from conftest import train_tiny as _train_tiny  # noqa: E402
 from imgflow.cli import main  # noqa: E402
 from imgflow.models import create_model  # noqa: E402
 from imgflow.training.config import resolve_config  # noqa: E402
-from imgflow.training.optim import BACKBONE_LR_SCALE, build_optimizer, set_lr  # noqa: E402
+from imgflow.training.optim import (EARLIEST_LR_SCALE, LATEST_LR_SCALE, build_optimizer, set_lr,  # noqa: E402
+                                   stage_lr_scales)
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's, as a real checkpoint has
 
@@ -145,25 +146,61 @@ def _history(run: Path) -> list[list[str]]:
     return [row[:-1] for row in rows]  # without the seconds
 
 
+def _lr_of(model, config, lr: float = 0.02) -> dict[int, float]:
+    optimizer = build_optimizer(model, config)
+    set_lr(optimizer, lr)
+    groups = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert len(groups) == len(set(groups)), "a parameter in two groups"
+    assert all(g["lr"] == pytest.approx(lr * g["lr_scale"]) for g in optimizer.param_groups)
+    return {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+
+
 @pytest.mark.parametrize("freeze_backbone", [False, True])
-def test_finetune_gives_the_backbone_a_tenth_of_the_heads_learning_rate(tiny_data, tiny_resnet, freeze_backbone):
+def test_finetune_grades_the_backbones_learning_rates_from_its_stem_to_its_last_stage(
+        tiny_data, tiny_resnet, freeze_backbone):
     config = resolve_config(str(tiny_data), dict(model=f"hf:{tiny_resnet}", finetune=not freeze_backbone,
                                                  freeze_backbone=freeze_backbone, weight_decay=1e-4))
     model = create_model(config.model, 3, image_size=(16, 16))
-    optimizer = build_optimizer(model, config)
-    set_lr(optimizer, 0.02)
-    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-    head = {id(p) for p in model.head_parameters()}
-    assert all(lr_of[id(p)] == pytest.approx(0.02) for p in model.head_parameters())
-    backbone = model.backbone_parameters()
+    lr_of = _lr_of(model, config)
+    assert model.head_parameters() and all(lr_of[id(p)] == pytest.approx(0.02) for p in model.head_parameters())
     if freeze_backbone:
-        assert not any(id(p) in lr_of for p in backbone)
-    else:
-        assert all(lr_of[id(p)] == pytest.approx(0.02 * BACKBONE_LR_SCALE) for p in backbone)
-        assert len(lr_of) == sum(1 for _ in model.parameters())  # each parameter in one group
-    decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
-    assert all(decays[id(p)] == 0 for p in model.parameters() if id(p) in decays and p.ndim < 2)
-    assert head  # the head was found
+        assert not any(id(p) in lr_of for p in model.backbone_parameters())
+        return
+    assert len(lr_of) == sum(1 for p in model.parameters() if p.requires_grad)  # every one in a group
+    # tiny_resnet: the embedder (stem) and its 2 stages, in the order the image runs through them.
+    stem, first, last = (f"net.resnet.{part}" for part in ("embedder", "encoder.stages.0", "encoder.stages.1"))
+    lr_by_name = {name: lr_of[id(p)] for name, p in model.named_parameters()}
+    lrs = [{lr for name, lr in lr_by_name.items() if name.startswith(part)} for part in (stem, first, last)]
+    assert all(len(lr) == 1 for lr in lrs), lrs  # one lr per stage
+    (stem_lr,), (first_lr,), (last_lr,) = lrs
+    assert stem_lr == pytest.approx(0.02 * EARLIEST_LR_SCALE) and last_lr == pytest.approx(0.02 * LATEST_LR_SCALE)
+    assert stem_lr < first_lr < last_lr and first_lr == pytest.approx((stem_lr * last_lr) ** 0.5)  # geometric
+    decays = {id(p): g["weight_decay"] for g in build_optimizer(model, config).param_groups for p in g["params"]}
+    assert all(decays[id(p)] == 0 for p in model.parameters() if p.ndim < 2)
+
+
+def test_stage_lr_scales_run_geometrically_from_a_hundredth_to_a_tenth():
+    assert stage_lr_scales(1) == [LATEST_LR_SCALE]
+    scales = stage_lr_scales(5)
+    assert scales[0] == pytest.approx(0.01) and scales[-1] == pytest.approx(0.1)
+    assert all(b / a == pytest.approx(10 ** 0.25) for a, b in zip(scales, scales[1:]))
+
+
+def test_a_vision_transformers_stages_are_its_embeddings_then_each_layer(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=3,
+                                              num_attention_heads=2, intermediate_size=32, num_labels=5))
+    vit.save_pretrained(tmp_path / "vit")
+    model = create_model(f"hf:{tmp_path / 'vit'}", 3, image_size=(16, 16))
+    def part(name: str) -> str:  # net.vit.embeddings.x -> embeddings; net.vit.layer(s).1.x -> 1
+        parts = name.split(".")[2:]
+        return parts[1] if parts[0].startswith("layer") and parts[0] != "layernorm" else parts[0]
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    stages = [{part(names[id(p)]) for p in stage} for stage in model.backbone_stages()]
+    assert stages == [{"embeddings"}, {"0"}, {"1"}, {"2", "layernorm"}]  # the final norm joins the last layer
+    assert sum(len(s) for s in model.backbone_stages()) == len(model.backbone_parameters())
 
 
 def test_config_json_records_the_weights_source_and_the_models_normalisation(tiny_data, tiny_resnet,
@@ -256,3 +293,64 @@ def test_a_vision_transformer_trains_from_local_weights(tiny_data, tmp_path):
 def test_hf_options_without_an_hf_model_are_refused(tiny_data, tmp_path, capsys, options, words):
     rc = main(["train", str(tiny_data), *options, "--out", str(tmp_path / "run")])
     assert rc == 2 and words in capsys.readouterr().err
+
+
+def _trained_with_and_without_the_cache(tiny_data, tiny_resnet, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import imgflow.training.loop as loop
+
+    settings = dict(model=f"hf:{tiny_resnet}", epochs=2, freeze_backbone=True, lr=0.05)
+    with caplog.at_level(logging.INFO, logger="imgflow.training.features"):
+        train_tiny(tiny_data, tmp_path / "cached", **settings)
+    assert "computed once" in caplog.text
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "caches_features", lambda config, ranks: False)
+        train_tiny(tiny_data, tmp_path / "through", **settings)
+    return tmp_path / "cached", tmp_path / "through", settings
+
+
+def test_the_head_trained_on_cached_features_is_the_head_trained_through_the_frozen_backbone(
+        tiny_data, tiny_resnet, tmp_path, monkeypatch, caplog):
+    from imgflow.prediction import predict_files
+
+    cached, through, settings = _trained_with_and_without_the_cache(tiny_data, tiny_resnet, tmp_path,
+                                                                    monkeypatch, caplog)
+    a, b = _saved_state(cached), _saved_state(through)
+    assert a.keys() == b.keys()  # model.safetensors holds the backbone and the head either way
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a), \
+        [k for k in a if not torch.allclose(a[k].float(), b[k].float(), atol=1e-5)]
+    assert _same(_backbone(a, "net."), _backbone(_saved_state(tiny_resnet)))
+    torch.manual_seed(0)
+    initial = create_model(f"hf:{tiny_resnet}", 3, image_size=(16, 16)).state_dict()
+    assert not torch.equal(a["net.classifier.1.weight"], initial["net.classifier.1.weight"])  # it trained
+    val_loss = [[float(row[3]) for row in _history(run)[1:]] for run in (cached, through)]
+    assert val_loss[0] == pytest.approx(val_loss[1], abs=1e-4)  # validated on cached features alike
+    images = sorted((tiny_data / "test").rglob("*.png"))[:6]
+    p, q = (predict_files(run, images, progress=False) for run in (cached, through))
+    assert [r["top"][0]["class"] for r in p] == [r["top"][0]["class"] for r in q]
+    assert [r["top"][0]["probability"] for r in p] == pytest.approx([r["top"][0]["probability"] for r in q],
+                                                                   abs=1e-4)
+
+    # Exact resume: stopped after epoch 1, continued, it ends where the uninterrupted run did.
+    from imgflow.training.loop import train
+
+    def stop(row):
+        raise _Stop
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(_Stop):
+        train(resolve_config(str(tiny_data), {**settings, "batch_size": 16, "precision": "fp32",
+                                              "image_size": (16, 16)}), resumed, progress=False, on_epoch=stop)
+    train_tiny(tiny_data, resumed, resume=True, **settings)
+    assert _same(_saved_state(resumed), a) and _history(resumed) == _history(cached)
+
+
+def test_features_are_not_cached_when_augmentation_changes_the_images(tiny_data, tiny_resnet, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="imgflow.training.features"):
+        train_tiny(tiny_data, tmp_path / "run", model=f"hf:{tiny_resnet}", epochs=1, freeze_backbone=True,
+                   augment="flip")
+    said = [r.getMessage() for r in caplog.records if r.name == "imgflow.training.features"]
+    assert len(said) == 1 and "not cached, as --augment flip changes the images" in said[0]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgflow.models.backbone import HeadAndBackbone
 from imgflow.models.layers import GlobalMaxPool, Scale, bias_only_batchnorm, make_activation
 from imgflow.models.registry import ModelSpec, register_model
 
@@ -124,8 +125,10 @@ def _per_group(value, n: int, what: str) -> list:
     return values
 
 
-class FastNet(nn.Module):
-    """Stem, ConvGroups that each halve the image, global max pool, bias-free linear, scaled logits."""
+class FastNet(HeadAndBackbone, nn.Module):
+    """Stem, ConvGroups that each halve the image, global max pool, bias-free linear, scaled logits.
+
+    The head is the linear layer and its scale; everything before it the backbone (models.backbone)."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, image_size: tuple[int, int] = (32, 32), *,
                  widths: Sequence[int] = (64, 256, 256),  # output channels per group
@@ -179,6 +182,9 @@ class FastNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(self.stem(x))
         return self.scale(self.head(self.pool(x)))
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.head, self.scale]
 
 
 _AIRBENCH = dict(stem="whiten", depths=1, residual=False, act="gelu", logit_scale=1 / 9)

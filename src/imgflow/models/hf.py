@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from imgflow.errors import UserError
+from imgflow.models.backbone import HeadAndBackbone
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,29 @@ def run_name(name: str) -> str:
     return "hf-" + (Path(hf_source(name).rstrip("/\\")).name or "model")
 
 
+def extra_installed() -> bool:
+    """Whether the `pretrained` extra (transformers) is installed, without importing it (seconds)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("transformers") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules holds None for it (blocked)
+        return False
+
+
+def in_local_cache(hub_id: str) -> bool:
+    """Whether Hugging Face's cache holds `hub_id`'s config and weights (reads the cache only)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+
+    def cached(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(hub_id, name), str)
+
+    return cached("config.json") and (cached("model.safetensors") or cached("pytorch_model.bin"))
+
+
 def _transformers():
     try:
         import transformers
@@ -56,47 +80,24 @@ def _transformers():
     return transformers
 
 
-class HFClassifier(nn.Module):
-    """A transformers image classifier returning plain logits; its backbone can be frozen.
-
-    While frozen the backbone's parameters take no gradient and its BatchNorm layers stay in
-    eval mode (their running statistics are the pretrained ones), whatever `train()` is called."""
+class HFClassifier(HeadAndBackbone, nn.Module):
+    """A transformers image classifier returning plain logits; its backbone can be frozen
+    (models.backbone)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
-        self.backbone_frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(pixel_values=x).logits
 
-    def head_parameters(self) -> list[nn.Parameter]:
+    def head_modules(self) -> list[nn.Module]:
         for name in HEAD_NAMES:
             head = getattr(self.net, name, None)
             if isinstance(head, nn.Module):
-                return list(head.parameters())
+                return [head]
         raise UserError(f"cannot tell the head of {type(self.net).__name__} from its backbone "
                         f"(no {' or '.join(HEAD_NAMES)} module): train it without --finetune")
-
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        head = {id(p) for p in self.head_parameters()}
-        return [p for p in self.parameters() if id(p) not in head]
-
-    def freeze_backbone(self, frozen: bool) -> None:
-        self.backbone_frozen = frozen
-        for p in self.backbone_parameters():
-            p.requires_grad_(not frozen)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "HFClassifier":
-        super().train(mode)
-        if mode and self.backbone_frozen:
-            head = {id(m) for name in HEAD_NAMES if isinstance(getattr(self.net, name, None), nn.Module)
-                    for m in getattr(self.net, name).modules()}
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in head:
-                    m.eval()
-        return self
 
 
 def _is_local(source: str) -> bool:

@@ -87,9 +87,12 @@ class EpochBatches:
     """
 
     def __init__(self, part: Split, config: TrainConfig, device: torch.device | None = None,
-                 ranks: Ranks = SINGLE):
+                 ranks: Ranks = SINGLE, images: torch.Tensor | None = None):
+        """images: what to batch instead of part.images, one per image (a frozen backbone's cached
+        features: training.features), not augmented."""
         self.device = device or torch.device("cpu")
-        images, labels = torch.from_numpy(part.images), torch.from_numpy(part.labels)
+        labels = torch.from_numpy(part.labels)
+        images = torch.from_numpy(part.images) if images is None else images
         on_device = fits_on_device(images.nbytes + labels.nbytes, self.device)
         self.images = images.to(self.device) if on_device else images
         self.labels = labels.to(self.device) if on_device else labels

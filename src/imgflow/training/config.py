@@ -66,11 +66,11 @@ class TrainConfig:
     precise_bn: int = 0  # re-estimate BatchNorm statistics on N training images at the end; 0 = Keras' running averages
     eval_batch_size: int = 500  # images per forward pass at evaluation
     preset: str | None = None  # name of the preset the defaults came from, if any
-    weights: str | None = None  # hf: models: local directory (save_pretrained) or file to start from; offline
+    weights: str | None = None  # hf: a save_pretrained directory or file; fast/resnet: an imgflow run; offline
     pretrained: bool = False  # hf: models: download the hub id's weights (HF's cache); never otherwise
-    finetune: bool = False  # hf: models: head only for freeze_epochs (backbone frozen), then all, backbone at lr/10
+    finetune: bool = False  # head only for freeze_epochs (backbone frozen), then all, backbone at lr/100..lr/10
     freeze_epochs: int = 1  # with finetune: epochs with the backbone frozen
-    freeze_backbone: bool = False  # hf: models: keep the backbone frozen throughout (train the head only)
+    freeze_backbone: bool = False  # keep the backbone frozen throughout (train the head only)
     whiten_bias_epochs: int = 0  # train the whitening stem's bias in the first N epochs only (airbench: 3); 0 = always
     muon_lr: float = 0.24  # with --optimizer muon: peak lr of the conv filters (airbench94_muon: 0.24)
 
@@ -148,10 +148,14 @@ class TrainConfig:
         from imgflow.models import list_models
         from imgflow.models.hf import is_hf
 
-        if (self.weights is not None or self.pretrained or self.finetune or self.freeze_backbone) \
-                and not is_hf(self.model):
-            raise UserError("--weights, --pretrained, --finetune and --freeze-backbone need an hf: model, "
-                            f"e.g. --model hf:microsoft/resnet-50 (got {self.model!r})")
+        if self.pretrained and not is_hf(self.model):
+            raise UserError("--pretrained needs an hf: model, e.g. --model hf:microsoft/resnet-50 "
+                            f"(got {self.model!r}); an imgflow run's weights are --weights RUN_DIR")
+        if (self.weights is not None or self.finetune or self.freeze_backbone) and not is_hf(self.model) \
+                and not _has_head(self.model):
+            raise UserError("--weights, --finetune and --freeze-backbone need an hf: model or one with a "
+                            f"separate head ({', '.join(_models_with_head())}), e.g. --model "
+                            f"hf:microsoft/resnet-50 (got {self.model!r})")
         if self.weights is not None and self.pretrained:
             raise UserError("--weights and --pretrained both say where the weights come from: use one")
         if self.finetune and self.freeze_backbone:
@@ -273,6 +277,22 @@ def describe_presets() -> list[dict[str, Any]]:
     """One row per preset: name, summary, target test accuracy, TTA, and the values it sets."""
     return [{"name": name, **PRESET_INFO.get(name, {}), "settings": dict(values)}
             for name, values in PRESETS.items()]
+
+
+def _has_head(model: str) -> bool:
+    """Whether a registered model has a separate head (models.backbone): --weights from another
+    run, --finetune and --freeze-backbone apply to it."""
+    from imgflow.models import get_model_spec, list_models
+    from imgflow.models.backbone import HeadAndBackbone
+
+    return model in list_models() and isinstance(get_model_spec(model).builder, type) \
+        and issubclass(get_model_spec(model).builder, HeadAndBackbone)
+
+
+def _models_with_head() -> list[str]:
+    from imgflow.models import list_models
+
+    return [name for name in list_models() if _has_head(name)]
 
 
 def resolve_config(data: str, overrides: dict[str, Any], preset: str | None = None) -> TrainConfig:
@@ -410,13 +430,15 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
                          "moving (0 = off, as in Keras)", "non_negative_int", metavar="N"),
     Option("image_size", "resize images to SIZE or HxW (default: the data's own size)", "image_size",
            metavar="SIZE|HxW"),
-    Option("weights", "hf: models: start from these local weights (a save_pretrained directory or a "
-                      ".safetensors/.bin file), offline", "str", metavar="DIR_OR_FILE"),
+    Option("weights", "start from these local weights, offline: hf: models a save_pretrained directory or a "
+                      ".safetensors/.bin file; fast-*/resnet9 another imgflow run of the same model",
+           "str", metavar="DIR_OR_FILE"),
     Option("pretrained", "hf: models: download the hub id's weights through Hugging Face's cache", "flag"),
-    Option("finetune", "hf: models: train the new head with the backbone frozen for --freeze-epochs, "
-                       "then everything, the backbone at lr/10", "flag"),
+    Option("finetune", "train the new head with the backbone frozen for --freeze-epochs, then everything, "
+                       "the backbone's stages from lr/100 (first) to lr/10 (last)", "flag"),
     Option("freeze_epochs", "with --finetune: epochs with the backbone frozen", "non_negative_int"),
-    Option("freeze_backbone", "hf: models: keep the backbone frozen throughout (head only)", "flag"),
+    Option("freeze_backbone", "keep the backbone frozen throughout (head only; with --augment none its "
+                              "features are computed once)", "flag"),
 )
 OPTION_OF = {option.field: option for option in TRAIN_OPTIONS}
 

@@ -38,6 +38,7 @@ from imgflow.training.batchnorm import has_batchnorm, reestimate_on_training_par
 from imgflow.training.checkpoint import (LoopState, load_checkpoint, new_sums, restore_checkpoint, rng_state,
                                          save_training_state, unreadable_checkpoint)
 from imgflow.training.config import TrainConfig
+from imgflow.training.features import caches_features, on_cached_features
 from imgflow.training.distributed import SINGLE, Ranks, join_torchrun
 from imgflow.training.rundir import (OVERWRITE_STAGING, check_run_dir, recording_divergence, run_config,
                                      save_final, swap_in, warn_if_device_changed)
@@ -134,8 +135,7 @@ def validate_epoch(learner: Learner, val_part: Split | None, loop: LoopState) ->
         return {"val_loss": None, "val_acc": None}
     with learner.evaluated_weights():
         learner.ranks.broadcast_buffers(learner.model)  # rank 0's BatchNorm statistics: one model
-        val = evaluate_part(learner.model, val_part, learner.prep, learner.precision, config.eval_batch_size,
-                            learner.ranks)
+        val = learner.evaluate(val_part)
         if not math.isfinite(val["loss"]):
             raise TrainingDiverged(
                 f"validation loss became {val['loss']} after epoch {loop.epoch + 1}: lower --lr (now "
@@ -317,6 +317,8 @@ def set_up(config: TrainConfig, progress: bool, resumed: Path | None = None, ran
         torch.manual_seed(ranks.seed(config.seed))
     batches = EpochBatches(train_part, config, device, ranks)
     learner = Learner(model, config, prep, precision, config.epochs * batches.steps, ranks)
+    if caches_features(config, ranks):  # --freeze-backbone: the head trains on the backbone's features
+        learner, batches = on_cached_features(learner, train_part, val_part, device, progress) or (learner, batches)
     return Run(config, dataset, train_part, val_part, batches, learner, threads, ranks)
 
 

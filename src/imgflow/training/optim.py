@@ -68,25 +68,37 @@ def _muon(groups: list[dict], config: TrainConfig) -> MuonAndSGD:
                       momentum=config.momentum)
 
 
-# Discriminative learning rates when fine-tuning: the pretrained backbone moves at a tenth of the
-# new head's lr (fastai's fine_tune and Keras' fine-tuning guide both lower it by ~10x), so the
-# features it learnt are adjusted, not overwritten by the head's first large gradients.
-BACKBONE_LR_SCALE = 0.1
+# Discriminative learning rates when fine-tuning (fastai's fine_tune: lr spread over slice(lr/100,
+# lr/10)): the new head trains at lr, the pretrained backbone's last stage at a tenth of it and its
+# first (stem) at a hundredth, the stages between spaced geometrically. Early layers hold generic
+# features (edges, textures) that transfer as they are; late ones are the most task-specific, and
+# the head's first large gradients would overwrite all of them at the head's lr.
+EARLIEST_LR_SCALE = 0.01
+LATEST_LR_SCALE = 0.1
+
+
+def stage_lr_scales(stages: int) -> list[float]:
+    """The lr scale of each of `stages` backbone stages, earliest first (one stage: LATEST_LR_SCALE)."""
+    if stages == 1:
+        return [LATEST_LR_SCALE]
+    ratio = (LATEST_LR_SCALE / EARLIEST_LR_SCALE) ** (1 / (stages - 1))
+    return [EARLIEST_LR_SCALE * ratio ** i for i in range(stages)]
 
 
 def _finetune_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
-    """The head at lr, the backbone at BACKBONE_LR_SCALE x lr (none with --freeze-backbone); each
-    split into decayed weights and undecayed norms/biases. Frozen parameters are in the groups too:
-    while they have no gradient the optimiser skips them, so unfreezing needs no new optimiser."""
+    """The head at lr, each backbone stage at its `stage_lr_scales` (none with --freeze-backbone);
+    each split into decayed weights and undecayed norms/biases. Frozen parameters are in the groups
+    too: while they have no gradient the optimiser skips them, so unfreezing needs no new optimiser."""
     parts = [(model.head_parameters(), 1.0)]
     if not config.freeze_backbone:
-        parts.append((model.backbone_parameters(), BACKBONE_LR_SCALE))
+        stages = model.backbone_stages()
+        parts += list(zip(stages, stage_lr_scales(len(stages))))
     groups = []
     for params, scale in parts:
         groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay,
                        "lr_scale": scale})
         groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale})
-    return groups
+    return [g for g in groups if g["params"]]
 
 
 def backbone_frozen_at(config: TrainConfig, epoch: int) -> bool:

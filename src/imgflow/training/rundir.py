@@ -190,12 +190,12 @@ def run_config(config: TrainConfig, dataset: Dataset, train_part: Split, val_par
 
 
 def _hf_record(config: TrainConfig, model: torch.nn.Module) -> dict:
-    """hf: models: where the starting weights came from (path + sha256, or hub id + revision),
-    and the architecture, so predict and export rebuild it without the hf: directory or the hub."""
+    """Where the starting weights came from (path + sha256, or hub id + revision); hf: models:
+    also the architecture, so predict and export rebuild it without the hf: directory or the hub."""
     from imgflow.models.hf import architecture, hf_source, is_hf, weights_source
 
-    if not is_hf(config.model):
-        return {}
+    if not is_hf(config.model):  # another imgflow run's weights (--weights RUN_DIR), if any
+        return {"weights_source": weights_source("", config.weights, False)} if config.weights else {}
     return {"weights_source": weights_source(hf_source(config.model), config.weights, config.pretrained),
             "architecture": architecture(model)}
 

@@ -18,6 +18,7 @@ from imgflow.data import Dataset, Split, channel_stats
 from imgflow.errors import UserError
 from imgflow.inference import loss_and_accuracy, model_device, predict_logits
 from imgflow.models import create_model
+from imgflow.models.backbone import load_run_weights
 from imgflow.models.hf import hf_preprocessing, hf_source, is_hf
 from imgflow.precision import autocast, grad_scaler
 from imgflow.preprocess import Preprocessing, to_model_input
@@ -51,6 +52,8 @@ def prepare_model(config: TrainConfig, dataset: Dataset, train_part: Split, prep
         n = min(5000, len(train_part))
         idx = np.random.default_rng([config.seed, 0x3417]).choice(len(train_part), n, replace=False)
         model.init_whitening(to_model_input(torch.from_numpy(train_part.images[np.sort(idx)]), prep))
+    if config.weights is not None and not is_hf(config.model):  # another imgflow run's, whitening stem too
+        load_run_weights(model, config.model, config.weights)
     # channels_last: oneDNN's convolutions run faster on NHWC in fp32 too (1.3x measured on
     # seed-baseline here), as do cuDNN's with tensor cores; and uint8 NHWC batches become NHWC
     # floats without a copy.
@@ -188,6 +191,10 @@ class Learner:
             self.ema.update(self.model)
         if self.lookahead is not None:
             self.lookahead.after_step(self.model, step, self.total_steps)
+
+    def evaluate(self, part: Split) -> dict[str, float]:
+        """Loss and accuracy of the model as it is on `part` (`evaluate_part`)."""
+        return evaluate_part(self.model, part, self.prep, self.precision, self.config.eval_batch_size, self.ranks)
 
     def all_finite(self) -> bool:
         """True when weights, BatchNorm statistics and the EMA hold no inf or nan."""

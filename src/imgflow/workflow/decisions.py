@@ -121,6 +121,21 @@ class BaselineOutcome:
 
 
 @dataclass
+class PretrainedOffer:
+    """Step 6, for a folder of photos: the pretrained backbone that would sit beside the scratch
+    models. The workflow does not train one yet; it says what it would try and what that needs."""
+
+    backbone: str  # the hub id, e.g. microsoft/resnet-18
+    data: str  # the DATA argument, for the command it suggests
+    extra_installed: bool  # the `pretrained` extra (transformers)
+    weights_cached: bool  # the backbone's weights are in Hugging Face's cache (nothing downloaded to see)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"pretrained_backbone": self.backbone, "pretrained_extra_installed": self.extra_installed,
+                "pretrained_weights_cached": self.weights_cached}
+
+
+@dataclass
 class OverfitOutcome:
     """Step 6: the scaled-up model, and whether its curves show it can overfit."""
 
@@ -135,13 +150,15 @@ class OverfitOutcome:
     best_val_acc: float
     final_train_acc: float
     final_val_acc: float
+    pretrained: PretrainedOffer | None = None  # photos: the backbone not tried (None: not photos)
 
     def metrics(self) -> dict[str, Any]:
         return {"model": self.model, "model_rule": self.model_rule, "epochs": self.epochs,
                 "train_subset": self.train_subset, "best_val_acc": self.best_val_acc,
                 "overfit_epoch": self.best_epoch, "memorises": self.verdict != "neither",
                 "train_images_per_second": round(self.images_per_second, 1),
-                "final_train_acc": self.final_train_acc, "final_val_acc": self.final_val_acc}
+                "final_train_acc": self.final_train_acc, "final_val_acc": self.final_val_acc,
+                **(self.pretrained.metrics() if self.pretrained else {})}
 
 
 @dataclass

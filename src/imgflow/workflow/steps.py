@@ -21,7 +21,8 @@ from imgflow.workflow.budget import (BUDGET_SHARE, EXPECTED_FINAL_SHARE, FINAL_E
                                      final_run_seconds, plan_epochs, plan_final_run, plan_tune)
 from imgflow.workflow.context import Context, base_settings, dataset, protocol_split, train_part
 from imgflow.workflow.decisions import (BaselineOutcome, DataFacts, FinalOutcome, MetricChoice, OverfitOutcome,
-                                        Preparation, ProtocolChoice, TuneOutcome)
+                                        Preparation, PretrainedOffer, ProtocolChoice, TuneOutcome)
+from imgflow.workflow.image_size import WORKING_SIDES
 from imgflow.workflow.recipes import CANDIDATES, candidate_settings, fast_recipe
 from imgflow.workflow.record import STEP_NAMES, Candidate, Plan, Protocol, Scaled, StepRecord
 from imgflow.workflow.selection import (OVERFIT_PATIENCE, choose_candidate, detect_overfitting, overfit_verdict,
@@ -37,6 +38,9 @@ K_FOLDS = 5
 TEST_HOLDOUT = 0.2  # share of the data held out as the test split when the source has none
 VALIDATION_CAP = 5000  # held-out images scored per exploration epoch (std error <= 0.71 points)
 SMALL_MODEL = "seed-baseline"
+# The backbone step 6 names for photos: ResNet-18 (11.7M parameters, 1.8 GFLOPs at 224x224) is the
+# smallest of the ImageNet ResNets on the hub, the one a CPU budget can fine-tune.
+PRETRAINED_BACKBONE = "microsoft/resnet-18"
 
 
 def _record(index: int, words: tuple[str, str], decision, **extra) -> StepRecord:
@@ -195,8 +199,21 @@ def step_overfit(ctx: Context) -> StepRecord:
         train_subset=settings["train_subset"], images_per_second=planned.images_per_second, best_epoch=best_epoch,
         verdict=overfit_verdict(best_epoch, last["train_acc"], last["val_acc"]), patience=OVERFIT_PATIENCE,
         best_val_acc=max(r["val_acc"] for r in history), final_train_acc=last["train_acc"],
-        final_val_acc=last["val_acc"])
+        final_val_acc=last["val_acc"], pretrained=pretrained_offer(ctx))
     return _record(5, overfit_words(outcome), outcome, runs=[_relative(ctx, run_dir)])
+
+
+def pretrained_offer(ctx: Context) -> PretrainedOffer | None:
+    """For a folder of photos (typical images larger than the largest working size, so resized
+    down: step 4), the pretrained backbone that would sit beside the scratch models; None otherwise."""
+    from imgflow.models.hf import extra_installed, in_local_cache
+
+    typical = ctx.state.resize.typical_size if ctx.state.resize is not None else None
+    if typical is None or max(typical) <= WORKING_SIDES[-1]:
+        return None
+    installed = extra_installed()
+    return PretrainedOffer(PRETRAINED_BACKBONE, ctx.data, installed,
+                           installed and in_local_cache(PRETRAINED_BACKBONE))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 from imgflow.text import plural
 from imgflow.workflow.budget import BUDGET_SHARE
 from imgflow.workflow.decisions import (BaselineOutcome, DataFacts, FinalOutcome, MetricChoice, OverfitOutcome,
-                                        Preparation, ProtocolChoice, TuneOutcome)
+                                        Preparation, PretrainedOffer, ProtocolChoice, TuneOutcome)
 from imgflow.workflow.image_size import PASSES_PER_IMAGE, WORKING_SIDES
 from imgflow.workflow.record import Resize
 
@@ -120,7 +120,28 @@ def baseline_words(outcome: BaselineOutcome) -> tuple[str, str]:
             + ". A model must clear these before it means anything.")
 
 
+def pretrained_words(offer: PretrainedOffer | None) -> str:
+    """One sentence on the pretrained backbone step 6 would put beside the scratch models for photos
+    ('' when the data are not photos): what it would try and what that needs."""
+    if offer is None:
+        return ""
+    tried = (f"Not tried: a backbone pretrained on ImageNet and fine-tuned (hf:{offer.backbone}) usually "
+             "beats small models trained from scratch on a folder of photos")
+    if not offer.extra_installed:
+        return f" {tried}; it needs the pretrained extra: pip install 'imgflow[pretrained]'."
+    command = f"imgflow train {offer.data} --model hf:{offer.backbone} --finetune"
+    if not offer.weights_cached:
+        return (f" {tried}; its weights are not on this machine and the workflow downloads nothing: "
+                f"{command} --pretrained fetches them once.")
+    return f" {tried}; the workflow does not compare one yet: {command} trains it from the weights cached here."
+
+
 def overfit_words(outcome: OverfitOutcome) -> tuple[str, str]:
+    decided, why = _overfit_words(outcome)
+    return decided, why + pretrained_words(outcome.pretrained)
+
+
+def _overfit_words(outcome: OverfitOutcome) -> tuple[str, str]:
     o = outcome
     if o.verdict == "overfits":
         return (f"{o.model} overfits: validation loss is lowest at epoch {o.best_epoch} and rises after "
