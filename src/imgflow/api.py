@@ -379,7 +379,7 @@ def _evaluation_data(data: Data, classes: Sequence[str] | None, spec, progress: 
         from imgflow.data import load_dataset
 
         show = interactive() if progress is None else progress
-        dataset = load_dataset(_source(data), image_size=spec.image_size if spec.jpeg_draft else None,
+        dataset = load_dataset(_source(data), image_size=spec.file_size if spec.jpeg_draft else None,
                                progress=show)
     return dataset
 
@@ -412,8 +412,8 @@ def _fit(images: np.ndarray, spec) -> np.ndarray:
 
     if images.dtype != np.uint8:
         raise UserError(f"images have dtype {images.dtype}, expected uint8 pixels 0..255")
-    if tuple(images.shape[1:3]) != tuple(spec.image_size):
-        images = resize_images(images, tuple(spec.image_size))
+    if tuple(images.shape[1:3]) != spec.file_size:
+        images = resize_images(images, spec.file_size)
     C = images.shape[-1]
     if C == 1 and spec.channels == 3:
         return np.repeat(images, 3, axis=3)

@@ -10,7 +10,8 @@ from imgflow.fileio import expect, list_of
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "onecycle", "cosine")
-AUGMENTS = ("none", "flip", "flip+translate", "flip+translate+cutout")
+AUGMENTS = ("none", "flip", "flip+translate", "flip+translate+cutout", "photo")
+PHOTO = "photo"  # random-resized crop + flip + colour jitter; evaluation on the centre crop
 NORMALIZATIONS = ("scale", "standardize")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VAL_MODES = ("last", "stratified")
@@ -71,6 +72,8 @@ class TrainConfig:
     finetune: bool = False  # hf: models: head only for freeze_epochs (backbone frozen), then all, backbone at lr/10
     freeze_epochs: int = 1  # with finetune: epochs with the backbone frozen
     freeze_backbone: bool = False  # hf: models: keep the backbone frozen throughout (train the head only)
+    crop_scale: float = 0.35  # photo: smallest random crop, as a fraction of the image's area (largest: all)
+    crop_pct: float = 0.875  # photo at an image_size: evaluation's centre crop, fraction of each side (hf: the model's)
 
     def validate(self) -> "TrainConfig":
         """Raise UserError on values that cannot work; return self for chaining."""
@@ -107,13 +110,15 @@ class TrainConfig:
             (0 < self.bn_lr_scale <= MAX_BN_LR_SCALE,
              f"--bn-lr-scale must be > 0 and <= {MAX_BN_LR_SCALE:g}, got {self.bn_lr_scale}"),
             (self.lookahead >= 0, f"--lookahead must be >= 0, got {self.lookahead}"),
+            (0 < self.crop_scale <= 1, f"--crop-scale must be in (0, 1], got {self.crop_scale}"),
+            (0.5 <= self.crop_pct <= 1, f"--crop-pct must be in [0.5, 1], got {self.crop_pct}"),
         ]
 
     def _choice_checks(self) -> list[tuple[bool, str]]:
         """(choice is known and fits the others, what to say otherwise)."""
         return [
             (self.flip in FLIPS, f"unknown flip {self.flip!r}: use one of {', '.join(FLIPS)}"),
-            (self.flip == "random" or "flip" in self.augment,
+            (self.flip == "random" or "flip" in self.augment or self.augment == PHOTO,
              f"--flip {self.flip} needs flipping in --augment (now {self.augment!r}), e.g. --augment flip+translate"),
             (self.lr_floor == 0 or self.schedule != "constant",
              "--lr-floor needs a decaying --schedule (onecycle or cosine)"),
@@ -132,6 +137,8 @@ class TrainConfig:
             (self.early_stopping == 0 or self.val_split > 0 or self.folds,
              "--early-stopping needs a validation split (--val-split > 0)"),
             (self.translate >= 0 and self.cutout >= 0, "--translate/--cutout must be >= 0"),
+            (self.crop_scale == default_of("crop_scale") or self.augment == PHOTO,
+             f"--crop-scale is for --augment {PHOTO} (now {self.augment!r})"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}"),
             (self.augment in AUGMENTS, f"unknown augment {self.augment!r}: use one of {', '.join(AUGMENTS)}"),
@@ -284,8 +291,11 @@ def resolve_config(data: str, overrides: dict[str, Any], preset: str | None = No
         values["weights"] = _absolute(values["weights"])
     if str(values.get("model", "")).startswith("hf:"):
         values["model"] = "hf:" + _absolute(values["model"][3:])
+        own = _pretrained(values)
         if values.get("image_size") is None:  # the size the model was pretrained at, not the data's
-            values["image_size"] = _pretrained_size(values)
+            values["image_size"] = tuple(own["image_size"]) if own.get("image_size") else None
+        if values.get("crop_pct") is None and own.get("crop_pct"):  # its evaluation crop, for photo runs
+            values["crop_pct"] = own["crop_pct"]
     if "model" not in values:
         raise UserError("no model given: pass --model NAME (see 'imgflow models') or --preset")
     return TrainConfig(data=data, **values).validate()
@@ -309,13 +319,20 @@ def config_to_train(data: str | None, overrides: dict[str, Any], preset: str | N
     return resolve_config(data, overrides, preset=preset)
 
 
-def _pretrained_size(values: dict[str, Any]) -> tuple[int, int] | None:
-    """An hf: model's input size from its preprocessor_config.json (None: none found)."""
+def _pretrained(values: dict[str, Any]) -> dict[str, Any]:
+    """An hf: model's input size and centre crop from its preprocessor_config.json ({}: none found)."""
     from imgflow.models.hf import hf_preprocessing, hf_source
 
-    size = hf_preprocessing(hf_source(values["model"]), values.get("weights"),
-                            bool(values.get("pretrained"))).get("image_size")
-    return tuple(size) if size else None
+    return hf_preprocessing(hf_source(values["model"]), values.get("weights"), bool(values.get("pretrained")))
+
+
+def eval_crop(train: dict[str, Any]) -> float:
+    """The share of each side evaluation keeps (`Preprocessing.crop_pct`) for a run's 'train'
+    settings: crop_pct for a photo run at a given image_size; 1 (whole images) otherwise, as
+    images at the data's own size have no margin to crop."""
+    if train.get("augment") == PHOTO and train.get("image_size"):
+        return float(train.get("crop_pct", default_of("crop_pct")))
+    return 1.0
 
 
 def _absolute(place: str) -> str:
@@ -407,6 +424,11 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
                        "then everything, the backbone at lr/10", "flag"),
     Option("freeze_epochs", "with --finetune: epochs with the backbone frozen", "non_negative_int"),
     Option("freeze_backbone", "hf: models: keep the backbone frozen throughout (head only)", "flag"),
+    Option("crop_scale", "--augment photo: smallest random crop as a fraction of the image's area, in "
+                         "(0, 1] (torchvision: 0.08; gentler for small data sets)", metavar="MIN"),
+    Option("crop_pct", "--augment photo with --image-size: images are kept at image-size/crop-pct and "
+                       "evaluated on their centre crop (default: the hf: model's, else 0.875)",
+           metavar="F"),
 )
 OPTION_OF = {option.field: option for option in TRAIN_OPTIONS}
 
