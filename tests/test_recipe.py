@@ -230,7 +230,7 @@ def test_tta_views_are_the_image_its_mirror_and_one_pixel_shifts():
 def test_tta_of_a_flip_invariant_model_equals_plain_prediction(monkeypatch):
     import imgflow.inference as inference
 
-    monkeypatch.setattr(inference, "tta_views", lambda images: [images, images.flip(2)])
+    monkeypatch.setattr(inference, "tta_views", lambda images, prep=None: [images, images.flip(2)])
     model = _FlipInvariant().eval()
     x = _batch(B=7)
     plain = predict_logits(model, x, _prep(), batch_size=3).softmax(1)
