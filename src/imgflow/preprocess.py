@@ -36,8 +36,9 @@ class Preprocessing:
                 "image_size": list(self.image_size), "channels": self.channels,
                 "channel_order": "RGB" if self.channels == 3 else "L",
                 "crop_pct": self.crop_pct, "resize_size": list(self.resize_size),
-                "formula": "x = (pixel / 255 - mean) / std, NCHW float32, of the centre image_size "
-                           "crop of images resized to resize_size"}
+                "formula": "x = (pixel / 255 - mean) / std, NCHW float32"
+                           + (", of the centre image_size crop of images resized to resize_size"
+                              if self.crop_pct < 1 else "")}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
