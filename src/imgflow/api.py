@@ -353,7 +353,8 @@ def evaluate(run: Run, data: Data = None, tta: bool = False, *, classes: Sequenc
     With data (a name, path, Dataset, or (images, labels) whose labels index the run's classes
     unless classes= says otherwise): that data set's test split, or all its images when it has
     none; its classes must be the run's. Nothing is written then: metrics.json stays the run's.
-    tta: average over flipped and shifted views (test-time augmentation).
+    tta: average over flipped and shifted views (test-time augmentation; photo runs: flipped and
+        cropped views).
     device: "auto" (a GPU if there is one), "cpu", "cuda", "cuda:N" or "mps".
     """
     run_dir = _run_dir(run)

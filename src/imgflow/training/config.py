@@ -386,7 +386,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("lookahead", "every N steps average the weights with a slow copy (airbench: 5; 0 = off)",
            "non_negative_int", metavar="N"),
     Option("label_smoothing", "in [0, 1)"),
-    Option("augment", "", "str", AUGMENTS),
+    Option("augment", "photo: random-resized crop, flip and light colour jitter, for photos", "str", AUGMENTS),
     Option("flip", "random: a fresh coin per image and epoch; alternate: each image flipped every other "
                    "epoch (airbench), so both views are seen equally often", "str", FLIPS),
     Option("translate", "largest random shift in pixels", "non_negative_int"),
@@ -426,9 +426,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("freeze_backbone", "hf: models: keep the backbone frozen throughout (head only)", "flag"),
     Option("crop_scale", "--augment photo: smallest random crop as a fraction of the image's area, in "
                          "(0, 1] (torchvision: 0.08; gentler for small data sets)", metavar="MIN"),
-    Option("crop_pct", "--augment photo with --image-size: images are kept at image-size/crop-pct and "
-                       "evaluated on their centre crop (default: the hf: model's, else 0.875)",
-           metavar="F"),
+    Option("crop_pct", "--augment photo with --image-size: keep images at image-size/F and evaluate on "
+                       "their centre crop (an hf: model's own crop_pct when its config has one)", metavar="F"),
 )
 OPTION_OF = {option.field: option for option in TRAIN_OPTIONS}
 
