@@ -4,7 +4,8 @@ Everything is tensor indexing on the whole batch at once: no per-image Python lo
 random draws come from a torch.Generator the caller seeds, so a (seed, epoch, step) triple fixes
 the result exactly, which is what makes `--resume` land on the same weights. The draws are made
 on the CPU and only the indexing runs where the images are (a GPU's generators differ from the
-CPU's), so a batch is augmented the same on every device.
+CPU's), so a batch is augmented the same on every device ('photo' resamples in float32 where the
+images are: a GPU may round a rare pixel the other way).
 """
 from __future__ import annotations
 
