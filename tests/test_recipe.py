@@ -232,7 +232,7 @@ def test_tta_views_are_airbench94s_six_the_image_its_mirror_and_both_one_pixel_s
 def test_tta_of_a_flip_invariant_model_equals_plain_prediction(monkeypatch):
     import imgflow.inference as inference
 
-    monkeypatch.setattr(inference, "tta_views", lambda images: [(images, 0.5), (images.flip(2), 0.5)])
+    monkeypatch.setattr(inference, "tta_views", lambda images, prep=None: [(images, 0.5), (images.flip(2), 0.5)])
     model = _FlipInvariant().eval()
     x = _batch(B=7)
     plain = predict_logits(model, x, _prep(), batch_size=3).softmax(1)

@@ -353,7 +353,8 @@ def evaluate(run: Run, data: Data = None, tta: bool = False, *, classes: Sequenc
     With data (a name, path, Dataset, or (images, labels) whose labels index the run's classes
     unless classes= says otherwise): that data set's test split, or all its images when it has
     none; its classes must be the run's. Nothing is written then: metrics.json stays the run's.
-    tta: average over flipped and shifted views (test-time augmentation).
+    tta: average over flipped and shifted views (test-time augmentation; photo runs: flipped and
+        cropped views).
     device: "auto" (a GPU if there is one), "cpu", "cuda", "cuda:N" or "mps".
     """
     run_dir = _run_dir(run)
@@ -379,7 +380,7 @@ def _evaluation_data(data: Data, classes: Sequence[str] | None, spec, progress: 
         from imgflow.data import load_dataset
 
         show = interactive() if progress is None else progress
-        dataset = load_dataset(_source(data), image_size=spec.image_size if spec.jpeg_draft else None,
+        dataset = load_dataset(_source(data), image_size=spec.file_size if spec.jpeg_draft else None,
                                progress=show)
     return dataset
 
@@ -412,8 +413,8 @@ def _fit(images: np.ndarray, spec) -> np.ndarray:
 
     if images.dtype != np.uint8:
         raise UserError(f"images have dtype {images.dtype}, expected uint8 pixels 0..255")
-    if tuple(images.shape[1:3]) != tuple(spec.image_size):
-        images = resize_images(images, tuple(spec.image_size))
+    if tuple(images.shape[1:3]) != spec.file_size:
+        images = resize_images(images, spec.file_size)
     C = images.shape[-1]
     if C == 1 and spec.channels == 3:
         return np.repeat(images, 3, axis=3)

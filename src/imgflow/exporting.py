@@ -91,7 +91,11 @@ def model_card(config: dict, run_dir: Path) -> dict:
             "mean": list(prep.mean),
             "std": list(prep.std),
             "formula": "x = (pixel / 255 - mean) / std, per channel; pixel in 0..255",
-            "resize": "stretch to image_size (no crop), Pillow bilinear (antialiased when shrinking)",
+            "resize_size": list(prep.resize_size),
+            "resize": ("stretch to image_size (no crop), Pillow bilinear (antialiased when shrinking)"
+                       if prep.resize_size == tuple(prep.image_size) else
+                       "stretch to resize_size, Pillow bilinear (antialiased when shrinking), then take "
+                       "the centre image_size crop (top = (resize H - H) // 2, left likewise)"),
             "color": ("alpha composited on white; grayscale replicated to 3 channels" if C == 3 else
                       "alpha composited on white; colour converted with Pillow's convert('L')"),
             # imgflow predict decodes JPEGs at reduced scale before resizing when training did.
@@ -201,7 +205,7 @@ def parity_images(config: dict, limit: int = PARITY_IMAGES, progress: bool = Fal
     """
     train = config["train"]
     prep = Preprocessing.from_dict(config["preprocessing"])
-    expected = (*prep.image_size, prep.channels)
+    expected = (*prep.resize_size, prep.channels)
     try:
         dataset = load_run_data(train, progress=progress, run_dir=run_dir)  # with the run's test hold-out, if any
         split, name = (dataset.test, "test") if dataset.test is not None else (dataset.train, "train")

@@ -22,7 +22,7 @@ from typing import Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from imgflow.data.decode import decode_image, resize_array
+from imgflow.data.decode import center_crop, decode_image, resize_array
 # The data layer's wording for undecodable files, so predict and `inspect` report them alike.
 from imgflow.data.folder import skip_reason as unreadable_reason
 from imgflow.data.readers import DirReader
@@ -54,13 +54,24 @@ class InputSpec:
     # True when training resized while decoding (train --image-size): JPEGs are then decoded at
     # reduced scale before the resize, exactly as the data layer decoded the training images.
     jpeg_draft: bool = False
+    # A photo run's: files are stretched to this size and the model sees their centre image_size
+    # crop (`preprocess.Preprocessing.resize_size`); None: stretched to image_size, no crop.
+    resize_size: tuple[int, int] | None = None
 
     @classmethod
-    def make(cls, classes, image_size, channels, mean, std, jpeg_draft=False) -> "InputSpec":
+    def make(cls, classes, image_size, channels, mean, std, jpeg_draft=False,
+             resize_size=None) -> "InputSpec":
         """Normalise types from JSON / config values."""
-        return cls(tuple(str(c) for c in classes), (int(image_size[0]), int(image_size[1])),
+        size = (int(image_size[0]), int(image_size[1]))
+        resize = (int(resize_size[0]), int(resize_size[1])) if resize_size else None
+        return cls(tuple(str(c) for c in classes), size,
                    int(channels), tuple(float(m) for m in mean), tuple(float(s) for s in std),
-                   bool(jpeg_draft))
+                   bool(jpeg_draft), resize if resize != size else None)
+
+    @property
+    def file_size(self) -> tuple[int, int]:
+        """(H, W) every file is stretched to, as the run's images were decoded."""
+        return self.resize_size or self.image_size
 
 
 class Model(Protocol):
@@ -97,8 +108,9 @@ class NotARegularFile(OSError):
 
 
 def read_image(path: Path, spec: InputSpec) -> np.ndarray:
-    """One file -> uint8 (H, W, C) at the model's size and channel count (raises if unreadable)."""
-    size = spec.image_size
+    """One file -> uint8 (H, W, C) at the run's decoding size (`InputSpec.file_size`) and channel
+    count (raises if unreadable)."""
+    size = spec.file_size
     path = Path(path)
     if path.exists() and not path.is_file():
         raise NotARegularFile(f"{path} is not a regular file")
@@ -147,7 +159,8 @@ class RunModel:
         self.batch_size = int(train.get("eval_batch_size", 500))
         self.spec = InputSpec.make(config["data"]["classes"], self.prep.image_size,
                                    self.prep.channels, self.prep.mean, self.prep.std,
-                                   jpeg_draft=bool(train.get("image_size")))
+                                   jpeg_draft=bool(train.get("image_size")),
+                                   resize_size=self.prep.resize_size)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         from imgflow.device import out_of_memory_as_user_error
@@ -184,7 +197,8 @@ def spec_from_card(card: dict, where: str) -> InputSpec:
     try:
         inp = card["input"]
         return InputSpec.make(card["classes"], inp["image_size"], inp["channels"], inp["mean"],
-                              inp["std"], jpeg_draft=inp.get("jpeg_draft", False))
+                              inp["std"], jpeg_draft=inp.get("jpeg_draft", False),
+                              resize_size=inp.get("resize_size"))
     except (KeyError, TypeError, IndexError, ValueError) as exc:
         raise UserError(f"{where} is not an imgflow model.json (bad or missing {exc})") from None
 
@@ -217,6 +231,8 @@ class OnnxModel:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         assert images.dtype == np.uint8, f"expected uint8 images, got {images.dtype}"
+        if self.spec.resize_size and images.shape[1:3] == self.spec.resize_size:
+            images = center_crop(images, self.spec.image_size)  # as preprocess.to_model_input crops
         # (pixel / 255 - mean) / std in float32, the operations preprocess.to_model_input does.
         x = (images.astype(np.float32) / np.float32(255.0) - self.mean) / self.std
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # NHWC -> NCHW

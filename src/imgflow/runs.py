@@ -181,7 +181,12 @@ def load_run_data(train_config: dict, progress: bool = False, remarks: bool = Fa
     from imgflow.data import load_dataset
     from imgflow.data.splits import holdout_test
 
+    from imgflow.preprocess import resize_size
+    from imgflow.training.config import eval_crop
+
     image_size = tuple(train_config["image_size"]) if train_config.get("image_size") else None
+    if image_size is not None:  # a photo run keeps a margin around its centre crop
+        image_size = resize_size(image_size, eval_crop(train_config))
     spec = train_config["data"]
     # Folders are recorded as absolute paths; a missing DATA of a new run is load_dataset's to name.
     if run_dir is not None and Path(spec).is_absolute() and not Path(spec).exists():

@@ -40,7 +40,7 @@ from imgflow.progress import progress_bar
 from imgflow.reports.tune_report import write_tune_report
 from imgflow.runs import holds_run, load_run_data, read_run_config
 from imgflow.text import plural
-from imgflow.training.config import AUGMENTS, MAX_LR, MAX_WEIGHT_DECAY, OPTION_OF, TrainConfig, command_line_options
+from imgflow.training.config import AUGMENTS, MAX_LR, MAX_WEIGHT_DECAY, OPTION_OF, PHOTO, TrainConfig, command_line_options
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ def search_space(base: TrainConfig) -> dict[str, Dimension]:
         "lr": Dimension("log", base.lr / 10, min(base.lr * 10, MAX_LR)),
         "weight_decay": Dimension("log", *decay),
         "label_smoothing": Dimension("float", 0.0, 0.3),
-        "augment": Dimension("choice", choices=AUGMENTS),
+        # photo changes the decoded size and the evaluation crop: a choice of its own, not a trial's.
+        "augment": Dimension("choice", choices=tuple(a for a in AUGMENTS if a != PHOTO)),
         "momentum": Dimension("float", 0.8, 0.95),
     }
 

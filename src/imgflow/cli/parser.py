@@ -125,7 +125,8 @@ def _add_tune(sub) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a run's model on its test split")
     p.add_argument("run_dir", type=path)
-    p.add_argument("--tta", action="store_true", help="test-time augmentation (flip + shifts)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation (flip + shifts; photo runs: flip + crops)")
     p.add_argument("--json", action="store_true", help="print metrics.json's content")
     add_device_argument(p)
     p.set_defaults(func=commands.cmd_evaluate)
@@ -164,7 +165,8 @@ def _add_predict(sub) -> None:
                    help="classes shown per image (default: 5, at most the number of classes)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--tta", action="store_true",
-                   help="test-time augmentation (flip + shifts), as 'evaluate --tta'; run dirs only")
+                   help="test-time augmentation (flip + shifts; photo runs: flip + crops), as 'evaluate --tta'; "
+                        "run dirs only")
     p.add_argument("--onnx", type=path, metavar="MODEL.onnx", help="run an exported ONNX model (no PyTorch)")
     add_device_argument(p, "run dirs only (ONNX models run on the CPU); ")
     p.set_defaults(func=commands.cmd_predict)

@@ -93,6 +93,16 @@ def resize_array(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize((W, H), RESAMPLE))
 
 
+def center_crop(images, size: tuple[int, int]):
+    """The centre `size` (H, W) of a batch (N, H, W, C), NumPy array or tensor alike (a slice, no
+    resampling); the top-left corner as Hugging Face's image processors place it: (H - h) // 2."""
+    H, W = images.shape[1:3]
+    h, w = size
+    assert h <= H and w <= W, f"cannot crop {h}x{w} out of {H}x{W}"
+    top, left = (H - h) // 2, (W - w) // 2
+    return images[:, top:top + h, left:left + w]
+
+
 def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a batch (N, H, W, C) uint8 to (N, size[0], size[1], C)."""
     N, _, _, C = images.shape

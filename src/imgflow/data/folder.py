@@ -17,8 +17,10 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import os
 import warnings
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from imgflow.text import plural
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
+DECODE_WORKERS = 16  # decoding threads at most: beyond this the reader, on one thread, is the limit
 
 
 @dataclass
@@ -182,29 +185,56 @@ def skip_reason(exc: BaseException) -> str:
     return f"cannot decode: {type(exc).__name__}: {exc}"
 
 
+def decode_workers() -> int:
+    """Threads that decode a folder: one per CPU this process may use (Pillow's decoders and
+    resizing release the GIL), at most DECODE_WORKERS."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, DECODE_WORKERS))
+
+
 def _decode_all(reader, listing: Listing, indices: list[int], image_size, progress: bool,
                 desc: str) -> tuple[list[np.ndarray | None], list[dict]]:
-    """Decode the listed files at `indices`; failed ones are None and listed as skipped."""
+    """Decode the listed files at `indices` on `decode_workers()` threads; the reader hands out
+    the bytes in its own order on this thread (archives are not thread-safe), at most a few per
+    thread ahead of the decoders. Failed files are None and listed as skipped, in read order."""
     arrays: list[np.ndarray | None] = [None] * len(indices)
     skipped = []
     handles = [listing.files[i][1] for i in indices]
+
+    def decode(data: bytes | Exception) -> np.ndarray:
+        if isinstance(data, Exception):
+            raise data
+        return decode_image(data, image_size)
+
+    def collect(k: int, done: Future) -> None:
+        try:
+            arrays[k] = done.result()
+        # Pillow's many format plugins raise many exception types on hostile or broken
+        # files (OSError, SyntaxError, ValueError, struct.error, ...): any one of them means
+        # this file is unusable, never that the whole load should stop.
+        except Exception as exc:  # noqa: BLE001
+            rel = listing.files[indices[k]][0]
+            skipped.append({"path": rel, "reason": skip_reason(exc)})
+            log.debug("skipped %s: %s", rel, exc)
+        bar.update(1)
+
+    workers = decode_workers()
     with warnings.catch_warnings(), progress_bar(
-            enabled=progress and interactive(), total=len(indices), desc=desc, unit="img", leave=False) as bar:
-        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse those files too.
+            enabled=progress and interactive(), total=len(indices), desc=desc, unit="img", leave=False) as bar, \
+            ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse those files too
+        # (the filter is process-wide, so the decoding threads see it).
         warnings.simplefilter("error", Image.DecompressionBombWarning)
+        pending: deque[tuple[int, Future]] = deque()
         for k, data in reader.read(handles):
-            try:
-                if isinstance(data, Exception):
-                    raise data
-                arrays[k] = decode_image(data, image_size)
-            # Pillow's many format plugins raise many exception types on hostile or broken
-            # files (OSError, SyntaxError, ValueError, struct.error, ...): any one of them means
-            # this file is unusable, never that the whole load should stop.
-            except Exception as exc:  # noqa: BLE001
-                rel = listing.files[indices[k]][0]
-                skipped.append({"path": rel, "reason": skip_reason(exc)})
-                log.debug("skipped %s: %s", rel, exc)
-            bar.update(1)
+            pending.append((k, pool.submit(decode, data)))
+            if len(pending) >= 4 * workers:  # bounded: the bytes of a few files per thread
+                collect(*pending.popleft())
+        while pending:
+            collect(*pending.popleft())
     return arrays, skipped
 
 

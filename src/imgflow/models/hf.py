@@ -265,4 +265,28 @@ def _preprocessor_values(d: dict) -> dict[str, Any]:
         out["image_size"] = (int(size["shortest_edge"]),) * 2
     elif isinstance(size, int):
         out["image_size"] = (size, size)
+    out.update(_center_crop(d, out.get("image_size")))
     return out
+
+
+# ConvNeXt's and ResNet's processors apply crop_pct only below this shortest edge (above, they resize).
+_CROP_PCT_BELOW = 384
+
+
+def _center_crop(d: dict, resized: tuple[int, int] | None) -> dict[str, Any]:
+    """The model's evaluation crop from its preprocessor_config.json: {"crop_pct"} (ConvNeXt,
+    ResNet: resize to size/crop_pct, crop size), or {"image_size": crop_size, "crop_pct"}
+    (do_center_crop: resize to size, crop crop_size out of it); {} when it crops nothing."""
+    if d.get("crop_pct") and resized and resized[0] < _CROP_PCT_BELOW:
+        return {"crop_pct": float(d["crop_pct"])}
+    crop = d.get("crop_size")
+    if not d.get("do_center_crop") or not resized:
+        return {}
+    if isinstance(crop, dict) and "height" in crop and "width" in crop:
+        crop = (int(crop["height"]), int(crop["width"]))
+    elif isinstance(crop, int):
+        crop = (crop, crop)
+    else:
+        return {}
+    share = min(crop[0] / resized[0], crop[1] / resized[1])
+    return {"image_size": crop, "crop_pct": round(share, 4)} if share < 1 else {}

@@ -99,6 +99,8 @@ class EpochBatches:
         self.config, self.ranks = config, ranks
         self.steps = steps_per_epoch(len(part), config.batch_size, ranks.world)
         self.flip_coins = alternating_flips(len(part), config.seed) if config.flip == "alternate" else None
+        # What a step trains on: --image-size (photo runs keep their images larger, to crop from).
+        self.size = tuple(config.image_size) if config.image_size else tuple(part.images.shape[1:3])
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its order): drawn once per epoch
 
     def batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +114,7 @@ class EpochBatches:
         if self.config.augment != "none":
             flips = flip_mask(self.flip_coins, idx, epoch) if self.flip_coins is not None else None
             xb = augment_batch(xb, self.config.augment, step_generator(self.config.seed, epoch, step),
-                               translate=self.config.translate, cutout=self.config.cutout, flip=flips)
+                               translate=self.config.translate, cutout=self.config.cutout, flip=flips,
+                               size=self.size, crop_scale=(self.config.crop_scale, 1.0))
         xb, yb = self.ranks.shard(xb), self.ranks.shard(yb)
         return xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)

@@ -10,7 +10,8 @@ from imgflow.fileio import expect, list_of
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
 SCHEDULES = ("constant", "onecycle", "cosine")
-AUGMENTS = ("none", "flip", "flip+translate", "flip+translate+cutout")
+AUGMENTS = ("none", "flip", "flip+translate", "flip+translate+cutout", "photo")
+PHOTO = "photo"  # random-resized crop + flip + colour jitter; evaluation on the centre crop
 NORMALIZATIONS = ("scale", "standardize")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VAL_MODES = ("last", "stratified")
@@ -73,6 +74,8 @@ class TrainConfig:
     freeze_backbone: bool = False  # keep the backbone frozen throughout (train the head only)
     whiten_bias_epochs: int = 0  # train the whitening stem's bias in the first N epochs only (airbench: 3); 0 = always
     muon_lr: float = 0.24  # with --optimizer muon: peak lr of the conv filters (airbench94_muon: 0.24)
+    crop_scale: float = 0.35  # photo: smallest random crop, as a fraction of the image's area (largest: all)
+    crop_pct: float = 0.875  # photo at an image_size: evaluation's centre crop, fraction of each side (hf: the model's)
 
     def validate(self) -> "TrainConfig":
         """Raise UserError on values that cannot work; return self for chaining."""
@@ -111,13 +114,15 @@ class TrainConfig:
             (self.lookahead >= 0, f"--lookahead must be >= 0, got {self.lookahead}"),
             (self.whiten_bias_epochs >= 0, f"--whiten-bias-epochs must be >= 0, got {self.whiten_bias_epochs}"),
             (0 < self.muon_lr <= MAX_LR, f"--muon-lr must be > 0 and <= {MAX_LR:g}, got {self.muon_lr}"),
+            (0 < self.crop_scale <= 1, f"--crop-scale must be in (0, 1], got {self.crop_scale}"),
+            (0.5 <= self.crop_pct <= 1, f"--crop-pct must be in [0.5, 1], got {self.crop_pct}"),
         ]
 
     def _choice_checks(self) -> list[tuple[bool, str]]:
         """(choice is known and fits the others, what to say otherwise)."""
         return [
             (self.flip in FLIPS, f"unknown flip {self.flip!r}: use one of {', '.join(FLIPS)}"),
-            (self.flip == "random" or "flip" in self.augment,
+            (self.flip == "random" or "flip" in self.augment or self.augment == PHOTO,
              f"--flip {self.flip} needs flipping in --augment (now {self.augment!r}), e.g. --augment flip+translate"),
             (self.lr_floor == 0 or self.schedule != "constant",
              "--lr-floor needs a decaying --schedule (onecycle or cosine)"),
@@ -136,6 +141,8 @@ class TrainConfig:
             (self.early_stopping == 0 or self.val_split > 0 or self.folds,
              "--early-stopping needs a validation split (--val-split > 0)"),
             (self.translate >= 0 and self.cutout >= 0, "--translate/--cutout must be >= 0"),
+            (self.crop_scale == default_of("crop_scale") or self.augment == PHOTO,
+             f"--crop-scale is for --augment {PHOTO} (now {self.augment!r})"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}"),
             (self.augment in AUGMENTS, f"unknown augment {self.augment!r}: use one of {', '.join(AUGMENTS)}"),
@@ -310,8 +317,11 @@ def resolve_config(data: str, overrides: dict[str, Any], preset: str | None = No
         values["weights"] = _absolute(values["weights"])
     if str(values.get("model", "")).startswith("hf:"):
         values["model"] = "hf:" + _absolute(values["model"][3:])
+        own = _pretrained(values)
         if values.get("image_size") is None:  # the size the model was pretrained at, not the data's
-            values["image_size"] = _pretrained_size(values)
+            values["image_size"] = tuple(own["image_size"]) if own.get("image_size") else None
+        if values.get("crop_pct") is None and own.get("crop_pct"):  # its evaluation crop, for photo runs
+            values["crop_pct"] = own["crop_pct"]
     if "model" not in values:
         raise UserError("no model given: pass --model NAME (see 'imgflow models') or --preset")
     return TrainConfig(data=data, **values).validate()
@@ -335,13 +345,20 @@ def config_to_train(data: str | None, overrides: dict[str, Any], preset: str | N
     return resolve_config(data, overrides, preset=preset)
 
 
-def _pretrained_size(values: dict[str, Any]) -> tuple[int, int] | None:
-    """An hf: model's input size from its preprocessor_config.json (None: none found)."""
+def _pretrained(values: dict[str, Any]) -> dict[str, Any]:
+    """An hf: model's input size and centre crop from its preprocessor_config.json ({}: none found)."""
     from imgflow.models.hf import hf_preprocessing, hf_source
 
-    size = hf_preprocessing(hf_source(values["model"]), values.get("weights"),
-                            bool(values.get("pretrained"))).get("image_size")
-    return tuple(size) if size else None
+    return hf_preprocessing(hf_source(values["model"]), values.get("weights"), bool(values.get("pretrained")))
+
+
+def eval_crop(train: dict[str, Any]) -> float:
+    """The share of each side evaluation keeps (`Preprocessing.crop_pct`) for a run's 'train'
+    settings: crop_pct for a photo run at a given image_size; 1 (whole images) otherwise, as
+    images at the data's own size have no margin to crop."""
+    if train.get("augment") == PHOTO and train.get("image_size"):
+        return float(train.get("crop_pct", default_of("crop_pct")))
+    return 1.0
 
 
 def _absolute(place: str) -> str:
@@ -399,7 +416,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("whiten_bias_epochs", "train the whitening stem's bias in the first N epochs only, then "
                                  "freeze it (airbench: 3; 0 = throughout)", "non_negative_int", metavar="N"),
     Option("label_smoothing", "in [0, 1)"),
-    Option("augment", "", "str", AUGMENTS),
+    Option("augment", "photo: random-resized crop, flip and light colour jitter, for photos", "str", AUGMENTS),
     Option("flip", "random: a fresh coin per image and epoch; alternate: each image flipped every other "
                    "epoch (airbench), so both views are seen equally often", "str", FLIPS),
     Option("translate", "largest random shift in pixels", "non_negative_int"),
@@ -439,6 +456,10 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("freeze_epochs", "with --finetune: epochs with the backbone frozen", "non_negative_int"),
     Option("freeze_backbone", "keep the backbone frozen throughout (head only; with --augment none its "
                               "features are computed once)", "flag"),
+    Option("crop_scale", "--augment photo: smallest random crop as a fraction of the image's area, in "
+                         "(0, 1] (torchvision: 0.08; gentler for small data sets)", metavar="MIN"),
+    Option("crop_pct", "--augment photo with --image-size: keep images at image-size/F and evaluate on "
+                       "their centre crop (an hf: model's own crop_pct when its config has one)", metavar="F"),
 )
 OPTION_OF = {option.field: option for option in TRAIN_OPTIONS}
 

@@ -182,7 +182,7 @@ def run_config(config: TrainConfig, dataset: Dataset, train_part: Split, val_par
                  "skipped": len(dataset.skipped)},
         "preprocessing": prep.to_dict(),
         "model": {"name": config.model, "num_classes": dataset.num_classes, "in_channels": C,
-                  "image_size": [H, W], **count_params(model), **_hf_record(config, model)},
+                  "image_size": list(prep.image_size), **count_params(model), **_hf_record(config, model)},
         "precision": precision, "threads": threads, "device": device, "world_size": world_size,
         "steps_per_epoch": steps_per_epoch(len(train_part), config.batch_size, world_size),
         "versions": versions(), "machine": machine_info(),

@@ -23,7 +23,7 @@ from imgflow.models.hf import hf_preprocessing, hf_source, is_hf
 from imgflow.precision import autocast, grad_scaler
 from imgflow.preprocess import Preprocessing, to_model_input
 from imgflow.training.averaging import Lookahead, WeightEMA
-from imgflow.training.config import TrainConfig
+from imgflow.training.config import TrainConfig, eval_crop
 from imgflow.training.distributed import SINGLE, Ranks
 from imgflow.training.optim import build_optimizer, set_lr
 from imgflow.weights import detached_copy
@@ -43,7 +43,7 @@ def prepare_model(config: TrainConfig, dataset: Dataset, train_part: Split, prep
 
     Both happen on the CPU first, whatever the device: the initial weights are then the same
     numbers on every device and in every process of a distributed run."""
-    H, W, C = dataset.image_shape
+    (H, W), C = prep.image_size, prep.channels
     torch.manual_seed(config.seed)
     hf = {"weights": config.weights, "pretrained": config.pretrained} if is_hf(config.model) else {}
     model = create_model(config.model, num_classes=dataset.num_classes, in_channels=C, image_size=(H, W), **hf)
@@ -61,7 +61,10 @@ def prepare_model(config: TrainConfig, dataset: Dataset, train_part: Split, prep
 
 
 def preprocessing_for(config: TrainConfig, dataset: Dataset, train_part: Split) -> Preprocessing:
-    H, W, C = dataset.image_shape
+    """How this run's model input is made: the hf: model's normalisation or --normalize's, at
+    --image-size (else the data's own size), centre-cropped at evaluation for photo runs."""
+    C = dataset.image_shape[2]
+    H, W = config.image_size or dataset.image_shape[:2]
     own = hf_preprocessing(hf_source(config.model), config.weights, config.pretrained) if is_hf(config.model) else {}
     if "image_size" in own and tuple(own["image_size"]) != (H, W):
         log.warning("%s was pretrained on %dx%d images, the data is %dx%d: --image-size %d may serve it better",
@@ -74,7 +77,7 @@ def preprocessing_for(config: TrainConfig, dataset: Dataset, train_part: Split) 
         std = [max(s, 1e-3) for s in std]
     else:
         mean, std = [0.0] * C, [1.0] * C
-    return Preprocessing(tuple(mean), tuple(std), (H, W), C)
+    return Preprocessing(tuple(mean), tuple(std), (H, W), C, eval_crop(config.to_dict()))
 
 
 def evaluate_part(model: torch.nn.Module, part: Split, prep: Preprocessing, precision: str,
