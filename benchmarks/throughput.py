@@ -159,14 +159,17 @@ def _timed_steps(step, warmup: int, steps: int, device: torch.device = torch.dev
 
 
 def bench_torch(name: str, precision: str, batch: int, eval_batch: int, warmup: int, steps: int,
-                eval_steps: int, device: torch.device = torch.device("cpu")) -> dict:
-    """Training and inference img/s of one registered model at one precision on `device`."""
+                eval_steps: int, device: torch.device = torch.device("cpu"), compile: bool = False) -> dict:
+    """Training and inference img/s of one registered model at one precision on `device`; with
+    `compile`, through torch.compile (its compile time: the first warm-up step's, in the row)."""
     H, W, C = IMAGE
     torch.manual_seed(0)
     model = create_model(name, num_classes=CLASSES, in_channels=C, image_size=(H, W))
     flops = count_flops(model, C, (H, W))
     params = count_params(model)["params"]
     model = model.to(device=device, memory_format=torch.channels_last)
+    if compile:
+        model.compile()  # in place: the Learner's step calls the compiled forward
     # Standardised input as the fast presets use; plain /255 costs the same.
     prep = Preprocessing((0.49, 0.48, 0.45), (0.25, 0.24, 0.26), (H, W), C)
     gen = torch.Generator().manual_seed(0)
@@ -175,7 +178,7 @@ def bench_torch(name: str, precision: str, batch: int, eval_batch: int, warmup: 
     y_train = torch.randint(0, CLASSES, (batch,), generator=gen).to(device)
     x_eval = torch.randint(0, 256, (eval_batch, H, W, C), dtype=torch.uint8, generator=gen).to(device)
     learner = _learner(model, name, precision, prep, warmup + steps)
-    done = iter(range(1, warmup + steps + 1))
+    done = iter(range(1, warmup + steps + 2))
 
     def train_step() -> None:  # the engine's own step
         learner.train_step(x_train, y_train, lr=1e-3, step=next(done))
@@ -186,13 +189,18 @@ def bench_torch(name: str, precision: str, batch: int, eval_batch: int, warmup: 
             model(to_model_input(x_eval, prep, channels_last=True)).float()
 
     model.train()
-    train_times = _timed_steps(train_step, warmup, steps, device)
+    first = time.perf_counter()
+    train_step()  # the first step: compiles, when compiling
+    synchronize(device)
+    first = time.perf_counter() - first
+    train_times = _timed_steps(train_step, max(warmup - 1, 0), steps, device)
     model.eval()
-    eval_times = _timed_steps(eval_step, 1, eval_steps, device)
+    eval_times = _timed_steps(eval_step, 2 if compile else 1, eval_steps, device)
     train_ips = batch / statistics.median(train_times)
     eval_ips = eval_batch / statistics.median(eval_times)
     return {
         "framework": "pytorch", "device": str(device), "model": name, "precision": precision, "params": params,
+        "compiled": compile, "first_step_seconds": round(first, 2),
         "mflop_per_image": round(flops / 1e6, 2),
         "batch_size": batch, "eval_batch_size": eval_batch, "steps": steps, "warmup_steps": warmup,
         "train_images_per_second": round(train_ips, 1),
@@ -365,6 +373,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated torch thread counts to measure, e.g. 1,2 "
                         "(default: one per physical core)")
     p.add_argument("--no-keras", action="store_true", help="skip Keras even if TensorFlow is installed")
+    p.add_argument("--compile", action="store_true",
+                   help="train and infer through torch.compile (first_step_seconds: its compile time)")
     p.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/throughput-<cpu>.json)")
     p.add_argument("--profile", metavar="MODEL",
                    help="instead: profile training steps of MODEL into results/profile-MODEL.txt "
@@ -436,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 heavy = args.quick and name == "seed-batchnorm"
                 row = bench_torch(name, precision, max(8, batch // 2) if heavy else batch,
                                   max(50, eval_batch // 2) if heavy else eval_batch,
-                                  warmup, steps, eval_steps, device)
+                                  warmup, steps, eval_steps, device, compile=args.compile)
                 row["threads"] = threads
                 thread_rows.append(row)
                 log.info("%-15s %-5s %d thr  train %8.1f img/s  inference %8.1f img/s", name, precision,
