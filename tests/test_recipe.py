@@ -273,18 +273,21 @@ def test_presets_fill_the_config_and_validate():
             assert getattr(config, key) == value, (name, key)
 
 
-def test_fast_and_best_follow_the_documented_recipe():
-    for name in ("fast", "best"):
+def test_fast_and_best_follow_airbench94_muon_and_airbench94_follows_its_own_recipe():
+    for name in ("fast", "best", "airbench94"):
         p = PRESETS[name]
-        assert p["optimizer"] == "sgd" and p["schedule"] in ("onecycle", "cosine")
-        assert p["warmup_epochs"] > 0 and p["weight_decay"] > 0 and p["label_smoothing"] > 0
-        assert p["augment"].startswith("flip+translate") and p["normalize"] == "standardize"
-        assert p["precision"] == "auto" and PRESET_INFO[name]["tta"] is True
-    # One learning rate per example: lr scales linearly with the batch size.
-    assert PRESETS["fast"]["lr"] / PRESETS["fast"]["batch_size"] == pytest.approx(
-        PRESETS["best"]["lr"] / PRESETS["best"]["batch_size"])
+        assert p["schedule"] == "onecycle" and p["weight_decay"] > 0 and p["label_smoothing"] == 0.2
+        assert p["augment"] == "flip+translate" and p["flip"] == "alternate" and p["translate"] == 2
+        assert p["whiten_bias_epochs"] == 3 and p["bn_lr_scale"] == 64 and p["normalize"] == "standardize"
+        assert p["precision"] == "auto" and p["val_split"] == 0 and PRESET_INFO[name]["tta"] is True
+    for name in ("fast", "best"):  # Muon for the filters, linear decay from the first step
+        p = PRESETS[name]
+        assert p["optimizer"] == "muon" and p["muon_lr"] == 0.24 and p["warmup_epochs"] == 0 and p["lr_floor"] == 0
+    sgd = PRESETS["airbench94"]  # warm-up over 23% of 10 epochs, decay to 0.07, lookahead every 5 steps
+    assert sgd["optimizer"] == "sgd" and sgd["warmup_epochs"] / sgd["epochs"] == pytest.approx(0.23)
+    assert sgd["lr_floor"] == 0.07 and sgd["lookahead"] == 5 and sgd["batch_size"] == 1024
     rows = {r["name"]: r for r in describe_presets()}
-    assert set(rows) == set(PRESETS) and rows["best"]["target"] == 0.94
+    assert set(rows) == set(PRESETS) and rows["best"]["target"] == 0.905
 
 
 def test_explicit_options_win_over_the_preset():
@@ -316,10 +319,12 @@ def test_train_with_the_fast_preset_end_to_end(tiny_data, tmp_path):
                  "--out", str(run_dir)]) == 0
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train"]["preset"] == "fast" and config["train"]["model"] == "fast-small"
-    assert config["train"]["epochs"] == 1 and config["train"]["optimizer"] == "sgd"
+    assert config["train"]["epochs"] == 1 and config["train"]["optimizer"] == "muon"
     assert config["result"]["epochs_run"] == 1 and (run_dir / "model.safetensors").is_file()
     history = (run_dir / "history.csv").read_text().splitlines()
-    assert len(history) == 2 and all(math.isfinite(float(v)) for v in history[1].split(",")[1:5])
+    train_loss, train_acc, val_loss, val_acc, lr = history[1].split(",")[1:6]
+    assert len(history) == 2 and all(math.isfinite(float(v)) for v in (train_loss, train_acc, lr))
+    assert val_loss == val_acc == ""  # the preset trains on all the training images: no validation
     assert main(["-q", "evaluate", str(run_dir), "--tta"]) == 0
     assert json.loads((run_dir / "metrics.json").read_text())["tta"] is True
 
@@ -545,7 +550,8 @@ def test_airbench_options_that_cannot_work_are_refused(options, message):
 
 def test_airbench_options_train_end_to_end(tiny_data, tmp_path):
     run_dir = tmp_path / "airbench"
-    assert main(["-q", "train", str(tiny_data), "--preset", "fast", "--epochs", "2", "--bn-lr-scale", "64",
+    assert main(["-q", "train", str(tiny_data), "--preset", "fast", "--epochs", "2", "--val-split", "0.2",
+                 "--optimizer", "sgd", "--bn-lr-scale", "64",
                  "--lookahead", "2", "--flip", "alternate", "--lr-floor", "0.07", "--out", str(run_dir)]) == 0
     config = json.loads((run_dir / "config.json").read_text())["train"]
     assert (config["bn_lr_scale"], config["lookahead"], config["flip"], config["lr_floor"]) == (64, 2, "alternate", 0.07)
