@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 
 from datagen import make_image_folder
 from imgflow.training.crew import lead_or_follow, together
-from test_distributed import TIMEOUT, _imgflow_errors, by_hand
+from test_distributed import TIMEOUT, _imgflow_errors, by_hand, torchrun
 
 TUNE = ("--model", "seed-baseline", "--epochs", "2", "--batch-size", "16", "--precision", "fp32")
 
@@ -86,6 +87,27 @@ def test_workflow_under_torchrun_trains_each_run_with_both_ranks(workflow_data, 
     assert {"5-baseline", "6-overfit", "8-final"} <= set(runs)
     assert all(_world_size(rank0 / "wf" / "runs" / run) == 2 for run in runs)
     assert "2 processes on cpu" in done[0].stderr and done[0].stdout.count("\nreport: ") == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_stops_the_study_and_the_same_command_continues_it(tiny_data, tmp_path):
+    out = tmp_path / "study"
+    args = ["tune", str(tiny_data), "--out", str(out), "--trials", "2", *TUNE[:2], "--epochs", "40", *TUNE[4:]]
+    proc = subprocess.Popen(torchrun(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint, deadline = out / "trials" / "000" / "checkpoint" / "state.pt", time.monotonic() + TIMEOUT
+    while not checkpoint.is_file() and time.monotonic() < deadline:  # the first trial's first epoch
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C: torchrun passes it on to every rank
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert stderr.count("trial 1 saved a checkpoint; run the same 'imgflow tune' command") == 1, stderr
+    assert not (out / "trials" / "000" / "model.safetensors").exists()
+
+    done = subprocess.run(torchrun("-q", *args), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "tune.json").read_text())
+    assert [(t["run"], t["state"], t["epochs_trained"]) for t in record["trials"]] == \
+        [("trials/000", "complete", 40), ("trials/001", "complete", 40)]
 
 
 # The crew on its own: rank 0's on_epoch stops every rank at that epoch; a call that failed on

@@ -54,7 +54,7 @@ class _Crew:
 
     def outcomes(self, failure: BaseException | None) -> list:
         """Every rank's failure as (kind, message), None where the call went well."""
-        said = None if failure is None else (_kind(failure), str(failure))
+        said = None if failure is None else _said(failure)
         heard: list[Any] = [None] * self.ranks.world
         dist.all_gather_object(heard, said, group=self.agree)
         return heard
@@ -77,7 +77,7 @@ def lead_or_follow(device_spec: str, lead: Callable[[], T]) -> T:
         result = lead()
     except BaseException as exc:
         with contextlib.suppress(Exception):  # a follower that is gone cannot hear it
-            crew.say(_kind(exc), str(exc))
+            crew.say(*_said(exc))
         raise
     finally:
         _leading.remove(crew)
@@ -138,10 +138,13 @@ def _exchange(crew: _Crew, failure: BaseException | None) -> list:
                            f"with it: {exc}") from None
 
 
-def _kind(exc: BaseException) -> str:
+def _said(exc: BaseException) -> tuple[str, str]:
+    """(kind, message) of a failure, as other ranks hear of it (`_as_error` raises it there)."""
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    return "error" if isinstance(exc, UserError) else "failed"
+        return "interrupted", str(exc)
+    if isinstance(exc, UserError):
+        return "error", str(exc)
+    return "failed", f"{type(exc).__name__}: {exc}"
 
 
 def _as_error(kind: str, message: str, rank: int = 0) -> BaseException:
