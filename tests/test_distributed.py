@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 
 from conftest import train_tiny
 from imgflow.cli import main
-from imgflow.errors import UserError
 from imgflow.training.batches import steps_per_epoch
 from imgflow.training.distributed import SINGLE, Ranks
 
@@ -262,25 +261,13 @@ def test_data_that_only_rank_1_cannot_read_stops_both_naming_the_rank(tiny_data,
 def test_commands_that_run_in_one_process_refuse_torchrun(tiny_run, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    for command in (["evaluate", str(tiny_run)], ["workflow", "data"], ["tune", "data", "--out", "x"]):
+    for command in (["evaluate", str(tiny_run)], ["predict", str(tiny_run), "x.png"]):
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "start it without torchrun" in err, err
     monkeypatch.setenv("RANK", "1")  # the other ranks exit alike, silently
     assert main(["evaluate", str(tiny_run)]) == 2
     assert capsys.readouterr().err == ""
-
-
-def test_workflow_and_tune_refuse_torchrun_from_python_too(monkeypatch):
-    from imgflow.training.config import resolve_config
-    from imgflow.tune import run_tune
-    from imgflow.workflow import run_workflow
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="'imgflow workflow' runs in one process"):
-        run_workflow("data", Path("out"))
-    with pytest.raises(UserError, match="'imgflow tune' runs in one process"):
-        run_tune(resolve_config("data", {"model": "seed-baseline"}), Path("out"), trials=1)
 
 
 def test_sync_bn_needs_cuda_in_one_process_too(tiny_data, tmp_path, capsys):

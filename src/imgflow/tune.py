@@ -216,6 +216,7 @@ def _three_digits(value):
 def _run_trial(trial, optuna, base: TrainConfig, space: dict[str, Dimension], out: Path, index: int,
                progress: bool) -> float:
     """Train one trial's run; return its score. Raises optuna.TrialPruned when it is stopped."""
+    from imgflow.training.crew import together
     from imgflow.training.loop import train
     from imgflow.training.step import TrainingDiverged
 
@@ -239,7 +240,8 @@ def _run_trial(trial, optuna, base: TrainConfig, space: dict[str, Dimension], ou
         for row in read_history(run_dir / "history.csv"):
             report(row)
     try:
-        train(config, run_dir, resume=resume, progress=progress, on_epoch=report)
+        # Under torchrun every rank trains the trial (`training.crew`); rank 0 alone reports to the study.
+        together(train, config, run_dir, resume=resume, local={"progress": progress, "on_epoch": report})
     except TrainingDiverged as exc:
         trial.set_user_attr("diverged", str(exc))
         raise optuna.TrialPruned(f"diverged: {exc}") from None
@@ -252,7 +254,19 @@ def run_tune(base: TrainConfig, out: Path, trials: int, search: str | None = Non
 
     storage: where the study lives, for several workers sharing it (see `open_storage`);
     None keeps it in OUT/study.db.
+
+    Under torchrun, every rank trains each trial; rank 0 alone keeps the study, writes OUT and
+    decides (`training.crew`), and every rank returns its record.
     """
+    from imgflow.training.crew import lead_or_follow
+
+    return lead_or_follow(base.device, lambda: _run_study(base, Path(out), trials, search, budget_minutes,
+                                                          progress, storage))
+
+
+def _run_study(base: TrainConfig, out: Path, trials: int, search: str | None, budget_minutes: float | None,
+               progress: bool, storage: str | None) -> dict:
+    """run_tune in one process (rank 0 under torchrun)."""
     space = _check_request(base, out, trials, search, budget_minutes)
     if storage is not None and "://" not in str(storage):
         _journal_path(str(storage))  # refused before anything is written
@@ -327,9 +341,6 @@ def _write_record(out: Path, study, optuna, started: dict, trials: int) -> dict:
 def _check_request(base: TrainConfig, out: Path, trials: int, search: str | None,
                    budget_minutes: float | None) -> dict[str, Dimension]:
     """The search space, once the arguments are known to make a study: a UserError if not."""
-    from imgflow.training.distributed import refuse_under_torchrun
-
-    refuse_under_torchrun("tune", "its study is kept by one process")
     if trials < 1:
         raise UserError(f"--trials must be >= 1, got {trials}")
     if budget_minutes is not None and not 0 < budget_minutes < math.inf:

@@ -32,8 +32,8 @@ def _configure_logging(verbosity: int) -> None:
 
 # Commands whose work is not shared out among torchrun's processes: N copies would each do all of
 # it and write the same files.
-_ONE_PROCESS = {"inspect", "models", "evaluate", "report", "predict", "export", "reproduce-seed", "workflow",
-                "tune", "lr-find", "serve"}
+_ONE_PROCESS = {"inspect", "models", "evaluate", "report", "predict", "export", "reproduce-seed", "lr-find",
+                "serve"}
 
 
 def _escape_unencodable_output() -> None:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in _ONE_PROCESS and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
             raise UserError(f"'imgflow {args.command}' runs in one process: start it without torchrun "
-                            "('imgflow train' is the command that trains with several)")
+                            "('imgflow train', 'workflow' and 'tune' are the commands that train with several)")
         return args.func(args)
     except UserError as exc:
         if not quiet:

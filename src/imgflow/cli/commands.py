@@ -142,23 +142,26 @@ def cmd_reproduce_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from imgflow.cli.arguments import overrides_from_args
+    from imgflow.cli.arguments import other_rank, overrides_from_args
     from imgflow.training.config import resolve_config
     from imgflow.tune import format_summary, run_tune
 
     base = resolve_config(args.data, overrides_from_args(args), preset=args.preset)
     record = run_tune(base, Path(args.out), trials=args.trials, search=args.search,
                       budget_minutes=args.budget_minutes, progress=interactive(), storage=args.storage)
-    print(format_summary(record))
+    if not other_rank():  # under torchrun, rank 0 alone
+        print(format_summary(record))
     return 0
 
 
 def cmd_workflow(args: argparse.Namespace) -> int:
+    from imgflow.cli.arguments import other_rank
     from imgflow.workflow import format_summary, run_workflow
 
     record = run_workflow(args.data, Path(args.out), budget_minutes=args.budget_minutes, seed=args.seed,
                           threads=args.threads, image_size=args.image_size, device=args.device)
-    print(format_summary(record))
+    if not other_rank():  # under torchrun, rank 0 alone
+        print(format_summary(record))
     return 0
 
 

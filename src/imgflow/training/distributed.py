@@ -48,7 +48,7 @@ def refuse_under_torchrun(command: str, why: str) -> None:
     """A command that cannot share its work among torchrun's processes says so in one line."""
     if under_torchrun():
         raise UserError(f"'imgflow {command}' runs in one process ({why}): start it without torchrun; "
-                        "'imgflow train' is the command that trains with several")
+                        "'imgflow train', 'workflow' and 'tune' are the commands that train with several")
 
 
 @dataclass(frozen=True)

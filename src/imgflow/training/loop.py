@@ -204,7 +204,8 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, overwrite: b
     either way). checkpoint_seconds: also checkpoint mid-epoch when this long has passed since the
     last one (default: $IMGFLOW_CHECKPOINT_SECONDS, else 60; 0 = after every step).
     on_epoch: called with each epoch's history row once that epoch is checkpointed; an exception
-    it raises stops the run there, resumable (`tune` prunes trials this way).
+    it raises stops the run there, resumable (`tune` prunes trials this way). With several
+    ranks, rank 0's is called, and what it raises stops every rank at that epoch.
     record: more top-level entries for config.json, beside "train", written when the run starts
     (how its settings were chosen: `train --lr find` records the range test's "lr_find" here).
 
@@ -448,8 +449,8 @@ def _train_epochs(run: Run, loop: LoopState, checkpointer: _Checkpointer, progre
             return  # finish the run even if Ctrl-C came now: only the weights are left to save
         checkpointer.save()
         checkpointer.stop_if_asked()
-        if on_epoch is not None:
-            on_epoch(row)
+        if on_epoch is not None or run.ranks.several:  # rank 0's: what it raises stops every rank here
+            run.ranks.on_main(lambda: on_epoch(row) if on_epoch is not None else None)
 
 
 def _finish(run: Run, loop: LoopState, paths: RunPaths, seconds: float) -> TrainResult:

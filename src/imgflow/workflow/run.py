@@ -123,11 +123,20 @@ def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int =
     working size for large images: see image_size.WORKING_SIDES).
     device: where every run trains, and so what the throughput probes behind the budget plans
     measure (a GPU's speed buys a GPU's epochs).
-    """
-    from imgflow.training.distributed import refuse_under_torchrun
 
-    refuse_under_torchrun("workflow", "its steps decide from timings each process would measure apart")
-    out = Path(out)
+    Under torchrun, every rank trains each run and takes part in each probe (so the plans rest
+    on what the ranks train together); rank 0 alone decides and writes OUT (`training.crew`),
+    and every rank returns its record.
+    """
+    from imgflow.training.crew import lead_or_follow
+
+    return lead_or_follow(device, lambda: _run_workflow(data, Path(out), budget_minutes, seed, progress, threads,
+                                                        image_size, device))
+
+
+def _run_workflow(data: str, out: Path, budget_minutes: float, seed: int, progress: bool | None,
+                  threads: int | None, image_size: tuple[int, int] | None, device: str) -> dict:
+    """run_workflow in one process (rank 0 under torchrun)."""
     _check_arguments(out, budget_minutes, seed, threads, device)
     if progress is None:
         progress = interactive()

@@ -27,7 +27,18 @@ def probe_throughput(model: str, images: np.ndarray, labels: np.ndarray, num_cla
     use, so the probe costs what training will. The batch starts on the device, as training's
     data does when it fits there; the step's finite-loss check waits for the device, so each
     step's time is the device's and not only the time to queue its work.
+
+    Under torchrun (`training.crew`) every rank probes at once, each on its shard of the batch as
+    in training: the figure is what all of them train together.
     """
+    from imgflow.training.crew import together
+
+    return together(_probe, model, images, labels, num_classes, threads, device)
+
+
+def _probe(model: str, images: np.ndarray, labels: np.ndarray, num_classes: int, threads: int | None,
+           device: str) -> float:
+    """probe_throughput on this rank: its shard of the batch, the whole batch's images per second."""
     import torch
 
     from imgflow.device import resolve_device
@@ -35,20 +46,23 @@ def probe_throughput(model: str, images: np.ndarray, labels: np.ndarray, num_cla
     from imgflow.precision import resolve_precision, set_threads
     from imgflow.preprocess import Preprocessing
     from imgflow.training.config import TrainConfig
+    from imgflow.training.distributed import join_torchrun
     from imgflow.training.step import Learner
 
     B, H, W, C = images.shape
     set_threads(threads)
-    on = resolve_device(device)
+    ranks, spec = join_torchrun(device)  # under torchrun, this rank's GPU
+    on = resolve_device(spec)
     precision = resolve_precision("auto", on)
     config = TrainConfig(data="", model=model, device=device)
     torch.manual_seed(0)
     net = create_model(model, num_classes=num_classes, in_channels=C,
                        image_size=(H, W)).to(device=on, memory_format=torch.channels_last)
     learner = Learner(net, config, Preprocessing((0.0,) * C, (1.0,) * C, (H, W), C), precision,
-                      total_steps=PROBE_STEPS)
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(on)
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(on)
+                      total_steps=PROBE_STEPS, ranks=ranks)
+    learner.distribute()
+    x = ranks.shard(torch.from_numpy(np.ascontiguousarray(images))).to(on)
+    y = ranks.shard(torch.from_numpy(np.asarray(labels, dtype=np.int64))).to(on)
     times = []
     for step in range(1, PROBE_STEPS + 1):
         t = time.perf_counter()

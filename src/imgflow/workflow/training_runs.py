@@ -27,6 +27,7 @@ def train_run(ctx: Context, name: str, settings: dict[str, Any]) -> tuple[Path, 
     """Train one run under OUT/runs/NAME (continuing it if an earlier invocation was
     interrupted); return its directory and history."""
     from imgflow.training.config import resolve_config
+    from imgflow.training.crew import together
     from imgflow.training.loop import train
     from imgflow.training.rundir import config_differences
 
@@ -36,7 +37,8 @@ def train_run(ctx: Context, name: str, settings: dict[str, Any]) -> tuple[Path, 
         # Only a workflow.json from before plans were saved can get here.
         raise UserError(f"{run_dir} was started with other settings ({', '.join(diff)}): delete that "
                         "directory and run the same command again to redo this step")
-    train(config, run_dir, resume=run_dir.is_dir(), progress=ctx.progress)
+    # Under torchrun every rank trains it (`training.crew`); rank 0 alone shows progress.
+    together(train, config, run_dir, resume=run_dir.is_dir(), local={"progress": ctx.progress})
     return run_dir, run_history(run_dir)
 
 
