@@ -4,11 +4,15 @@ what that needs (the extra, or the weights), recorded in workflow.json's metrics
 downloaded, and the workflow does not train the backbone yet."""
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from datagen import make_image_folder
+from imgflow.cli import main
 from imgflow.workflow import context, steps, wording
 from imgflow.workflow.decisions import OverfitOutcome, PretrainedOffer
 from imgflow.workflow.record import Resize, WorkflowState
@@ -23,7 +27,7 @@ def _context(tmp_path, typical_size):
 def test_photos_get_an_offer_and_small_images_none(tmp_path, monkeypatch):
     import imgflow.models.hf as hf
 
-    monkeypatch.setattr(hf, "in_local_cache", lambda hub_id: False)  # whatever this machine's cache holds
+    monkeypatch.setattr(hf, "cached_snapshot", lambda hub_id: None)  # whatever this machine's cache holds
     offer = steps.pretrained_offer(_context(tmp_path, [300, 400]))
     assert offer == PretrainedOffer("microsoft/resnet-18", "/photos", hf.extra_installed(), False)
     assert steps.pretrained_offer(_context(tmp_path, [32, 32])) is None  # thumbnails: scratch models suit them
@@ -39,9 +43,8 @@ def test_without_the_extra_the_offer_says_how_to_install_it(tmp_path, monkeypatc
 @pytest.mark.parametrize("installed, cached, words", [
     (False, False, "it needs the pretrained extra: pip install 'imgflow[pretrained]'."),
     (True, False, "the workflow downloads nothing: imgflow train /photos --model hf:microsoft/resnet-18 --finetune "
-                  "--pretrained fetches them once."),
-    (True, True, "the workflow does not compare one yet: imgflow train /photos --model hf:microsoft/resnet-18 "
-                 "--finetune trains it from the weights cached here."),
+                  "--pretrained fetches them once (the workflow then finds them), or imgflow workflow --backbone "
+                  "hf:DIR trains one saved in DIR."),
 ])
 def test_step_6_words_what_it_would_have_tried_in_one_sentence(installed, cached, words):
     offer = PretrainedOffer("microsoft/resnet-18", "/photos", installed, cached)
@@ -57,3 +60,84 @@ def test_step_6_words_what_it_would_have_tried_in_one_sentence(installed, cached
     without = OverfitOutcome(**{**outcome.__dict__, "pretrained": None})
     assert "Not tried" not in wording.overfit_words(without)[1]
     assert "pretrained_backbone" not in without.metrics()
+
+
+# ----------------------------------------------------------------------------------------------
+# --backbone: the workflow prices a pretrained backbone and compares it frozen and fine-tuned
+
+
+def _tiny_backbone(where: Path) -> Path:
+    """A tiny ResNet saved with save_pretrained, pretrained at 32x32 (its preprocessor_config.json)."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5)
+    ResNetForImageClassification(config).save_pretrained(where)
+    (where / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "size": {"height": 32, "width": 32}}))
+    return where
+
+
+@pytest.fixture(scope="module")
+def backbone_workflow(tmp_path_factory):
+    """A workflow with --backbone on 2 classes of 160x160 photos (60 each to train, 10 to test)."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("wf-photos")
+    data = make_image_folder(root / "photos", classes=("a", "b"), per_class=60, size=(160, 160),
+                             test_per_class=10)
+    backbone = _tiny_backbone(root / "tiny-resnet")
+    out = root / "out"
+    assert main(["workflow", str(data), "--out", str(out), "--budget-minutes", "0.5", "--threads", "1",
+                 "--backbone", f"hf:{backbone}"]) == 0
+    return data, backbone, out, json.loads((out / "workflow.json").read_text())
+
+
+def test_step_6_prices_the_backbone_at_its_input_size(backbone_workflow):
+    _, backbone, _, record = backbone_workflow
+    assert record["backbone"] == f"hf:{backbone}"
+    metrics = record["steps"][5]["metrics"]
+    assert metrics["pretrained_source"] == str(backbone.resolve())
+    assert metrics["pretrained_image_size"] == [32, 32]  # the model's own, not the workflow's working size
+    assert metrics["pretrained_images_per_second"] > 0 and metrics["pretrained_finetune_epochs"] >= 2
+    plans = record["state"]["plans"]
+    frozen, finetuned = plans["7-backbone-frozen"]["settings"], plans["7-backbone-finetune"]["settings"]
+    assert frozen["freeze_backbone"] is True and frozen["augment"] == "none"
+    assert finetuned["finetune"] is True and finetuned["augment"] == "photo"
+    assert frozen["model"] == finetuned["model"] == f"hf:{backbone.resolve()}"
+    assert "Beside them, the pretrained backbone" in record["steps"][5]["why"]
+
+
+def test_step_7_trains_both_and_records_which_won(backbone_workflow):
+    _, _, out, record = backbone_workflow
+    step = record["steps"][6]
+    names = [c["name"] for c in step["candidates"]]
+    assert names[0] == "none" and names[-2:] == ["backbone-frozen", "backbone-finetune"]
+    for name in ("backbone-frozen", "backbone-finetune"):
+        candidate = next(c for c in step["candidates"] if c["name"] == name)
+        assert (out / candidate["run"] / "model.safetensors").is_file()
+    comparison = step["metrics"]["pretrained_comparison"]
+    frozen, finetuned, se = comparison["frozen"], comparison["finetuned"], comparison["standard_error"]
+    assert comparison["clear"] is (abs(finetuned - frozen) > se)
+    expected = "backbone-finetune" if comparison["clear"] and finetuned > frozen else "backbone-frozen"
+    assert comparison["winner"] == expected
+    won = "fine-tuning won" if expected == "backbone-finetune" else "frozen features won"
+    assert won in step["why"]
+    assert won in (out / "report.html").read_text()  # the report says which won and why
+
+
+def test_a_bad_backbone_is_one_line_and_exit_2(backbone_workflow, tmp_path, capsys):
+    data, backbone, _, _ = backbone_workflow
+    for value, message in [("resnet", "--backbone takes hf:"), (f"hf:{tmp_path / 'nowhere'}", "no such directory"),
+                           (f"hf:{tmp_path}", "not a directory saved with save_pretrained")]:
+        assert main(["workflow", str(data), "--out", str(tmp_path / "o"), "--backbone", value]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_without_the_extra_backbone_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    data = make_image_folder(tmp_path / "d", per_class=4, size=(8, 8))
+    assert main(["workflow", str(data), "--out", str(tmp_path / "o"), "--backbone", "hf:microsoft/resnet-18"]) == 2
+    assert "pip install 'imgflow[pretrained]'" in capsys.readouterr().err

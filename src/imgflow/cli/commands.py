@@ -157,7 +157,8 @@ def cmd_workflow(args: argparse.Namespace) -> int:
     from imgflow.workflow import format_summary, run_workflow
 
     record = run_workflow(args.data, Path(args.out), budget_minutes=args.budget_minutes, seed=args.seed,
-                          threads=args.threads, image_size=args.image_size, device=args.device)
+                          threads=args.threads, image_size=args.image_size, device=args.device,
+                          backbone=args.backbone)
     print(format_summary(record))
     return 0
 
