@@ -1,7 +1,8 @@
-"""The workflow and pretrained backbones (issue 21, part 4, its first piece): for a folder of photos,
-step 6 says in one sentence which pretrained backbone it would put beside the scratch models and
-what that needs (the extra, or the weights), recorded in workflow.json's metrics. Nothing is
-downloaded, and the workflow does not train the backbone yet."""
+"""The workflow and pretrained backbones (issue 21, part 4): with --backbone (or, for a folder of
+photos, the default backbone in Hugging Face's cache) step 6 prices the backbone by its probed pace
+and step 7 compares it frozen and fine-tuned, recording which won; without the extra or the
+weights, step 6 says in one sentence what it would have tried and what that needs. Nothing is
+downloaded: the backbone is a tiny ResNet built from its config class and saved with save_pretrained."""
 from __future__ import annotations
 
 import json
@@ -80,19 +81,26 @@ def _tiny_backbone(where: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def backbone_workflow(tmp_path_factory):
-    """A workflow with --backbone on 2 classes of 160x160 photos (60 each to train, 10 to test)."""
+def photos_and_backbone(tmp_path_factory) -> tuple[Path, Path]:
+    """2 classes of 160x160 photos (60 each to train, 10 to test), and a tiny pretrained backbone."""
     pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("wf-photos")
     data = make_image_folder(root / "photos", classes=("a", "b"), per_class=60, size=(160, 160),
                              test_per_class=10)
-    backbone = _tiny_backbone(root / "tiny-resnet")
-    out = root / "out"
+    return data, _tiny_backbone(root / "tiny-resnet")
+
+
+@pytest.fixture(scope="module")
+def backbone_workflow(photos_and_backbone, tmp_path_factory):
+    """The workflow with --backbone on those photos, in a 30-second budget (~30 s on 1 thread)."""
+    data, backbone = photos_and_backbone
+    out = tmp_path_factory.mktemp("wf-photos-out") / "out"
     assert main(["workflow", str(data), "--out", str(out), "--budget-minutes", "0.5", "--threads", "1",
                  "--backbone", f"hf:{backbone}"]) == 0
     return data, backbone, out, json.loads((out / "workflow.json").read_text())
 
 
+@pytest.mark.slow
 def test_step_6_prices_the_backbone_at_its_input_size(backbone_workflow):
     _, backbone, _, record = backbone_workflow
     assert record["backbone"] == f"hf:{backbone}"
@@ -108,6 +116,7 @@ def test_step_6_prices_the_backbone_at_its_input_size(backbone_workflow):
     assert "Beside them, the pretrained backbone" in record["steps"][5]["why"]
 
 
+@pytest.mark.slow
 def test_step_7_trains_both_and_records_which_won(backbone_workflow):
     _, _, out, record = backbone_workflow
     step = record["steps"][6]
@@ -126,8 +135,8 @@ def test_step_7_trains_both_and_records_which_won(backbone_workflow):
     assert won in (out / "report.html").read_text()  # the report says which won and why
 
 
-def test_a_bad_backbone_is_one_line_and_exit_2(backbone_workflow, tmp_path, capsys):
-    data, backbone, _, _ = backbone_workflow
+def test_a_bad_backbone_is_one_line_and_exit_2(photos_and_backbone, tmp_path, capsys):
+    data, _ = photos_and_backbone
     for value, message in [("resnet", "--backbone takes hf:"), (f"hf:{tmp_path / 'nowhere'}", "no such directory"),
                            (f"hf:{tmp_path}", "not a directory saved with save_pretrained")]:
         assert main(["workflow", str(data), "--out", str(tmp_path / "o"), "--backbone", value]) == 2
@@ -141,3 +150,35 @@ def test_without_the_extra_backbone_says_how_to_install_it(tmp_path, monkeypatch
     data = make_image_folder(tmp_path / "d", per_class=4, size=(8, 8))
     assert main(["workflow", str(data), "--out", str(tmp_path / "o"), "--backbone", "hf:microsoft/resnet-18"]) == 2
     assert "pip install 'imgflow[pretrained]'" in capsys.readouterr().err
+
+
+def test_the_backbone_plan_prices_frozen_features_as_one_pass_and_gives_fine_tuning_the_rest():
+    from imgflow.workflow import budget
+
+    # 100 s at 10 images/s, 300 training and 60 validation images: features cost 3 + 360 / 30 = 15 s,
+    # fine-tuning gets 85 s, of which a run's overhead 3 s and 32 s an epoch (300 + 60/3 images).
+    frozen, finetuned = budget.plan_backbone(100, 10, 300, 60, folds=1, frozen_epochs=10, max_epochs=30)
+    assert frozen == (10, 0) and finetuned == (2, 0)
+    # Under 5-fold cross-validation each fold has a fifth: fine-tuning trains on a subset.
+    _, (epochs, subset) = budget.plan_backbone(100, 10, 300, 60, folds=5, frozen_epochs=10, max_epochs=30)
+    assert epochs == 2 and 64 <= subset < 300
+
+
+def test_the_winner_is_the_fine_tuned_one_only_when_it_is_clearly_ahead():
+    from imgflow.workflow.decisions import BackboneComparison
+    from imgflow.workflow.record import Candidate
+
+    def candidate(name: str, score: float) -> Candidate:
+        return Candidate(name=name, description=name, settings={}, val_acc=score, val_acc_std=0.0, val_loss=0.5,
+                         runs=[name], val_score=score, run=name)
+
+    def compare(frozen: float, finetuned: float) -> BackboneComparison:
+        return BackboneComparison("b", candidate("backbone-frozen", frozen), candidate("backbone-finetune", finetuned),
+                                  1.0, 9.0, standard_error=0.05)
+
+    assert compare(0.80, 0.90).winner.name == "backbone-finetune" and compare(0.80, 0.90).clear
+    assert compare(0.80, 0.84).winner.name == "backbone-frozen"  # within one standard error: noise
+    assert compare(0.90, 0.80).winner.name == "backbone-frozen" and compare(0.90, 0.80).clear
+    words = wording.backbone_words(compare(0.80, 0.90), "accuracy")
+    assert "fine-tuning won, more than one standard error (0.0500) ahead" in words
+    assert "within one standard error" in wording.backbone_words(compare(0.80, 0.84), "accuracy")

@@ -129,7 +129,8 @@ def pretrained_words(offer: PretrainedOffer | None) -> str:
     if offer.tried:
         size = "x".join(map(str, offer.image_size)) if offer.image_size else "the data's size"
         subset = f" on {offer.finetune_subset} images" if offer.finetune_subset else ""
-        return (f" Beside them, the pretrained backbone hf:{offer.backbone} (weights from {offer.source}) trains "
+        where = "" if offer.source == offer.backbone else f" (weights from {offer.source})"
+        return (f" Beside them, the pretrained backbone hf:{offer.backbone}{where} trains "
                 f"at {offer.images_per_second:.1f} images/s at its input size {size} (probed): step 7 tries it "
                 f"frozen ({offer.frozen_epochs} epochs of its head on features computed once) and fine-tuned "
                 f"({plural(offer.finetune_epochs, 'epoch')}{subset}, photo augmentation) in {offer.seconds:.0f} s, "
@@ -148,8 +149,8 @@ def backbone_words(comparison: BackboneComparison, metric: str) -> str:
     """Which of the pretrained backbone's two candidates won, and why, in one sentence."""
     c = comparison
     frozen, finetuned = c.frozen.val_score, c.finetuned.val_score
-    scores = (f"validation {metric_name(metric)} {finetuned:.4f} fine-tuned ({c.finetuned_seconds:.0f} s of "
-              f"training), {frozen:.4f} frozen ({c.frozen_seconds:.0f} s)")
+    scores = (f"validation {metric_name(metric)} {finetuned:.4f} fine-tuned ({c.finetuned_seconds:.1f} s of "
+              f"training), {frozen:.4f} frozen ({c.frozen_seconds:.1f} s)")
     if c.clear:
         winner = "fine-tuning" if c.winner is c.finetuned else "frozen features"
         return (f" Pretrained hf:{c.backbone}: {winner} won, more than one standard error ({c.standard_error:.4f}) "
