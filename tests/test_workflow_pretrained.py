@@ -182,3 +182,13 @@ def test_the_winner_is_the_fine_tuned_one_only_when_it_is_clearly_ahead():
     words = wording.backbone_words(compare(0.80, 0.90), "accuracy")
     assert "fine-tuning won, more than one standard error (0.0500) ahead" in words
     assert "within one standard error" in wording.backbone_words(compare(0.80, 0.84), "accuracy")
+
+
+@pytest.mark.slow
+def test_the_report_counts_the_backbone_apart_from_the_regularised_candidates(backbone_workflow):
+    _, _, out, record = backbone_workflow
+    html = (out / "report.html").read_text()
+    regularised = sum(1 for c in record["steps"][6]["candidates"]
+                      if c["name"] != "none" and not c["name"].startswith("backbone-"))
+    assert f"{regularised} regularised candidate" in html
+    assert "was tried as two more candidates" in html

@@ -30,7 +30,12 @@ BACKBONE_BATCH = 32  # a few hundred photos: 32 gives ~10 steps an epoch
 # head; --finetune gives the backbone's stages 1/100 to 1/10 of it).
 BACKBONE_RECIPE = {"optimizer": "adamw", "lr": 1e-3, "schedule": "onecycle", "warmup_epochs": 0.0,
                    "batch_size": BACKBONE_BATCH, "weight_decay": 0.0, "label_smoothing": 0.0}
-FROZEN = {"freeze_backbone": True, "augment": "none"}  # --augment none: the features are cached
+# The frozen one: --augment none, so the features are cached; its head, a linear layer on fixed
+# features, is a convex problem that AdamW at 1e-3 moves slowly in the few dozen steps a few hundred
+# photos give: on the tests' tiny ResNet (random weights, 120 images of 2 colours, 4 steps an epoch)
+# 30 epochs at 1e-3 stayed at chance (loss 0.95), 10 at 1e-2 reached 1.0 (loss 0.48). Not yet
+# measured on real pretrained features.
+FROZEN = {"freeze_backbone": True, "augment": "none", "lr": 1e-2}
 FINETUNED = {"finetune": True, "freeze_epochs": 1, "augment": "photo"}
 DESCRIPTIONS = {FROZEN_RUN: "pretrained backbone frozen, head trained on its cached features",
                 FINETUNE_RUN: "pretrained backbone fine-tuned (head first, then graded lrs), photo augmentation"}

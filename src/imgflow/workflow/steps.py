@@ -17,10 +17,10 @@ from imgflow.history import run_history
 from imgflow.reports import report_run
 from imgflow.runs import RunPaths
 from imgflow.workflow.budget import (BUDGET_SHARE, EXPECTED_FINAL_SHARE, FINAL_EPOCHS_FACTOR, FINAL_MIN_EPOCHS,
-                                     MAX_EPOCHS, MIN_EPOCHS_TO_SEE_OVERFITTING, SCALED_MODELS, final_reserve_seconds,
-                                     final_run_seconds, plan_epochs, plan_final_run, plan_tune)
-from imgflow.workflow.backbone import (BACKBONE_SHARE_OF_TUNE, DEFAULT_BACKBONE, DESCRIPTIONS, REGULARISATION,
-                                       backbone_settings, is_photo_folder, plan_backbone_runs)
+                                     MAX_EPOCHS, MIN_EPOCHS_TO_SEE_OVERFITTING, SCALED_MODELS, VALIDATION_SPEEDUP,
+                                     final_reserve_seconds, final_run_seconds, plan_epochs, plan_final_run, plan_tune)
+from imgflow.workflow.backbone import (BACKBONE_SHARE_OF_TUNE, DEFAULT_BACKBONE, DESCRIPTIONS, FROZEN_RUN,
+                                       REGULARISATION, backbone_settings, is_photo_folder, plan_backbone_runs)
 from imgflow.workflow.context import Context, base_settings, dataset, protocol_split, train_part
 from imgflow.workflow.decisions import (BackboneComparison, BaselineOutcome, DataFacts, FinalOutcome, MetricChoice, OverfitOutcome,
                                         Preparation, PretrainedOffer, ProtocolChoice, TuneOutcome)
@@ -336,6 +336,10 @@ def _final_plan(ctx: Context, chosen: Candidate, n_train: int) -> Plan:
     test = dataset(ctx).test
     seconds = final_run_seconds(ctx.remaining(), final_reserve_seconds(len(test) if test is not None else 0, ips),
                                 ctx.budget_seconds)
+    if settings.get("freeze_backbone") and FROZEN_RUN in ctx.state.plans:
+        # Its epochs train the head on cached features, and their pace leaves out the one pass of
+        # the backbone that computes them: that pass, priced at the probed pace, comes off first.
+        seconds -= n_train / (VALIDATION_SPEEDUP * ctx.state.plans[FROZEN_RUN].images_per_second)
     epochs, subset = plan_final_run(seconds, ips, n_train, validated, FINAL_EPOCHS_FACTOR * validated)
     if epochs != validated:
         # The schedule keeps its shape: the same fraction of the run warms up.
