@@ -192,3 +192,27 @@ def test_the_report_counts_the_backbone_apart_from_the_regularised_candidates(ba
                       if c["name"] != "none" and not c["name"].startswith("backbone-"))
     assert f"{regularised} regularised candidate" in html
     assert "was tried as two more candidates" in html
+
+
+def test_for_photos_the_default_backbone_is_tried_when_the_cache_holds_it(photos_and_backbone, tmp_path,
+                                                                           monkeypatch):
+    import imgflow.models.hf as hf
+    from imgflow.workflow import backbone as wf_backbone
+    from imgflow.workflow.record import Protocol
+
+    data, backbone = photos_and_backbone
+    asked = []
+    monkeypatch.setattr(hf, "cached_snapshot", lambda hub_id: asked.append(hub_id) or backbone)
+    state = WorkflowState(image_size=[48, 48], resize=Resize(image_size=[48, 48], typical_size=[160, 160]),
+                          test_split=0.0, protocol=Protocol("hold-out", val_split=0.2))
+    ctx = context.Context(data=str(data), out=tmp_path, seed=0, budget_seconds=120, started=time.perf_counter(),
+                          elapsed_before=0.0, progress=False, state=state, threads=1)
+    offer = steps.pretrained_offer(ctx)
+    assert asked == ["microsoft/resnet-18"] and offer.tried and offer.source == str(backbone)
+    assert offer.image_size == [32, 32] and offer.images_per_second > 0  # probed at its own size, not 48
+    assert set(ctx.state.plans) == {"7-backbone-frozen", "7-backbone-finetune"}
+    words = wording.pretrained_words(offer)
+    assert words.startswith(" Beside them, the pretrained backbone hf:microsoft/resnet-18 (weights from ")
+    # Planned once: a resumed step 6 reuses the saved plans instead of probing again.
+    monkeypatch.setattr(wf_backbone, "measure_backbone_throughput", lambda *a: pytest.fail("probed again"))
+    assert steps.pretrained_offer(ctx) == offer
