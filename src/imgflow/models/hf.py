@@ -73,7 +73,10 @@ def cached_snapshot(hub_id: str) -> Path | None:
         return None
 
     def cached(name: str) -> Path | None:
-        found = try_to_load_from_cache(hub_id, name)
+        try:
+            found = try_to_load_from_cache(hub_id, name)
+        except ValueError:  # not a hub id at all (HFValidationError): a path that does not exist
+            return None
         return Path(found) if isinstance(found, str) else None
 
     config = cached("config.json")

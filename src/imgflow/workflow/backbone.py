@@ -59,7 +59,7 @@ def resolve_backbone(option: str | None) -> str | None:
     source = option[len(PREFIX):]
     path = Path(source)
     if not path.exists():
-        snapshot = cached_snapshot(source) if "/" in source and not source.startswith((".", "/")) else None
+        snapshot = cached_snapshot(source)
         if snapshot is None:
             raise UserError(f"--backbone {option}: no such directory, and not in Hugging Face's cache here "
                             f"(the workflow downloads nothing: 'imgflow train DATA --model {option} --pretrained' "

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def _new_record(out: Path, data: str, seed: int, budget_minutes: float, progress: bool, threads: int | None,
-                image_size: tuple[int, int] | None, device: str = "auto", backbone: str | None = None) -> WorkflowRecord:
+                image_size: tuple[int, int] | None, device: str = "auto",
+                backbone: str | None = None) -> WorkflowRecord:
     """A record for a new workflow, after checking DATA (nothing is written yet)."""
     from imgflow.data import load_dataset
     from imgflow.runs import holds_run

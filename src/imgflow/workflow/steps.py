@@ -22,8 +22,8 @@ from imgflow.workflow.budget import (BUDGET_SHARE, EXPECTED_FINAL_SHARE, FINAL_E
 from imgflow.workflow.backbone import (BACKBONE_SHARE_OF_TUNE, DEFAULT_BACKBONE, DESCRIPTIONS, FROZEN_RUN,
                                        REGULARISATION, backbone_settings, is_photo_folder, plan_backbone_runs)
 from imgflow.workflow.context import Context, base_settings, dataset, protocol_split, train_part
-from imgflow.workflow.decisions import (BackboneComparison, BaselineOutcome, DataFacts, FinalOutcome, MetricChoice, OverfitOutcome,
-                                        Preparation, PretrainedOffer, ProtocolChoice, TuneOutcome)
+from imgflow.workflow.decisions import (BackboneComparison, BaselineOutcome, DataFacts, FinalOutcome, MetricChoice,
+                                        OverfitOutcome, Preparation, PretrainedOffer, ProtocolChoice, TuneOutcome)
 from imgflow.workflow.recipes import CANDIDATES, candidate_settings, fast_recipe
 from imgflow.workflow.record import STEP_NAMES, Candidate, Plan, Protocol, Scaled, StepRecord
 from imgflow.workflow.selection import (OVERFIT_PATIENCE, choose_candidate, detect_overfitting, overfit_verdict,
@@ -318,8 +318,8 @@ def _comparison(name: str, pretrained: list[tuple[Candidate, float]], standard_e
     if not pretrained:
         return None
     (frozen, frozen_seconds), (finetuned, finetuned_seconds) = pretrained
-    return BackboneComparison(name, frozen, finetuned, frozen_seconds,
-                              finetuned_seconds, standard_error(max(frozen.val_score, finetuned.val_score)))
+    return BackboneComparison(name, frozen, finetuned, frozen_seconds, finetuned_seconds,
+                              standard_error(max(frozen.val_score, finetuned.val_score)))
 
 
 # ----------------------------------------------------------------------------------------------

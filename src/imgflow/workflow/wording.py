@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from imgflow.text import plural
 from imgflow.workflow.budget import BUDGET_SHARE
-from imgflow.workflow.decisions import (BackboneComparison, BaselineOutcome, DataFacts, FinalOutcome, MetricChoice, OverfitOutcome,
-                                        Preparation, PretrainedOffer, ProtocolChoice, TuneOutcome)
+from imgflow.workflow.decisions import (BackboneComparison, BaselineOutcome, DataFacts, FinalOutcome, MetricChoice,
+                                        OverfitOutcome, Preparation, PretrainedOffer, ProtocolChoice, TuneOutcome)
 from imgflow.workflow.image_size import PASSES_PER_IMAGE, WORKING_SIDES
 from imgflow.workflow.record import Resize
 
