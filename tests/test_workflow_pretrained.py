@@ -216,3 +216,19 @@ def test_for_photos_the_default_backbone_is_tried_when_the_cache_holds_it(photos
     # Planned once: a resumed step 6 reuses the saved plans instead of probing again.
     monkeypatch.setattr(wf_backbone, "measure_backbone_throughput", lambda *a: pytest.fail("probed again"))
     assert steps.pretrained_offer(ctx) == offer
+
+
+def test_a_workflow_continues_only_with_the_backbone_it_started_with(tmp_path):
+    from imgflow.errors import UserError
+    from imgflow.workflow.record import WorkflowRecord
+    from imgflow.workflow.run import _check_same_workflow
+
+    saved = WorkflowRecord.from_dict(WorkflowRecord(data="d", seed=0, budget_minutes=1, backbone="hf:/m",
+                                                    elapsed_minutes=0.0).to_dict())
+    assert saved.backbone == "hf:/m"  # written and read back
+    _check_same_workflow(saved, tmp_path, "d", 0, 1, None, "hf:/m")
+    with pytest.raises(UserError, match="run with --backbone hf:/m: continue it with that"):
+        _check_same_workflow(saved, tmp_path, "d", 0, 1, None, None)
+    saved.backbone = None  # also a record from before --backbone
+    with pytest.raises(UserError, match="run without --backbone: continue it without one"):
+        _check_same_workflow(saved, tmp_path, "d", 0, 1, None, "hf:/m")
