@@ -522,15 +522,18 @@ def inspect(data: Data, out: str | os.PathLike | None = None, *,
 @_python_errors
 def run_workflow(data: Data, out: str | os.PathLike = "runs/workflow", *, budget_minutes: float = 15.0,
              seed: int = 0, threads: int | None = None, image_size: int | Sequence[int] | None = None,
-             classes: Sequence[str] | None = None, progress: bool | None = None, device: str = "auto") -> dict:
+             classes: Sequence[str] | None = None, progress: bool | None = None, device: str = "auto",
+             backbone: str | None = None) -> dict:
     """Run (or continue) the eight workflow steps within a time budget; return workflow.json's
-    content (steps, decisions, final run, test accuracy). In-memory data is saved into `out`."""
+    content (steps, decisions, final run, test accuracy). In-memory data is saved into `out`.
+
+    backbone: "hf:<directory or cached hub id>", a pretrained backbone tried frozen and fine-tuned."""
     from imgflow.workflow import run_workflow as run_steps
 
     dataset = _in_memory(data, classes)
     spec = _source(data) if dataset is None else str(_save_in(Path(out), dataset)[0])
     return run_steps(spec, Path(out), budget_minutes=budget_minutes, seed=seed, progress=progress,
-                        threads=threads, image_size=_image_size(image_size), device=device)
+                        threads=threads, image_size=_image_size(image_size), device=device, backbone=backbone)
 
 
 @_python_errors

@@ -159,7 +159,8 @@ def cmd_workflow(args: argparse.Namespace) -> int:
     from imgflow.workflow import format_summary, run_workflow
 
     record = run_workflow(args.data, Path(args.out), budget_minutes=args.budget_minutes, seed=args.seed,
-                          threads=args.threads, image_size=args.image_size, device=args.device)
+                          threads=args.threads, image_size=args.image_size, device=args.device,
+                          backbone=args.backbone)
     if not other_rank():  # under torchrun, rank 0 alone
         print(format_summary(record))
     return 0

@@ -224,6 +224,10 @@ def _add_workflow(sub) -> None:
     p.add_argument("--image-size", type=image_size, metavar="SIZE|HxW",
                    help="train at this size (default: the data's own, or for large images the largest "
                         "of 32-128 px the budget affords)")
+    p.add_argument("--backbone", metavar="hf:DIR|hf:HUB_ID",
+                   help="a pretrained backbone step 7 tries frozen and fine-tuned beside the scratch models: a "
+                        "directory saved with save_pretrained, or a hub id in Hugging Face's cache (nothing is "
+                        "downloaded; default for photos: hf:microsoft/resnet-18 when cached)")
     add_device_argument(p, "where every run trains, and so what the budget plans are measured on; ")
     p.set_defaults(func=commands.cmd_workflow)
 

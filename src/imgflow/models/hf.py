@@ -61,15 +61,27 @@ def extra_installed() -> bool:
 
 def in_local_cache(hub_id: str) -> bool:
     """Whether Hugging Face's cache holds `hub_id`'s config and weights (reads the cache only)."""
+    return cached_snapshot(hub_id) is not None
+
+
+def cached_snapshot(hub_id: str) -> Path | None:
+    """The directory of Hugging Face's cache that holds `hub_id`'s config and weights, to load
+    offline as a local `hf:` directory; None when the cache lacks them (reads the cache only)."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
-        return False
+        return None
 
-    def cached(name: str) -> bool:
-        return isinstance(try_to_load_from_cache(hub_id, name), str)
+    def cached(name: str) -> Path | None:
+        try:
+            found = try_to_load_from_cache(hub_id, name)
+        except ValueError:  # not a hub id at all (HFValidationError): a path that does not exist
+            return None
+        return Path(found) if isinstance(found, str) else None
 
-    return cached("config.json") and (cached("model.safetensors") or cached("pytorch_model.bin"))
+    config = cached("config.json")
+    weights = cached("model.safetensors") or cached("pytorch_model.bin")
+    return config.parent if config is not None and weights is not None and weights.parent == config.parent else None
 
 
 def _transformers():

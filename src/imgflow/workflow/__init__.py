@@ -11,6 +11,8 @@ One job per module, each importing only the ones above it in this list:
     throughput   training pace: probed with the engine's own step, or observed in a finished run
     image_size   the working image size and its rule
     training_runs  plan once, train or continue, score a run under OUT/runs
+    backbone     a pretrained backbone for photos: its local weights, input size and pace, step 7's
+                 frozen and fine-tuned candidates
     selection    overfitting, the one-standard-error rule and its standard error
     recipes      the fast recipe of step 6 and the candidates of step 7
     decisions    what each step decided, as data

@@ -61,6 +61,21 @@ def plan_epochs(seconds: float, images_per_second: float, n_train: int, n_val: i
     return min_epochs, max(subset, min(n_train, 64))
 
 
+def plan_backbone(seconds: float, images_per_second: float, n_train: int, n_val: int, folds: int,
+                  frozen_epochs: int, max_epochs: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((epochs, train_subset) frozen, (epochs, train_subset) fine-tuned) of a pretrained backbone
+    that trains at `images_per_second`, within `seconds` for both, on each of `folds` folds.
+
+    The frozen candidate costs one pass of the backbone over its training and validation images
+    (its features, cached; at inference speed) and the head's epochs on them next to nothing; the
+    fine-tuned one trains whole epochs in what that leaves (at least 2: the head alone, then all).
+    """
+    per_fold = seconds / max(folds, 1)
+    frozen = RUN_OVERHEAD_SECONDS + (n_train + n_val) / (VALIDATION_SPEEDUP * images_per_second)
+    return (frozen_epochs, 0), plan_epochs(per_fold - frozen, images_per_second, n_train, n_val, max_epochs,
+                                           min_epochs=2)
+
+
 def images_per_second_of_run(n_train: int, n_val: int, seconds_per_epoch: float) -> float | None:
     """The training pace an epoch of n_train + n_val images in `seconds_per_epoch` shows, by
     plan_epochs' cost model (None for an epoch without a time)."""
@@ -77,6 +92,7 @@ class TuneBudget:
     seconds_per_run: float  # one training run like the step-6 run's
     folds: int  # runs per candidate: 1 on a hold-out, k under k-fold
     candidates: int  # candidates that fit (0: none; then nothing at all is trained)
+    scratch_share: float = 1.0  # the part of `seconds` they had (the rest: a pretrained backbone's)
 
     @property
     def per_candidate(self) -> float:
@@ -89,16 +105,17 @@ class TuneBudget:
 
 
 def plan_tune(budget_seconds: float, epochs: int, seconds_per_epoch: float, folds: int,
-              max_candidates: int) -> TuneBudget:
-    """Step 7's plan: candidates train like the step-6 run (`epochs` at `seconds_per_epoch`).
+              max_candidates: int, scratch_share: float = 1.0) -> TuneBudget:
+    """Step 7's plan: candidates train like the step-6 run (`epochs` at `seconds_per_epoch`), in
+    `scratch_share` of the step's share (the rest goes to a pretrained backbone, when there is one).
 
     Under k-fold the reference's other folds come out of the step's share too, unless not even
     one candidate fits beside them: then nothing more is trained.
     """
     seconds = BUDGET_SHARE["tune"] * budget_seconds
     per_run = RUN_OVERHEAD_SECONDS + epochs * seconds_per_epoch
-    affordable = int((seconds - (folds - 1) * per_run) // (per_run * folds))
-    return TuneBudget(seconds, per_run, folds, max(0, min(max_candidates, affordable)))
+    affordable = int((seconds * scratch_share - (folds - 1) * per_run) // (per_run * folds))
+    return TuneBudget(seconds, per_run, folds, max(0, min(max_candidates, affordable)), scratch_share)
 
 
 def final_reserve_seconds(n_test: int, images_per_second: float) -> float:

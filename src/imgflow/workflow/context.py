@@ -28,6 +28,8 @@ class Context:
     # continued on another device continues its plans there (train warns that it may not be bit
     # for bit the same).
     device: str = "auto"
+    backbone: str | None = None  # --backbone as given (hf:<directory or hub id>); None: the default, if cached
+    backbone_dir: str | None = None  # the local directory its weights are read from
     # The loaded data set, keyed by its test hold-out, so the steps decode/read it once.
     loaded: tuple[float, Any] | None = dataclasses.field(default=None, repr=False)
 

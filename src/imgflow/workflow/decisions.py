@@ -122,17 +122,36 @@ class BaselineOutcome:
 
 @dataclass
 class PretrainedOffer:
-    """Step 6, for a folder of photos: the pretrained backbone that would sit beside the scratch
-    models. The workflow does not train one yet; it says what it would try and what that needs."""
+    """Step 6, for a folder of photos (or any data with --backbone): the pretrained backbone beside
+    the scratch models. Tried when its weights are on this machine (`source`): then priced by its
+    measured pace and planned as step 7's two candidates; else step 6 says what it needs."""
 
-    backbone: str  # the hub id, e.g. microsoft/resnet-18
+    backbone: str  # the hub id, e.g. microsoft/resnet-18, or --backbone's directory
     data: str  # the DATA argument, for the command it suggests
     extra_installed: bool  # the `pretrained` extra (transformers)
     weights_cached: bool  # the backbone's weights are in Hugging Face's cache (nothing downloaded to see)
+    source: str | None = None  # the local directory it trains from (None: not tried)
+    image_size: list[int] | None = None  # its input size, trained at
+    images_per_second: float | None = None  # its training pace there, probed
+    frozen_epochs: int | None = None  # the frozen candidate's head epochs (on cached features)
+    finetune_epochs: int | None = None  # the fine-tuned candidate's epochs
+    finetune_subset: int | None = None  # its training images (0: all)
+    seconds: float | None = None  # the part of step 7's share the two have
+
+    @property
+    def tried(self) -> bool:
+        return self.source is not None
 
     def metrics(self) -> dict[str, Any]:
-        return {"pretrained_backbone": self.backbone, "pretrained_extra_installed": self.extra_installed,
-                "pretrained_weights_cached": self.weights_cached}
+        metrics = {"pretrained_backbone": self.backbone, "pretrained_extra_installed": self.extra_installed,
+                   "pretrained_weights_cached": self.weights_cached}
+        if self.tried:
+            metrics.update(pretrained_source=self.source, pretrained_image_size=self.image_size,
+                           pretrained_images_per_second=round(self.images_per_second, 1),
+                           pretrained_frozen_epochs=self.frozen_epochs, pretrained_finetune_epochs=self.finetune_epochs,
+                           pretrained_finetune_subset=self.finetune_subset,
+                           pretrained_seconds=round(self.seconds, 1))
+        return metrics
 
 
 @dataclass
@@ -162,6 +181,37 @@ class OverfitOutcome:
 
 
 @dataclass
+class BackboneComparison:
+    """Step 7: the pretrained backbone frozen (its head on cached features) against fine-tuned
+    (photo augmentation), and which won. A difference of at most one standard error is noise:
+    then the frozen one wins, as it trains only the head (the one-standard-error rule's choice
+    too) and its final run costs a pass of the backbone instead of its epochs."""
+
+    backbone: str
+    frozen: Candidate
+    finetuned: Candidate
+    frozen_seconds: float  # epochs' time of its runs
+    finetuned_seconds: float
+    standard_error: float  # of the better score, on the images the scores average over
+
+    @property
+    def clear(self) -> bool:
+        """The scores differ by more than one standard error."""
+        return abs(self.finetuned.val_score - self.frozen.val_score) > self.standard_error
+
+    @property
+    def winner(self) -> Candidate:
+        ahead = self.finetuned.val_score > self.frozen.val_score
+        return self.finetuned if self.clear and ahead else self.frozen
+
+    def metrics(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "frozen": round(self.frozen.val_score, 4),
+                "finetuned": round(self.finetuned.val_score, 4), "winner": self.winner.name,
+                "clear": self.clear, "standard_error": round(self.standard_error, 4),
+                "frozen_seconds": round(self.frozen_seconds, 1), "finetuned_seconds": round(self.finetuned_seconds, 1)}
+
+
+@dataclass
 class TuneOutcome:
     """Step 7: the candidates compared on validation, and the one the rule chose."""
 
@@ -175,6 +225,7 @@ class TuneOutcome:
     metric: str
     skipped: int  # candidates the budget did not pay for
     seconds_trained: float  # epochs' time of the runs this step trained (the step-6 run is reused)
+    backbone: BackboneComparison | None = None  # the pretrained backbone's two candidates (None: not tried)
 
     @property
     def folds_trained(self) -> int:
@@ -185,7 +236,8 @@ class TuneOutcome:
         return {"candidates": {c.name: round(c.val_score, 4) for c in self.candidates}, "metric": self.metric,
                 "epochs": self.epochs, "standard_error": round(self.standard_error, 4),
                 "scored_images": self.scored_images, "folds_trained": self.folds_trained,
-                "seconds_available": round(self.budget.seconds, 1), "seconds_trained": round(self.seconds_trained, 1)}
+                "seconds_available": round(self.budget.seconds, 1), "seconds_trained": round(self.seconds_trained, 1),
+                **({"pretrained_comparison": self.backbone.metrics()} if self.backbone else {})}
 
 
 @dataclass

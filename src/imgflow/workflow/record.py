@@ -368,6 +368,7 @@ class WorkflowRecord:
     seed: int | None = None
     budget_minutes: float | None = None
     image_size: list[int] | None = None  # --image-size as given (None: the workflow chose)
+    backbone: str | None = None  # --backbone as given (None: none given)
     constants: Constants | None = None  # None: a record from before they were recorded
     steps: list[StepRecord] = dataclass_field(default_factory=list)
     state: WorkflowState = dataclass_field(default_factory=WorkflowState)
@@ -379,7 +380,8 @@ class WorkflowRecord:
     def to_dict(self) -> dict[str, Any]:
         return _without_none({
             "data": self.data, "seed": self.seed, "budget_minutes": self.budget_minutes,
-            "image_size": self.image_size, "constants": self.constants.to_dict() if self.constants else None,
+            "image_size": self.image_size, "backbone": self.backbone,
+            "constants": self.constants.to_dict() if self.constants else None,
             "steps": [s.to_dict() for s in self.steps], "state": self.state.to_dict(),
             "elapsed_minutes": self.elapsed_minutes, "final_run": self.final_run,
             "test_accuracy": self.test_accuracy, "report": self.report}, keep=("image_size",))
@@ -393,13 +395,13 @@ class WorkflowRecord:
         for key, kind in (("data", "a string"), ("seed", "an integer"), ("budget_minutes", "a number"),
                           ("elapsed_minutes", "a number"), ("steps", "a list"), ("state", "an object"),
                           ("test_accuracy", "a number"), ("final_run", "a string"), ("report", "a string"),
-                          ("image_size", "a list"), ("constants", "an object")):
+                          ("image_size", "a list"), ("backbone", "a string"), ("constants", "an object")):
             _optional(d, key, kind)
         steps = d.get("steps") or []
         if len(steps) > NUM_STEPS:
             raise MalformedContent(f"'steps' has {len(steps)} items, at most {NUM_STEPS}")
         record = cls(data=d.get("data"), seed=d.get("seed"), budget_minutes=d.get("budget_minutes"),
-                     image_size=_size(d.get("image_size"), "'image_size'"),
+                     image_size=_size(d.get("image_size"), "'image_size'"), backbone=d.get("backbone"),
                      constants=Constants.from_dict(d["constants"]) if d.get("constants") is not None else None,
                      steps=[StepRecord.from_dict(step, number) for number, step in enumerate(steps, 1)],
                      state=WorkflowState.from_dict(d.get("state") or {}), elapsed_minutes=d.get("elapsed_minutes"),

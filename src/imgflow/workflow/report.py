@@ -457,14 +457,19 @@ def _tune_findings(record: WorkflowRecord, runs: dict) -> list[str]:
     steps = record.steps
     tune_epochs, overfit_epochs = steps[6].metrics.get("epochs"), _metric(steps, 5, "epochs")
     candidates = steps[6].candidates or []
-    # The candidates include "none", the unregularised reference (the step-6 run).
-    n = sum(1 for c in candidates if c.name != "none")
+    # The candidates include "none", the unregularised reference (the step-6 run), and a pretrained
+    # backbone's two (planned by step 6, at their own epochs and input size).
+    n = sum(1 for c in candidates if c.name != "none" and not c.name.startswith("backbone-"))
     sentence = (f"{plural(n, 'regularised candidate')} trained {tune_epochs} epochs each, compared with the "
                 "unregularised reference")
     if tune_epochs and overfit_epochs and tune_epochs < overfit_epochs:
         sentence += (f", fewer than the {overfit_epochs} of the overfitting run: regularisation "
                      "pays off late, so longer candidate runs could rank them differently")
     findings = [sentence + "."]
+    if comparison := steps[6].metrics.get("pretrained_comparison"):
+        findings.append(f"The pretrained backbone hf:{comparison['backbone']} was tried as two more candidates, "
+                        "with their own epochs at its own input size (step 6): frozen features "
+                        f"{comparison['frozen']:.4f}, fine-tuned {comparison['finetuned']:.4f}.")
     folds = _metric(steps, 2, "folds")
     if _metric(steps, 2, "kind") == "k-fold" and candidates and max(len(c.runs) for c in candidates) < (folds or 0):
         findings.append(f"Step 3 chose {folds}-fold cross-validation, but the budget paid for no candidate on "

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def _new_record(out: Path, data: str, seed: int, budget_minutes: float, progress: bool, threads: int | None,
-                image_size: tuple[int, int] | None, device: str = "auto") -> WorkflowRecord:
+                image_size: tuple[int, int] | None, device: str = "auto",
+                backbone: str | None = None) -> WorkflowRecord:
     """A record for a new workflow, after checking DATA (nothing is written yet)."""
     from imgflow.data import load_dataset
     from imgflow.runs import holds_run
@@ -38,12 +39,13 @@ def _new_record(out: Path, data: str, seed: int, budget_minutes: float, progress
     check_classifiable(load_dataset(data, image_size=size, progress=progress))
     # The constants are recorded so that the report explains this run with its own numbers.
     return WorkflowRecord(data=data, seed=seed, budget_minutes=budget_minutes,
-                          image_size=list(image_size) if image_size else None, constants=Constants.current(),
+                          image_size=list(image_size) if image_size else None, backbone=backbone,
+                          constants=Constants.current(),
                           state=WorkflowState(image_size=resize.image_size, resize=resize), elapsed_minutes=0.0)
 
 
 def _check_same_workflow(saved: WorkflowRecord, out: Path, data: str, seed: int, budget_minutes: float,
-                         image_size: tuple[int, int] | None) -> None:
+                         image_size: tuple[int, int] | None, backbone: str | None = None) -> None:
     """A saved workflow continues only with its own DATA, seed, budget and --image-size."""
     from imgflow.training.config import absolute_if_path
 
@@ -59,17 +61,21 @@ def _check_same_workflow(saved: WorkflowRecord, out: Path, data: str, seed: int,
         raise UserError(f"{out} holds a workflow " + (f"run with --image-size {given}: continue it with that"
                         if given else "run without --image-size: continue it without one")
                         + ", or use another --out")
+    if saved.backbone != backbone:  # step 6 planned (or did not plan) its candidates with the first one
+        raise UserError(f"{out} holds a workflow " + (f"run with --backbone {saved.backbone}: continue it with that"
+                        if saved.backbone else "run without --backbone: continue it without one")
+                        + ", or use another --out")
 
 
 def _record_to_continue(out: Path, data: str, seed: int, budget_minutes: float, progress: bool,
                         threads: int | None, image_size: tuple[int, int] | None,
-                        device: str = "auto") -> WorkflowRecord:
+                        device: str = "auto", backbone: str | None = None) -> WorkflowRecord:
     """OUT/workflow.json to continue (the same DATA, seed, budget and --image-size), or a new one."""
     record_path = out / "workflow.json"
     if not record_path.is_file():
-        return _new_record(out, data, seed, budget_minutes, progress, threads, image_size, device)
+        return _new_record(out, data, seed, budget_minutes, progress, threads, image_size, device, backbone)
     saved = read_workflow_record(record_path, to_continue=True)
-    _check_same_workflow(saved, out, data, seed, budget_minutes, image_size)
+    _check_same_workflow(saved, out, data, seed, budget_minutes, image_size, backbone)
     saved.data = data  # as this invocation spells it (the same folder)
     if len(saved.steps) < len(STEPS):
         log.info("continuing the workflow in %s after step %d", out, len(saved.steps))
@@ -116,13 +122,17 @@ def _run_steps(ctx: Context, record: WorkflowRecord) -> bool:
 
 def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int = 0,
                  progress: bool | None = None, threads: int | None = None,
-                 image_size: tuple[int, int] | None = None, device: str = "auto") -> dict:
+                 image_size: tuple[int, int] | None = None, device: str = "auto",
+                 backbone: str | None = None) -> dict:
     """Run (or continue) the eight steps into `out`; return the workflow.json content.
 
     image_size: (H, W) to train at; None lets step 1 choose (the data's own size, or a smaller
     working size for large images: see image_size.WORKING_SIDES).
     device: where every run trains, and so what the throughput probes behind the budget plans
     measure (a GPU's speed buys a GPU's epochs).
+    backbone: hf:<local directory or hub id in Hugging Face's cache>, the pretrained backbone step 6
+    prices and step 7 tries frozen and fine-tuned (None: for photos, hf:microsoft/resnet-18 when
+    the cache holds it). Nothing is downloaded.
 
     Under torchrun, every rank trains each run and takes part in each probe (so the plans rest
     on what the ranks train together); rank 0 alone decides and writes OUT (`training.crew`),
@@ -131,21 +141,26 @@ def run_workflow(data: str, out: Path, budget_minutes: float = 15.0, seed: int =
     from imgflow.training.crew import lead_or_follow
 
     return lead_or_follow(device, lambda: _run_workflow(data, Path(out), budget_minutes, seed, progress, threads,
-                                                        image_size, device))
+                                                        image_size, device, backbone))
 
 
 def _run_workflow(data: str, out: Path, budget_minutes: float, seed: int, progress: bool | None,
-                  threads: int | None, image_size: tuple[int, int] | None, device: str) -> dict:
+                  threads: int | None, image_size: tuple[int, int] | None, device: str,
+                  backbone: str | None) -> dict:
     """run_workflow in one process (rank 0 under torchrun)."""
+    from imgflow.workflow.backbone import resolve_backbone
+
     _check_arguments(out, budget_minutes, seed, threads, device)
+    backbone_dir = resolve_backbone(backbone)  # a bad one is refused before anything is written
     if progress is None:
         progress = interactive()
-    record = _record_to_continue(out, data, seed, budget_minutes, progress, threads, image_size, device)
+    record = _record_to_continue(out, data, seed, budget_minutes, progress, threads, image_size, device, backbone)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "workflow.json"
     ctx = Context(data=data, out=out, seed=seed, budget_seconds=budget_minutes * 60,
                   started=time.perf_counter(), elapsed_before=record.elapsed_minutes * 60,
-                  progress=progress, threads=threads, device=device, state=record.state)
+                  progress=progress, threads=threads, device=device, state=record.state, backbone=backbone,
+                  backbone_dir=backbone_dir)
 
     def save() -> None:
         record.elapsed_minutes = round(ctx.elapsed() / 60, 3)

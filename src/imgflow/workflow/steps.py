@@ -17,12 +17,13 @@ from imgflow.history import run_history
 from imgflow.reports import report_run
 from imgflow.runs import RunPaths
 from imgflow.workflow.budget import (BUDGET_SHARE, EXPECTED_FINAL_SHARE, FINAL_EPOCHS_FACTOR, FINAL_MIN_EPOCHS,
-                                     MAX_EPOCHS, MIN_EPOCHS_TO_SEE_OVERFITTING, SCALED_MODELS, final_reserve_seconds,
-                                     final_run_seconds, plan_epochs, plan_final_run, plan_tune)
+                                     MAX_EPOCHS, MIN_EPOCHS_TO_SEE_OVERFITTING, SCALED_MODELS, VALIDATION_SPEEDUP,
+                                     final_reserve_seconds, final_run_seconds, plan_epochs, plan_final_run, plan_tune)
+from imgflow.workflow.backbone import (BACKBONE_SHARE_OF_TUNE, DEFAULT_BACKBONE, DESCRIPTIONS, FROZEN_RUN,
+                                       REGULARISATION, backbone_settings, is_photo_folder, plan_backbone_runs)
 from imgflow.workflow.context import Context, base_settings, dataset, protocol_split, train_part
-from imgflow.workflow.decisions import (BaselineOutcome, DataFacts, FinalOutcome, MetricChoice, OverfitOutcome,
-                                        Preparation, PretrainedOffer, ProtocolChoice, TuneOutcome)
-from imgflow.workflow.image_size import WORKING_SIDES
+from imgflow.workflow.decisions import (BackboneComparison, BaselineOutcome, DataFacts, FinalOutcome, MetricChoice,
+                                        OverfitOutcome, Preparation, PretrainedOffer, ProtocolChoice, TuneOutcome)
 from imgflow.workflow.recipes import CANDIDATES, candidate_settings, fast_recipe
 from imgflow.workflow.record import STEP_NAMES, Candidate, Plan, Protocol, Scaled, StepRecord
 from imgflow.workflow.selection import (OVERFIT_PATIENCE, choose_candidate, detect_overfitting, overfit_verdict,
@@ -38,9 +39,6 @@ K_FOLDS = 5
 TEST_HOLDOUT = 0.2  # share of the data held out as the test split when the source has none
 VALIDATION_CAP = 5000  # held-out images scored per exploration epoch (std error <= 0.71 points)
 SMALL_MODEL = "seed-baseline"
-# The backbone step 6 names for photos: ResNet-18 (11.7M parameters, 1.8 GFLOPs at 224x224) is the
-# smallest of the ImageNet ResNets on the hub, the one a CPU budget can fine-tune.
-PRETRAINED_BACKBONE = "microsoft/resnet-18"
 
 
 def _record(index: int, words: tuple[str, str], decision, **extra) -> StepRecord:
@@ -203,17 +201,32 @@ def step_overfit(ctx: Context) -> StepRecord:
     return _record(5, overfit_words(outcome), outcome, runs=[_relative(ctx, run_dir)])
 
 
-def pretrained_offer(ctx: Context) -> PretrainedOffer | None:
-    """For a folder of photos (typical images larger than the largest working size, so resized
-    down: step 4), the pretrained backbone that would sit beside the scratch models; None otherwise."""
-    from imgflow.models.hf import extra_installed, in_local_cache
+def backbone_name(ctx: Context) -> str:
+    """The pretrained backbone as the user knows it: --backbone's source, or the default hub id."""
+    return ctx.backbone.removeprefix("hf:") if ctx.backbone is not None else DEFAULT_BACKBONE
 
-    typical = ctx.state.resize.typical_size if ctx.state.resize is not None else None
-    if typical is None or max(typical) <= WORKING_SIDES[-1]:
+
+def pretrained_offer(ctx: Context) -> PretrainedOffer | None:
+    """The pretrained backbone beside the scratch models: --backbone's, or for a folder of photos
+    (typical images larger than the largest working size) the default one when Hugging Face's cache
+    holds it; None for other data. Priced and planned for step 7 when its weights are here."""
+    from imgflow.models.hf import cached_snapshot, extra_installed
+
+    if ctx.backbone is not None:
+        offer = PretrainedOffer(backbone_name(ctx), ctx.data, True, False, source=ctx.backbone_dir)
+    elif is_photo_folder(ctx):
+        snapshot = cached_snapshot(DEFAULT_BACKBONE) if extra_installed() else None
+        offer = PretrainedOffer(DEFAULT_BACKBONE, ctx.data, extra_installed(), snapshot is not None,
+                                source=str(snapshot) if snapshot is not None else None)
+    else:
         return None
-    installed = extra_installed()
-    return PretrainedOffer(PRETRAINED_BACKBONE, ctx.data, installed,
-                           installed and in_local_cache(PRETRAINED_BACKBONE))
+    if offer.tried:
+        frozen, finetuned = plan_backbone_runs(ctx, offer.source)
+        offer.image_size, offer.images_per_second = finetuned.settings["image_size"], finetuned.images_per_second
+        offer.frozen_epochs, offer.finetune_epochs = frozen.settings["epochs"], finetuned.settings["epochs"]
+        offer.finetune_subset = finetuned.settings["train_subset"]
+        offer.seconds = BUDGET_SHARE["tune"] * ctx.budget_seconds * BACKBONE_SHARE_OF_TUNE
+    return offer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,8 +281,9 @@ def step_tune(ctx: Context) -> StepRecord:
     # that run is its fold 0 and its other folds come out of this step's budget too, unless not
     # even one candidate fits beside them: then nothing more is trained and step 6's
     # configuration goes on unchanged.
+    backbone_runs = backbone_settings(ctx.state.plans)  # step 6 planned them: a pretrained backbone is here
     budget = plan_tune(ctx.budget_seconds, scaled.epochs, scaled.seconds_per_epoch, protocol.runs_per_candidate,
-                       len(CANDIDATES))
+                       len(CANDIDATES), 1 - BACKBONE_SHARE_OF_TUNE if backbone_runs else 1.0)
     seconds = 0.0
     if budget.folds == 1 or budget.candidates == 0:
         results = [_reference_as_trained(ctx, scaled)]
@@ -282,15 +296,30 @@ def step_tune(ctx: Context) -> StepRecord:
                                               candidate_settings(scaled.settings, recipe), recipe.regularisation)
         results.append(candidate)
         seconds += trained
+    pretrained = [_train_candidate(ctx, name.removeprefix("7-"), DESCRIPTIONS[name], settings, REGULARISATION[name])
+                  for name, settings in backbone_runs]
+    results += [candidate for candidate, _ in pretrained]
+    seconds += sum(trained for _, trained in pretrained)
     counts = _scored_class_counts(ctx, folds_trained=max(len(c.runs) for c in results))
     balanced = ctx.state.metric != "accuracy"
-    chosen, best, se = choose_candidate(results, lambda score: score_standard_error(score, counts, balanced))
+    standard_error = lambda score: score_standard_error(score, counts, balanced)  # noqa: E731
+    chosen, best, se = choose_candidate(results, standard_error)
     ctx.state.chosen = chosen
     outcome = TuneOutcome(budget=budget, epochs=scaled.epochs, candidates=results, chosen=chosen, best=best,
                           standard_error=se, scored_images=sum(counts), metric=ctx.state.metric,
-                          skipped=len(CANDIDATES) - budget.candidates, seconds_trained=seconds)
+                          skipped=len(CANDIDATES) - budget.candidates, seconds_trained=seconds,
+                          backbone=_comparison(backbone_name(ctx), pretrained, standard_error))
     return _record(6, tune_words(outcome), outcome, runs=[run for c in results for run in c.runs],
                    candidates=results)
+
+
+def _comparison(name: str, pretrained: list[tuple[Candidate, float]], standard_error) -> BackboneComparison | None:
+    """The pretrained backbone's frozen and fine-tuned candidates (with their seconds), compared."""
+    if not pretrained:
+        return None
+    (frozen, frozen_seconds), (finetuned, finetuned_seconds) = pretrained
+    return BackboneComparison(name, frozen, finetuned, frozen_seconds, finetuned_seconds,
+                              standard_error(max(frozen.val_score, finetuned.val_score)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,6 +336,10 @@ def _final_plan(ctx: Context, chosen: Candidate, n_train: int) -> Plan:
     test = dataset(ctx).test
     seconds = final_run_seconds(ctx.remaining(), final_reserve_seconds(len(test) if test is not None else 0, ips),
                                 ctx.budget_seconds)
+    if settings.get("freeze_backbone") and FROZEN_RUN in ctx.state.plans:
+        # Its epochs train the head on cached features, and their pace leaves out the one pass of
+        # the backbone that computes them: that pass, priced at the probed pace, comes off first.
+        seconds -= n_train / (VALIDATION_SPEEDUP * ctx.state.plans[FROZEN_RUN].images_per_second)
     epochs, subset = plan_final_run(seconds, ips, n_train, validated, FINAL_EPOCHS_FACTOR * validated)
     if epochs != validated:
         # The schedule keeps its shape: the same fraction of the run warms up.

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from imgflow.text import plural
 from imgflow.workflow.budget import BUDGET_SHARE
-from imgflow.workflow.decisions import (BaselineOutcome, DataFacts, FinalOutcome, MetricChoice, OverfitOutcome,
-                                        Preparation, PretrainedOffer, ProtocolChoice, TuneOutcome)
+from imgflow.workflow.decisions import (BackboneComparison, BaselineOutcome, DataFacts, FinalOutcome, MetricChoice,
+                                        OverfitOutcome, Preparation, PretrainedOffer, ProtocolChoice, TuneOutcome)
 from imgflow.workflow.image_size import PASSES_PER_IMAGE, WORKING_SIDES
 from imgflow.workflow.record import Resize
 
@@ -121,19 +121,43 @@ def baseline_words(outcome: BaselineOutcome) -> tuple[str, str]:
 
 
 def pretrained_words(offer: PretrainedOffer | None) -> str:
-    """One sentence on the pretrained backbone step 6 would put beside the scratch models for photos
-    ('' when the data are not photos): what it would try and what that needs."""
+    """One sentence on the pretrained backbone step 6 puts beside the scratch models ('' when the
+    data are not photos and no --backbone was given): how it is priced and tried, or, when it
+    cannot be, what it would have tried and what that needs."""
     if offer is None:
         return ""
+    if offer.tried:
+        size = "x".join(map(str, offer.image_size)) if offer.image_size else "the data's size"
+        subset = f" on {offer.finetune_subset} images" if offer.finetune_subset else ""
+        where = "" if offer.source == offer.backbone else f" (weights from {offer.source})"
+        return (f" Beside them, the pretrained backbone hf:{offer.backbone}{where} trains "
+                f"at {offer.images_per_second:.1f} images/s at its input size {size} (probed): step 7 tries it "
+                f"frozen ({offer.frozen_epochs} epochs of its head on features computed once) and fine-tuned "
+                f"({plural(offer.finetune_epochs, 'epoch')}{subset}, photo augmentation) in {offer.seconds:.0f} s, "
+                "half of that step's share.")
     tried = (f"Not tried: a backbone pretrained on ImageNet and fine-tuned (hf:{offer.backbone}) usually "
              "beats small models trained from scratch on a folder of photos")
     if not offer.extra_installed:
         return f" {tried}; it needs the pretrained extra: pip install 'imgflow[pretrained]'."
     command = f"imgflow train {offer.data} --model hf:{offer.backbone} --finetune"
-    if not offer.weights_cached:
-        return (f" {tried}; its weights are not on this machine and the workflow downloads nothing: "
-                f"{command} --pretrained fetches them once.")
-    return f" {tried}; the workflow does not compare one yet: {command} trains it from the weights cached here."
+    return (f" {tried}; its weights are not on this machine and the workflow downloads nothing: "
+            f"{command} --pretrained fetches them once (the workflow then finds them), or "
+            "imgflow workflow --backbone hf:DIR trains one saved in DIR.")
+
+
+def backbone_words(comparison: BackboneComparison, metric: str) -> str:
+    """Which of the pretrained backbone's two candidates won, and why, in one sentence."""
+    c = comparison
+    frozen, finetuned = c.frozen.val_score, c.finetuned.val_score
+    scores = (f"validation {metric_name(metric)} {finetuned:.4f} fine-tuned ({c.finetuned_seconds:.1f} s of "
+              f"training), {frozen:.4f} frozen ({c.frozen_seconds:.1f} s)")
+    if c.clear:
+        winner = "fine-tuning" if c.winner is c.finetuned else "frozen features"
+        return (f" Pretrained hf:{c.backbone}: {winner} won, more than one standard error ({c.standard_error:.4f}) "
+                f"ahead: {scores}.")
+    return (f" Pretrained hf:{c.backbone}: frozen features won, as the two are within one standard error "
+            f"({c.standard_error:.4f}) of each other ({scores}) and the frozen backbone trains only its head, "
+            "on features computed once.")
 
 
 def overfit_words(outcome: OverfitOutcome) -> tuple[str, str]:
@@ -165,12 +189,15 @@ def _overfit_words(outcome: OverfitOutcome) -> tuple[str, str]:
 def _no_candidate_why(o: TuneOutcome) -> str:
     b = o.budget
     why = (f"NO regularised candidate fitted the budget: the step had {b.seconds:.0f} s "
-           f"({BUDGET_SHARE['tune']:.0%} of the budget) and trained nothing in them. One candidate takes "
+           f"({BUDGET_SHARE['tune']:.0%} of the budget"
+           + (f", {b.scratch_share:.0%} of it for these" if b.scratch_share < 1 else "")
+           + ")" + (" and trained nothing in them" if o.backbone is None else "") + ". One candidate takes "
            f"{b.per_candidate:.0f} s ({plural(b.folds, 'fold')} of {o.epochs} epochs)")
     if b.folds > 1:
         why += (f", and beside the first one the reference's other {plural(b.folds - 1, 'fold')} would take "
                 f"{b.reference_seconds:.0f} s: {b.reference_seconds + b.per_candidate:.0f} s in all")
-    why += ". The step-6 configuration is retrained as it is; a larger --budget-minutes would compare candidates."
+    why += (". The step-6 configuration is retrained as it is; a larger --budget-minutes would compare candidates."
+            if o.backbone is None else ".")
     if b.folds > 1:
         why += (f" No fold but fold 0 was trained, so there was no cross-validation: the step-6 run's score on "
                 f"fold 0 ({o.scored_images} images) is the only one.")
@@ -186,13 +213,16 @@ def tune_words(outcome: TuneOutcome) -> tuple[str, str]:
                "and compared with it on validation only"
                + (f" ({o.folds_trained}-fold cross-validation)" if o.folds_trained > 1 else "")
                + (f"; {o.skipped} more did not fit the budget" if o.skipped else "")
-               + f". The step had {b.seconds:.0f} s ({BUDGET_SHARE['tune']:.0%} of the budget); its runs trained "
-               f"for {o.seconds_trained:.0f} s.")
-        if o.chosen is not o.best:
-            why += (f" '{o.best.name}' scored best ({o.best.val_score:.4f}), but '{o.chosen.name}' is at most "
-                    f"one standard error ({o.standard_error:.4f} on {o.scored_images} images) behind it and "
-                    "regularises more: a difference that small is noise, so the one-standard-error rule takes "
-                    "the more regularised candidate.")
+               + f". The step had {b.seconds:.0f} s ({BUDGET_SHARE['tune']:.0%} of the budget"
+               + (f", {b.scratch_share:.0%} of it for these" if b.scratch_share < 1 else "")
+               + f"); its runs trained for {o.seconds_trained:.0f} s.")
+    if o.chosen is not o.best:
+        why += (f" '{o.best.name}' scored best ({o.best.val_score:.4f}), but '{o.chosen.name}' is at most "
+                f"one standard error ({o.standard_error:.4f} on {o.scored_images} images) behind it and "
+                "regularises more: a difference that small is noise, so the one-standard-error rule takes "
+                "the more regularised candidate.")
+    if o.backbone is not None:
+        why += backbone_words(o.backbone, o.metric)
     return (f"chose '{o.chosen.name}' ({o.chosen.description}): validation {metric_name(o.metric)} "
             f"{o.chosen.val_score:.4f}", why)
 
