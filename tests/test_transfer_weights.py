@@ -80,6 +80,17 @@ def test_freeze_backbone_on_a_runs_weights_trains_the_head_only(source_run, othe
     assert _same(_without_head(final), _without_head(source))  # BatchNorm statistics kept too
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_frozen_fastnet_trains_its_head_on_cached_features_in_any_precision(source_run, other_task, tmp_path,
+                                                                             caplog, precision):
+    """The caching check compares the head on cached features with the whole model in the run's
+    precision: in bf16 too (it used to compute the head in fp32 there and refuse to cache)."""
+    caplog.set_level("INFO")
+    train_tiny(other_task, tmp_path / "run", model="fast-small", epochs=1, lr=0.01, weights=str(source_run),
+               freeze_backbone=True, augment="none", precision=precision)
+    assert "computed once" in caplog.text and "not cached" not in caplog.text
+
+
 @pytest.mark.parametrize("model, weights, words", [
     ("fast-medium", "RUN", "is a fast-small run: this run's model is fast-medium"),
     ("fast-small", "NOWHERE", "no imgflow run there"),

@@ -139,7 +139,9 @@ def _head_reads_features(model: nn.Module, images: np.ndarray, prep: Preprocessi
         with torch.no_grad():
             whole = predict_logits(model, images, prep, precision, batch_size)
             features = backbone_features(model, images, prep, precision, batch_size)
-            from_head = model.head_logits(features.to(next(model.parameters()).device)).float().cpu()
+            device = next(model.parameters()).device
+            with autocast(precision, device.type):  # as the head will train: in the run's precision
+                from_head = model.head_logits(features.to(device)).float().cpu()
     finally:
         model.train(was_training)
     return whole.shape == from_head.shape and torch.allclose(whole, from_head, atol=_CHECK_TOLERANCE,
