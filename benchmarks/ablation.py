@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import statistics
 import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from run_command import run_to_end
+from summary import grouped, mean_std
 from throughput import RESULTS, machine_info, machine_slug
 
 from imgflow.fileio import read_json, write_json
@@ -62,16 +62,12 @@ def run_one(data: str, preset: str, variant: str, options: list[str], seed: int,
 
 def summarise(runs: list[dict]) -> list[dict]:
     """Mean +- std of the validation accuracy per variant, in the order the variants first appear."""
-    groups: dict[str, list[dict]] = {}
-    for r in runs:
-        groups.setdefault(r["variant"], []).append(r)
     rows = []
-    for variant, rs in groups.items():
-        acc = [r["val_accuracy"] for r in rs]
+    for variant, rs in grouped(runs, lambda r: r["variant"]).items():
+        acc, acc_sd = mean_std([r["val_accuracy"] for r in rs])
         rows.append({"variant": variant, "options": rs[0]["options"], "n": len(rs), "epochs": rs[0]["epochs"],
                      "seeds": sorted(r["seed"] for r in rs),
-                     "val_accuracy_mean": round(statistics.fmean(acc), 4),
-                     "val_accuracy_std": round(statistics.stdev(acc), 4) if len(acc) > 1 else 0.0})
+                     "val_accuracy_mean": round(acc, 4), "val_accuracy_std": round(acc_sd, 4)})
     return rows
 
 

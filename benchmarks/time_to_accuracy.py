@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from run_command import run_to_end
+from summary import grouped, mean_std
 from throughput import RESULTS, machine_info, machine_slug
 
 from imgflow.fileio import read_json, write_json
@@ -108,19 +109,13 @@ def _median_of(values: list[float | None]) -> float | None:
     return round(statistics.median(known), 1) if known else None
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarise(runs: list[dict]) -> list[dict]:
     """Mean +- std of accuracy and wall time per (preset, extra options, data)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["preset"], tuple(r.get("extra") or ()), r.get("data")), []).append(r)
     rows = []
-    for (preset, extra, data), rs in groups.items():
-        acc, acc_sd = _mean_std([r["test_accuracy"] for r in rs])
-        sec, sec_sd = _mean_std([r["total_seconds"] for r in rs])
+    for (preset, extra, data), rs in grouped(runs, lambda r: (r["preset"], tuple(r.get("extra") or ()),
+                                                             r.get("data"))).items():
+        acc, acc_sd = mean_std([r["test_accuracy"] for r in rs])
+        sec, sec_sd = mean_std([r["total_seconds"] for r in rs])
         rows.append({"preset": preset, "extra": list(extra), "data": data, "model": rs[0]["model"],
                      "epochs": rs[0]["epochs"], "n": len(rs), "tta": rs[0]["tta"],
                      "precision": rs[0]["precision"],

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import statistics
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from run_command import run_to_end
+from summary import grouped, mean_std
 from throughput import RESULTS, machine_info, machine_slug
 
 from imgflow.fileio import read_json, write_json
@@ -123,16 +123,12 @@ def record(arm: str, seed: int, run_dir: Path) -> dict:
 
 def summarise(runs: list[dict]) -> list[dict]:
     """Mean ± std (sample) of the test accuracy per arm, in the order the arms first appear."""
-    groups: dict[str, list[dict]] = {}
-    for r in runs:
-        groups.setdefault(r["arm"], []).append(r)
     rows = []
-    for arm, rs in groups.items():
-        acc = [r["test_accuracy"] for r in rs]
+    for arm, rs in grouped(runs, lambda r: r["arm"]).items():
+        acc, acc_sd = mean_std([r["test_accuracy"] for r in rs])
         rows.append({"arm": arm, "n": len(rs), "seeds": sorted(r["seed"] for r in rs),
-                     "test_accuracy_mean": round(statistics.fmean(acc), 4),
-                     "test_accuracy_std": round(statistics.stdev(acc), 4) if len(acc) > 1 else 0.0,
-                     "train_seconds_mean": round(statistics.fmean(r["train_seconds"] for r in rs), 1)})
+                     "test_accuracy_mean": round(acc, 4), "test_accuracy_std": round(acc_sd, 4),
+                     "train_seconds_mean": round(mean_std([r["train_seconds"] for r in rs])[0], 1)})
     return rows
 
 
