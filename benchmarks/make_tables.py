@@ -160,6 +160,19 @@ def transfer_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def recipes_table(result: dict) -> str:
+    """Issue 20's recipe series (recipes-1thread-*.json): one run per core, 1 thread each."""
+    lines = [f"Machine: {describe_machine(result['machine'])}. {result['about']}.", "",
+             "| recipe | test accuracy | seeds | minutes per run (train + evaluate, 1 thread) |",
+             "|---|---:|---|---:|"]
+    for s in result.get("summary", []):
+        acc = (f"{s['test_accuracy_mean']:.4f} ± {s['test_accuracy_std']:.4f}" if s["n"] > 1
+               else f"{s['test_accuracy_mean']:.4f}")
+        lines.append(f"| {s['recipe']} | {acc} | {', '.join(map(str, s['seeds']))} | "
+                     f"{s['total_seconds_mean'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
 def _test_change(r: dict) -> str:
     test = r.get("test_accuracy")
     if not test:
@@ -178,6 +191,9 @@ def build(results: Path) -> str:
         parts += [f"## Throughput ({path.name})", "", performance_table(json.loads(path.read_text())), ""]
     for path in tta:
         parts += [f"## Time to accuracy ({path.name})", "", time_to_accuracy_table(json.loads(path.read_text())), ""]
+    recipes = sorted(results.glob("recipes-1thread-*.json"))
+    for path in recipes:
+        parts += [f"## Recipes, one thread per run ({path.name})", "", recipes_table(json.loads(path.read_text())), ""]
     ablations = sorted(results.glob("ablation-*.json"))
     for path in ablations:
         parts += [f"## Ablation ({path.name})", "", ablation_table(json.loads(path.read_text())), ""]
@@ -187,7 +203,7 @@ def build(results: Path) -> str:
     transfers = sorted(results.glob("transfer-*.json"))
     for path in transfers:
         parts += [f"## Transfer from CIFAR-10 ({path.name})", "", transfer_table(json.loads(path.read_text())), ""]
-    if not throughput and not tta and not ablations and not lags and not transfers:
+    if not throughput and not tta and not recipes and not ablations and not lags and not transfers:
         parts.append("No results yet: run `benchmarks/throughput.py` or `benchmarks/time_to_accuracy.py`.")
     return "\n".join(parts).rstrip() + "\n"
 
