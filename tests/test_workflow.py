@@ -303,13 +303,13 @@ def test_one_standard_error_rule_takes_the_most_regularised_of_the_tied_candidat
     assert choose([result("none", float("nan"), 0)], 0.01) == "none"
 
 
-def test_first_candidate_decays_weights_per_image_as_the_fast_preset_does():
+def test_first_candidate_decays_weights_per_image_as_the_airbench94_preset_does():
     from imgflow.training.config import PRESETS
 
     def decay_per_image(lr, weight_decay, momentum, batch_size):
         return lr * weight_decay / (1 - momentum) / batch_size
 
-    fast = PRESETS["fast"]
+    fast = PRESETS["airbench94"]  # the SGD recipe the workflow's candidates follow
     for n_train in (500, 50_000):  # step 6 picks a smaller batch for small data
         recipe = recipes.fast_recipe(n_train)
         name, _, changes, _ = wf.CANDIDATES[0]

@@ -35,11 +35,11 @@ class CandidateRecipe(NamedTuple):
 # "none", the step-6 run, is 0; each regulariser added counts, a learning-rate change does not
 # (with weight decay coupled to the learning rate, halving it even halves the decay per step).
 # The order matters: a small budget trains only the first one or two. First comes the whole
-# recipe the fast models are tuned with (the `fast` preset's augmentation, label smoothing and
+# recipe the fast models are tuned with (the `airbench94` preset's augmentation, label smoothing and
 # weight decay), then augmentation alone, then smoothing and decay alone for data that flips and
 # shifts do not suit (Fashion-MNIST's garments are centred and upright), then a lower learning rate.
 # Weight decay 1.7e-3 at step 6's lr 0.1 per 128 images and momentum 0.9 decays each weight per
-# image as much as the `fast` preset's 1.33e-3 at lr 0.75 per 512 and momentum 0.85
+# image as much as the `airbench94` preset's 1.33e-3 at lr 1.5 per 1024 and momentum 0.85
 # (lr * decay / (1 - momentum) / batch); step 6 scales lr with the batch, so it holds at any batch.
 # Flips alternate (airbench): each image is mirrored in every other epoch, from a random start,
 # so a short run sees both views of every image equally often.
