@@ -80,6 +80,12 @@ def performance_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _accuracy(summary: dict, kind: str) -> str:
+    """A summary row's `kind` (test or val) accuracy: mean ± std over its seeds, or the one value."""
+    mean = f"{summary[kind + '_accuracy_mean']:.4f}"
+    return f"{mean} ± {summary[kind + '_accuracy_std']:.4f}" if summary["n"] > 1 else mean
+
+
 def _minutes(mean: float, std: float, n: int) -> str:
     return f"{mean / 60:.1f} ± {std / 60:.1f} min" if n > 1 else f"{mean / 60:.1f} min"
 
@@ -91,8 +97,7 @@ def time_to_accuracy_table(result: dict) -> str:
     for name, epochs, minutes, acc, notes in NOTEBOOK_ROWS:
         lines.append(f"| {name} | | {epochs} | {minutes} | {acc} | 1 | {notes} |")
     for s in result.get("summary", []):
-        acc = (f"{s['test_accuracy_mean']:.4f} ± {s['test_accuracy_std']:.4f}" if s["n"] > 1
-               else f"{s['test_accuracy_mean']:.4f}")
+        acc = _accuracy(s, "test")
         notes = [s.get("precision", "")]
         if s.get("tta"):
             notes.append("TTA")
@@ -118,8 +123,7 @@ def ablation_table(result: dict) -> str:
              "| variant | options | epochs | validation accuracy | seeds |",
              "|---|---|---:|---:|---|"]
     for s in result.get("summary", []):
-        acc = (f"{s['val_accuracy_mean']:.4f} ± {s['val_accuracy_std']:.4f}" if s["n"] > 1
-               else f"{s['val_accuracy_mean']:.4f}")
+        acc = _accuracy(s, "val")
         lines.append(f"| {s['variant']} | `{' '.join(s['options']) or '-'}` | {s['epochs']} | {acc} "
                      f"| {', '.join(map(str, s['seeds']))} |")
     return "\n".join(lines)
@@ -152,8 +156,7 @@ def transfer_table(result: dict) -> str:
              "| arm | options | test accuracy | seeds | seconds per run |",
              "|---|---|---:|---|---:|"]
     for s in result.get("summary", []):
-        acc = (f"{s['test_accuracy_mean']:.4f} ± {s['test_accuracy_std']:.4f}" if s["n"] > 1
-               else f"{s['test_accuracy_mean']:.4f}")
+        acc = _accuracy(s, "test")
         options = " ".join(result.get("arms", {}).get(s["arm"], [])) or "-"
         lines.append(f"| {s['arm']} | `{options}` | {acc} | {', '.join(map(str, s['seeds']))} "
                      f"| {s['train_seconds_mean']:.0f} |")
@@ -166,8 +169,7 @@ def recipes_table(result: dict) -> str:
              "| recipe | test accuracy | seeds | minutes per run (train + evaluate, 1 thread) |",
              "|---|---:|---|---:|"]
     for s in result.get("summary", []):
-        acc = (f"{s['test_accuracy_mean']:.4f} ± {s['test_accuracy_std']:.4f}" if s["n"] > 1
-               else f"{s['test_accuracy_mean']:.4f}")
+        acc = _accuracy(s, "test")
         lines.append(f"| {s['recipe']} | {acc} | {', '.join(map(str, s['seeds']))} | "
                      f"{s['total_seconds_mean'] / 60:.1f} |")
     return "\n".join(lines)

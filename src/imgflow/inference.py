@@ -19,7 +19,7 @@ def tta_views(images: torch.Tensor, prep: Preprocessing | None = None) -> list[t
     side at 0.875, not by the 1 pixel of small data), 1/4 each. Other images: airbench94's six,
     the image and its mirror (1/4 each), and both shifted one pixel down-right and up-left
     (reflect fill), each with its mirror (1/8 each)."""
-    if prep is not None and tuple(images.shape[1:3]) == prep.resize_size != tuple(prep.image_size):
+    if prep is not None and prep.crops(images):
         (H, W), (h, w) = images.shape[1:3], prep.image_size
         centre = center_crop(images, (h, w))
         crops = [centre, centre.flip(2), images[:, :h, :w].flip(2), images[:, H - h:, W - w:].flip(2)]

@@ -31,6 +31,11 @@ class Preprocessing:
         """(H, W) images are resized to before the centre crop of image_size."""
         return resize_size(self.image_size, self.crop_pct)
 
+    def crops(self, images: torch.Tensor) -> bool:
+        """Whether uint8 (B, H, W, C) `images` are a photo run's resized ones, whose centre
+        image_size crop is the model's input (images of any other size are taken as they are)."""
+        return tuple(images.shape[1:3]) == self.resize_size != tuple(self.image_size)
+
     def to_dict(self) -> dict:
         return {"mean": list(self.mean), "std": list(self.std),
                 "image_size": list(self.image_size), "channels": self.channels,
@@ -73,7 +78,7 @@ def to_model_input(images: torch.Tensor, prep: Preprocessing, channels_last: boo
     evaluation view); images of any other size are taken as they are.
     """
     assert images.dtype == torch.uint8, f"expected uint8 images, got {images.dtype}"
-    if tuple(images.shape[1:3]) == prep.resize_size != tuple(prep.image_size):
+    if prep.crops(images):
         images = center_crop(images, prep.image_size)
     B, H, W, C = images.shape
     assert C == prep.channels, f"expected {prep.channels} channels, got {C}"

@@ -44,9 +44,8 @@ class MuonAndSGD:
         self.sgd = torch.optim.SGD(sgd_groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
         self.muon = torch.optim.Muon(groups, lr=lr, momentum=MUON_MOMENTUM, nesterov=True,
                                      weight_decay=0.0, ns_steps=MUON_NS_STEPS)
-        for view in self.views.values():
-            # A view that is not a view (an unusual layout) would train a copy: refuse that.
-            assert view.data_ptr() in {p.data_ptr() for p in self.filters}, "filter view copied"
+        # A view that is not a view (an unusual layout) would train a copy: refuse that.
+        assert all(self.views[id(p)].data_ptr() == p.data_ptr() for p in self.filters), "filter view copied"
 
     def _pass_grad(self, filters: torch.Tensor) -> None:
         # Seen through param_groups as soon as backward made it, so fp16's GradScaler unscales
