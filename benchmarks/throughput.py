@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from imgflow.allocator import keep_freed_memory
 from imgflow.device import describe_device, resolve_device
 from imgflow.errors import UserError
 from imgflow.fileio import write_json
@@ -380,12 +381,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead: profile training steps of MODEL into results/profile-MODEL.txt "
                         "(precision: the first of --precisions; batch: --batch-size or 256)")
     p.add_argument("--profile-steps", type=int, default=5, help="steps to profile (default 5)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (imgflow's commands keep freed memory: imgflow.allocator)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # As imgflow's commands do (unless --system-malloc): the speed users get.
+    kept_freed_memory = False if args.system_malloc else keep_freed_memory()
     batch = args.batch_size or (64 if args.quick else 256)
     eval_batch = args.eval_batch_size or (250 if args.quick else 500)
     steps = args.steps or (5 if args.quick else 20)
@@ -412,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     machine = machine_info(thread_counts[0])
     machine["threads_measured"] = thread_counts
+    machine["malloc_keeps_freed_memory"] = kept_freed_memory
     machine["device"] = describe_device(device)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]

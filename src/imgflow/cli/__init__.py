@@ -16,6 +16,7 @@ import sys
 # (benchmarks/results). Set before torch is imported; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from imgflow.allocator import keep_freed_memory
 from imgflow.cli.arguments import other_rank
 from imgflow.cli.parser import build_parser
 from imgflow.errors import UserError
@@ -50,6 +51,7 @@ _PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EEXI
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # before any tensor: large ones are then reused, not page-faulted each step
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = other_rank()

@@ -68,7 +68,9 @@ class GlobalMaxPool(nn.Module):
     """Max over all spatial positions: (B, C, H, W) -> (B, C), for any input size."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.amax(dim=(2, 3))
+        # Not x.amax(dim=(2, 3)): torch.compile's bf16 backward of amax on a CPU gave non-finite
+        # gradients to every layer below (torch 2.13; eager was fine); max with indices does not.
+        return F.adaptive_max_pool2d(x, 1).flatten(1)
 
 
 class Scale(nn.Module):
