@@ -198,7 +198,7 @@ def _k_fold_tune(tmp_path, monkeypatch, tune_seconds: float):
     # fold 0 validates on 2 images of each class (of the 30 in all)
     fold0 = SimpleNamespace(labels=np.repeat(np.arange(3), 2))
     monkeypatch.setattr(steps, "protocol_split", lambda ctx: (None, fold0))
-    settings = {"model": "fast-small", "epochs": 2, "folds": 3, "fold": 0, "lr": 0.1}
+    settings = {"model": "fast-small", "epochs": 2, "folds": 3, "fold": 0, **recipes.fast_recipe(5_000, 2)}
     scaled = Scaled(model="fast-small", epochs=2, train_subset=0, best_epoch=None, settings=settings,
                     run="runs/6-overfit", final_val_acc=0.4, final_val_loss=1.1, final_val_score=0.4,
                     seconds_per_epoch=1.0)
@@ -303,20 +303,51 @@ def test_one_standard_error_rule_takes_the_most_regularised_of_the_tied_candidat
     assert choose([result("none", float("nan"), 0)], 0.01) == "none"
 
 
+def _decay_per_image(settings):
+    return settings["lr"] * settings["weight_decay"] / (1 - settings["momentum"]) / settings["batch_size"]
+
+
 def test_first_candidate_decays_weights_per_image_as_the_airbench94_preset_does():
     from imgflow.training.config import PRESETS
 
-    def decay_per_image(lr, weight_decay, momentum, batch_size):
-        return lr * weight_decay / (1 - momentum) / batch_size
+    theirs = _decay_per_image(PRESETS["airbench94"])  # the SGD recipe the workflow's candidates follow
+    assert _decay_per_image(PRESETS["best"]) == pytest.approx(theirs, rel=0.05)  # and the Muon one
+    for n_train in (500, 5_000, 50_000):  # small batches for small data; Muon from 20,000 images
+        reference = recipes.fast_recipe(n_train, 6)
+        first = recipes.candidate_settings(reference, wf.CANDIDATES[0])
+        assert _decay_per_image(first) == pytest.approx(theirs, rel=0.05), n_train
+        assert first["label_smoothing"] == PRESETS["airbench94"]["label_smoothing"]
+        assert first["augment"] == PRESETS["airbench94"]["augment"]
+    # a halved learning rate halves the decay per image too (decay is coupled to the lr)
+    half = recipes.candidate_settings(recipes.fast_recipe(5_000, 6), wf.CANDIDATES[3])
+    assert _decay_per_image(half) == pytest.approx(theirs / 2, rel=0.05)
 
-    fast = PRESETS["airbench94"]  # the SGD recipe the workflow's candidates follow
-    for n_train in (500, 50_000):  # step 6 picks a smaller batch for small data
-        recipe = recipes.fast_recipe(n_train)
-        name, _, changes, _ = wf.CANDIDATES[0]
-        ours = decay_per_image(recipe["lr"], changes["weight_decay"], recipe["momentum"], recipe["batch_size"])
-        theirs = decay_per_image(fast["lr"], fast["weight_decay"], fast["momentum"], fast["batch_size"])
-        assert ours == pytest.approx(theirs, rel=0.05), name
-        assert changes["label_smoothing"] == fast["label_smoothing"] and changes["augment"] == fast["augment"]
+
+def test_the_recipe_is_muons_from_20000_images_and_the_final_run_switches_to_it():
+    from imgflow.training.config import PRESETS
+
+    assert recipes.fast_recipe(19_999, 6)["optimizer"] == "sgd"
+    muon = recipes.fast_recipe(20_000, 6)
+    assert {k: muon[k] for k in ("optimizer", "muon_lr", "lr", "batch_size", "whiten_bias_epochs")} == \
+        {k: PRESETS["best"][k] for k in ("optimizer", "muon_lr", "lr", "batch_size", "whiten_bias_epochs")}
+    assert muon["warmup_epochs"] == 0 and muon["lookahead"] == 0
+    assert recipes.fast_recipe(5_000, 10)["warmup_epochs"] == 2.0  # SGD warms up for a fifth of the run
+
+    explored = {"model": "fast-large", **recipes.fast_recipe(14_000, 6), "epochs": 6, "label_smoothing": 0.2}
+    chosen = recipes.candidate_settings(explored, wf.CANDIDATES[0])
+    final = recipes.final_recipe(chosen, 50_000, 6)
+    assert final["optimizer"] == "muon" and final["batch_size"] == 1000 and final["lr"] == PRESETS["best"]["lr"]
+    assert final["augment"] == chosen["augment"] and final["label_smoothing"] == 0.2  # the regularisation stays
+    assert _decay_per_image(final) == pytest.approx(_decay_per_image(chosen))
+    half = recipes.final_recipe(recipes.candidate_settings(explored, wf.CANDIDATES[3]), 50_000, 6)
+    assert half["lr"] == pytest.approx(PRESETS["best"]["lr"] / 2)
+    assert _decay_per_image(half) == pytest.approx(_decay_per_image(chosen) / 2)
+    # nothing changes where the explored recipe already fits, or for a pretrained backbone's run
+    assert recipes.final_recipe(chosen, 15_000, 6) is chosen
+    assert recipes.final_recipe(recipes.candidate_settings(recipes.fast_recipe(30_000, 6), wf.CANDIDATES[0]),
+                                50_000, 6)["lr"] == PRESETS["best"]["lr"]
+    adamw = {"model": "hf:x", "optimizer": "adamw", "lr": 1e-3, "batch_size": 64}
+    assert recipes.final_recipe(adamw, 50_000, 6) is adamw
 
 
 def test_final_run_plan_cuts_epochs_before_images_and_uses_the_budget():
@@ -633,8 +664,11 @@ def test_step_6_scales_up_to_the_largest_model_whose_final_run_fits(tmp_path, mo
 
 
 def test_final_reserve_covers_a_tta_test_pass_at_inference_speed_and_the_reports():
-    # 10,000 test images x 4 views at 3 x 500 img/s, plus the reports.
-    assert wf.final_reserve_seconds(10_000, 500) == pytest.approx(40_000 / 1500 + budget.REPORT_SECONDS)
+    # 10,000 test images x 6 views (airbench94's, as inference.tta_views) at 3 x 500 img/s, plus the reports.
+    import torch
+    from imgflow.inference import tta_views
+    assert len(tta_views(torch.zeros(1, 8, 8, 3))) == budget.TTA_VIEWS == 6
+    assert wf.final_reserve_seconds(10_000, 500) == pytest.approx(60_000 / 1500 + budget.REPORT_SECONDS)
     assert wf.final_reserve_seconds(0, 500) == budget.REPORT_SECONDS
 
 
@@ -692,3 +726,21 @@ def test_the_workflow_package_imports_only_downward_without_cycles():
         ready = sorted(m for m in graph if m not in done and graph[m] <= set(done))
         assert ready, f"an import cycle among {sorted(set(graph) - set(done))}"
         done += ready
+
+
+def test_a_final_run_on_enough_images_trains_with_muon_and_keeps_the_chosen_regularisation(
+        finished_workflow, workflow_data, tmp_path, monkeypatch):
+    out, record, _ = finished_workflow
+    assert record["state"]["plans"]["6-overfit"]["settings"]["optimizer"] == "sgd"  # tiny data: SGD throughout
+    n_final = json.loads((out / "runs" / "8-final" / "config.json").read_text())["data"]["num_train"]
+    monkeypatch.setattr(recipes, "MUON_MIN_IMAGES", n_final)  # exploration stays below it, the final run not
+    monkeypatch.setattr(steps, "VALIDATION_CAP", 24)
+    record = wf.run_workflow(str(workflow_data), tmp_path / "out", budget_minutes=0.5, seed=0, progress=False,
+                             threads=1)
+    chosen = record["state"]["chosen"]["settings"]
+    final = json.loads((tmp_path / "out" / "runs" / "8-final" / "config.json").read_text())["train"]
+    assert chosen["optimizer"] == "sgd" and final["optimizer"] == "muon" and final["batch_size"] == 1000
+    for key in ("augment", "label_smoothing", "model"):
+        assert final[key] == chosen[key]
+    step = record["steps"][7]
+    assert step["metrics"]["recipe_changed_to"] == "muon" and "with Muon" in step["decision"]

@@ -262,6 +262,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 2,000 trains 18% fewer images per second (410 vs 500, fast-large, bf16, 1 thread), so the
     # head's and biases' lr is halved with the batch (lr per image kept) and Muon's kept.
     "best": dict(_MUON, model="fast-large", epochs=8, batch_size=1000, lr=0.83, val_split=0.0),
+    # `best` for twice the epochs: what the machine's quarter hour buys (a wider net, airbench95's
+    # widths, trains 2.2x fewer images per second: fewer epochs than this in the same time).
+    "best-long": dict(_MUON, model="fast-large", epochs=16, batch_size=1000, lr=0.83, val_split=0.0),
     # airbench94 itself (SGD, lookahead), matched option for option: the reference `best` is
     # measured against.
     "airbench94": dict(_AIRBENCH_COMMON, model="fast-large", epochs=10, batch_size=1024, optimizer="sgd",
@@ -280,6 +283,8 @@ PRESET_INFO: dict[str, dict[str, Any]] = {
              "summary": "fast-small, Muon, 4 epochs: the notebook's 83% in about a minute and a half"},
     "best": {"tta": True, "target": 0.905,
              "summary": "fast-large (airbench94 layout), Muon, 8 epochs: airbench94's accuracy in fewer epochs"},
+    "best-long": {"tta": True, "target": 0.920,
+                  "summary": "best for 16 epochs: more accuracy in under a quarter of an hour on a 2-core CPU"},
     "airbench94": {"tta": True, "target": 0.905,
                    "summary": "airbench94's own recipe (SGD, lookahead, 10 epochs), the reference for best"},
 }

@@ -253,10 +253,12 @@ class FinalOutcome:
     metric: str
     test: dict[str, Any]  # metrics.json
     tta: bool  # tested on mirrored and shifted views too
+    recipe_changed_to: str | None = None  # the optimiser it trained with when not the explored one's
 
     def metrics(self) -> dict[str, Any]:
         t = self.test
         return {"test_accuracy": t["accuracy"], "tta": self.tta, "test_balanced_accuracy": t["balanced_accuracy"],
                 "test_macro_f1": t["macro_f1"], "test_loss": t["loss"],
                 "majority_baseline_accuracy": t["majority_baseline_accuracy"], "epochs": self.epochs,
-                "validated_epochs": self.validated_epochs, "train_subset": self.trained_on if self.subset else 0}
+                "validated_epochs": self.validated_epochs, "train_subset": self.trained_on if self.subset else 0,
+                "recipe_changed_to": self.recipe_changed_to}

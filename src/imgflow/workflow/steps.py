@@ -24,7 +24,7 @@ from imgflow.workflow.backbone import (BACKBONE_SHARE_OF_TUNE, DEFAULT_BACKBONE,
 from imgflow.workflow.context import Context, base_settings, dataset, protocol_split, train_part
 from imgflow.workflow.decisions import (BackboneComparison, BaselineOutcome, DataFacts, FinalOutcome, MetricChoice,
                                         OverfitOutcome, Preparation, PretrainedOffer, ProtocolChoice, TuneOutcome)
-from imgflow.workflow.recipes import CANDIDATES, candidate_settings, fast_recipe
+from imgflow.workflow.recipes import CANDIDATES, candidate_settings, fast_recipe, final_recipe
 from imgflow.workflow.record import STEP_NAMES, Candidate, Plan, Protocol, Scaled, StepRecord
 from imgflow.workflow.selection import (OVERFIT_PATIENCE, choose_candidate, detect_overfitting, overfit_verdict,
                                         score_standard_error)
@@ -161,12 +161,12 @@ def scaled_model_and_plan(ctx: Context, n_train: int, n_val: int) -> tuple[str, 
         return *plan_epochs(seconds, ips, n_train, n_val, MAX_EPOCHS["overfit"],
                             min_epochs=MIN_EPOCHS_TO_SEE_OVERFITTING), ips
 
-    batch_size = fast_recipe(n_train)["batch_size"]
+    batch_size = fast_recipe(n_train, MIN_EPOCHS_TO_SEE_OVERFITTING)["batch_size"]
     for model in SCALED_MODELS:
         epochs, subset, ips = plan(model, batch_size)
         affords = final_images * ips >= FINAL_MIN_EPOCHS * n_all
         if affords or model == SCALED_MODELS[-1]:
-            trained_batch = fast_recipe(subset or n_train)["batch_size"]
+            trained_batch = fast_recipe(subset or n_train, epochs)["batch_size"]
             if trained_batch != batch_size:  # a small subset trains with small batches, at another speed
                 epochs, subset, ips = plan(model, trained_batch)
             return model, epochs, subset, ips, "final run affords it" if affords else "smallest"
@@ -178,9 +178,9 @@ def step_overfit(ctx: Context) -> StepRecord:
 
     def plan() -> Plan:
         model, epochs, subset, ips, rule = scaled_model_and_plan(ctx, len(part), len(val))
-        settings = {**base_settings(ctx), **fast_recipe(subset or len(part)), "model": model,
-                    "epochs": epochs, "train_subset": subset, "warmup_epochs": round(0.2 * epochs, 2),
-                    "augment": "none", "weight_decay": 0.0, "label_smoothing": 0.0}
+        settings = {**base_settings(ctx), **fast_recipe(subset or len(part), epochs), "model": model,
+                    "epochs": epochs, "train_subset": subset, "augment": "none", "weight_decay": 0.0,
+                    "label_smoothing": 0.0}
         return Plan(ips, settings, rule)
 
     planned = plan_once(ctx, "6-overfit", plan)
@@ -327,11 +327,13 @@ def _comparison(name: str, pretrained: list[tuple[Candidate, float]], standard_e
 
 
 def _final_plan(ctx: Context, chosen: Candidate, n_train: int) -> Plan:
-    settings = {k: v for k, v in chosen.settings.items() if k not in ("folds", "fold")}
     validated = chosen.settings["epochs"]
-    # The chosen candidate's own run trained this model at this batch with this augmentation:
+    explored = {k: v for k, v in chosen.settings.items() if k not in ("folds", "fold")}
+    # On all the images a fast model may train with another recipe (Muon's) than it explored with.
+    settings = final_recipe(explored, n_train, validated)
+    # Else the chosen candidate's own run trained this model at this batch with this augmentation:
     # its pace predicts the final run's better than a probe does.
-    ips = (observed_throughput(ctx.out, chosen.run or chosen.runs[0])
+    ips = ((observed_throughput(ctx.out, chosen.run or chosen.runs[0]) if settings is explored else None)
            or measure_throughput(ctx, settings["model"], settings["batch_size"]))
     test = dataset(ctx).test
     seconds = final_run_seconds(ctx.remaining(), final_reserve_seconds(len(test) if test is not None else 0, ips),
@@ -364,7 +366,9 @@ def step_final(ctx: Context) -> StepRecord:
     report_run(run_dir)
     outcome = FinalOutcome(chosen=chosen.name, n_train=n_train, trained_on=trained_on,
                            subset=bool(settings["train_subset"]), epochs=settings["epochs"],
-                           validated_epochs=chosen.settings["epochs"], metric=ctx.state.metric, test=test, tta=tta)
+                           validated_epochs=chosen.settings["epochs"], metric=ctx.state.metric, test=test, tta=tta,
+                           recipe_changed_to=(settings["optimizer"] if settings.get("optimizer") !=
+                                              chosen.settings.get("optimizer") else None))
     usage = (f"imgflow predict {run_dir} IMAGE.jpg [IMAGE ...]   # top classes per image\n"
              f"imgflow export {run_dir} --format onnx            # deploy without imgflow")
     return _record(7, final_words(outcome), outcome, runs=[_relative(ctx, run_dir)], usage=usage)
