@@ -326,15 +326,8 @@ def _comparison(name: str, pretrained: list[tuple[Candidate, float]], standard_e
 # 8: test once and deploy
 
 
-def _final_plan(ctx: Context, chosen: Candidate, n_train: int) -> Plan:
-    validated = chosen.settings["epochs"]
-    explored = {k: v for k, v in chosen.settings.items() if k not in ("folds", "fold")}
-    # On all the images a fast model may train with another recipe (Muon's) than it explored with.
-    settings = final_recipe(explored, n_train, validated)
-    # Else the chosen candidate's own run trained this model at this batch with this augmentation:
-    # its pace predicts the final run's better than a probe does.
-    ips = ((observed_throughput(ctx.out, chosen.run or chosen.runs[0]) if settings is explored else None)
-           or measure_throughput(ctx, settings["model"], settings["batch_size"]))
+def _final_epochs(ctx: Context, settings: dict, ips: float, n_train: int, validated: int) -> tuple[int, int]:
+    """(epochs, train_subset) the final run can afford at `ips` images/s in what the budget leaves it."""
     test = dataset(ctx).test
     seconds = final_run_seconds(ctx.remaining(), final_reserve_seconds(len(test) if test is not None else 0, ips),
                                 ctx.budget_seconds)
@@ -342,7 +335,25 @@ def _final_plan(ctx: Context, chosen: Candidate, n_train: int) -> Plan:
         # Its epochs train the head on cached features, and their pace leaves out the one pass of
         # the backbone that computes them: that pass, priced at the probed pace, comes off first.
         seconds -= n_train / (VALIDATION_SPEEDUP * ctx.state.plans[FROZEN_RUN].images_per_second)
-    epochs, subset = plan_final_run(seconds, ips, n_train, validated, FINAL_EPOCHS_FACTOR * validated)
+    return plan_final_run(seconds, ips, n_train, validated, FINAL_EPOCHS_FACTOR * validated)
+
+
+def _final_plan(ctx: Context, chosen: Candidate, n_train: int) -> Plan:
+    validated = chosen.settings["epochs"]
+    settings = {k: v for k, v in chosen.settings.items() if k not in ("folds", "fold")}
+    # The chosen candidate's own run trained this model at this batch with this augmentation:
+    # its pace predicts the final run's better than a probe does.
+    ips = (observed_throughput(ctx.out, chosen.run or chosen.runs[0])
+           or measure_throughput(ctx, settings["model"], settings["batch_size"]))
+    epochs, subset = _final_epochs(ctx, settings, ips, n_train, validated)
+    # On the images it can afford, a fast model that explored with SGD on fewer may call for Muon's
+    # recipe: planned again at that recipe's pace, and taken if it still trains on enough images.
+    muon = final_recipe(settings, subset or n_train, validated)
+    if muon is not settings:
+        muon_ips = measure_throughput(ctx, muon["model"], muon["batch_size"])
+        muon_epochs, muon_subset = _final_epochs(ctx, muon, muon_ips, n_train, validated)
+        if final_recipe(settings, muon_subset or n_train, validated) is not settings:
+            settings, ips, epochs, subset = muon, muon_ips, muon_epochs, muon_subset
     if epochs != validated:
         # The schedule keeps its shape: the same fraction of the run warms up.
         settings["warmup_epochs"] = round(settings.get("warmup_epochs", 0.0) * epochs / validated, 2)
