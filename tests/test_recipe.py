@@ -410,6 +410,28 @@ def test_make_tables_shows_the_batchnorm_lag_results(benchmark_modules, tmp_path
     assert "| runs/x | seed-batchnorm | model.safetensors | 0 | 0.7500 | 0.8300 | 0.8290 | 5,000 / 2,000 | - |" in text
 
 
+def test_workflow_seeds_summarise_and_tabulate(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import make_tables
+    import workflow_seeds
+
+    def run(seed, acc, minutes):
+        return {"data": "cifar10", "budget_minutes": 15.0, "seed": seed, "test_accuracy": acc,
+                "elapsed_minutes": minutes, "model": "fast-large", "final_optimizer": "muon", "final_epochs": 11}
+
+    runs = [run(0, 0.91, 15.1), run(1, 0.92, 15.3), {**run(0, 0.5, 1.0), "budget_minutes": 1.0}]
+    summary = {row["budget_minutes"]: row for row in workflow_seeds.summarise(runs)}
+    assert summary[15.0]["n"] == 2 and summary[15.0]["test_accuracy_mean"] == pytest.approx(0.915)
+    assert summary[15.0]["test_accuracy_std"] == pytest.approx(np.std([0.91, 0.92], ddof=1), abs=1e-4)
+    assert summary[1.0]["seeds"] == [0]
+    machine = {"cpu": "Test CPU", "logical_cpus": 2, "flags": {}, "native_bf16": True, "torch": "2.x", "threads": 2}
+    (tmp_path / "workflow-test.json").write_text(json.dumps({"machine": machine, "runs": runs,
+                                                            "summary": workflow_seeds.summarise(runs)}))
+    text = make_tables.build(tmp_path)
+    assert "| cifar10 | 15 min | 0.9150 ± 0.0071 | 15.2 ± 0.1 min | 0, 1 |" in text
+    assert "1: 0.9200, fast-large, muon, 11" in text
+
+
 def test_ablation_variants_parse_and_summarise_and_tabulate(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import ablation
