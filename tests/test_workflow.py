@@ -312,10 +312,9 @@ def test_first_candidate_decays_weights_per_image_as_the_airbench94_preset_does(
 
     theirs = _decay_per_image(PRESETS["airbench94"])  # the SGD recipe the workflow's candidates follow
     assert _decay_per_image(PRESETS["best"]) == pytest.approx(theirs, rel=0.05)  # and the Muon one
-    for n_train in (500, 5_000, 50_000):  # small batches for small data; Muon from 20,000 images
-        reference = recipes.fast_recipe(n_train, 6)
+    for reference in (recipes.fast_recipe(500, 6), recipes.fast_recipe(50_000, 6), recipes.muon_recipe()):
         first = recipes.candidate_settings(reference, wf.CANDIDATES[0])
-        assert _decay_per_image(first) == pytest.approx(theirs, rel=0.05), n_train
+        assert _decay_per_image(first) == pytest.approx(theirs, rel=0.05), reference
         assert first["label_smoothing"] == PRESETS["airbench94"]["label_smoothing"]
         assert first["augment"] == PRESETS["airbench94"]["augment"]
     # a halved learning rate halves the decay per image too (decay is coupled to the lr)
@@ -323,11 +322,11 @@ def test_first_candidate_decays_weights_per_image_as_the_airbench94_preset_does(
     assert _decay_per_image(half) == pytest.approx(theirs / 2, rel=0.05)
 
 
-def test_the_recipe_is_muons_from_20000_images_and_the_final_run_switches_to_it():
+def test_exploration_trains_with_sgd_and_a_final_run_on_20000_images_switches_to_muon():
     from imgflow.training.config import PRESETS
 
-    assert recipes.fast_recipe(19_999, 6)["optimizer"] == "sgd"
-    muon = recipes.fast_recipe(20_000, 6)
+    assert recipes.fast_recipe(50_000, 6)["optimizer"] == "sgd"  # steps 6-7, at any size
+    muon = recipes.muon_recipe()
     assert {k: muon[k] for k in ("optimizer", "muon_lr", "lr", "batch_size", "whiten_bias_epochs")} == \
         {k: PRESETS["best"][k] for k in ("optimizer", "muon_lr", "lr", "batch_size", "whiten_bias_epochs")}
     assert muon["warmup_epochs"] == 0 and muon["lookahead"] == 0
@@ -335,19 +334,18 @@ def test_the_recipe_is_muons_from_20000_images_and_the_final_run_switches_to_it(
 
     explored = {"model": "fast-large", **recipes.fast_recipe(14_000, 6), "epochs": 6, "label_smoothing": 0.2}
     chosen = recipes.candidate_settings(explored, wf.CANDIDATES[0])
-    final = recipes.final_recipe(chosen, 50_000, 6)
+    final = recipes.final_recipe(chosen, 50_000)
     assert final["optimizer"] == "muon" and final["batch_size"] == 1000 and final["lr"] == PRESETS["best"]["lr"]
     assert final["augment"] == chosen["augment"] and final["label_smoothing"] == 0.2  # the regularisation stays
     assert _decay_per_image(final) == pytest.approx(_decay_per_image(chosen))
-    half = recipes.final_recipe(recipes.candidate_settings(explored, wf.CANDIDATES[3]), 50_000, 6)
+    half = recipes.final_recipe(recipes.candidate_settings(explored, wf.CANDIDATES[3]), 50_000)
     assert half["lr"] == pytest.approx(PRESETS["best"]["lr"] / 2)
     assert _decay_per_image(half) == pytest.approx(_decay_per_image(chosen) / 2)
-    # nothing changes where the explored recipe already fits, or for a pretrained backbone's run
-    assert recipes.final_recipe(chosen, 15_000, 6) is chosen
-    assert recipes.final_recipe(recipes.candidate_settings(recipes.fast_recipe(30_000, 6), wf.CANDIDATES[0]),
-                                50_000, 6)["lr"] == PRESETS["best"]["lr"]
+    # nothing changes below 20,000 images, or for a pretrained backbone's run
+    assert recipes.final_recipe(chosen, 19_999) is chosen
+    assert recipes.final_recipe(chosen, 20_000)["optimizer"] == "muon"
     adamw = {"model": "hf:x", "optimizer": "adamw", "lr": 1e-3, "batch_size": 64}
-    assert recipes.final_recipe(adamw, 50_000, 6) is adamw
+    assert recipes.final_recipe(adamw, 50_000) is adamw
 
 
 def test_final_run_plan_cuts_epochs_before_images_and_uses_the_budget():

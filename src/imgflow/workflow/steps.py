@@ -348,7 +348,7 @@ def _final_plan(ctx: Context, chosen: Candidate, n_train: int) -> Plan:
     epochs, subset = _final_epochs(ctx, settings, ips, n_train, validated)
     # On the images it can afford, a fast model that explored with SGD on fewer may call for Muon's
     # recipe: planned again at that recipe's pace, and taken if it still trains on enough images.
-    muon = final_recipe(settings, subset or n_train, validated)
+    muon = final_recipe(settings, subset or n_train)
     if muon is not settings:
         # A probe times the step alone; a run also assembles and augments batches. The chosen
         # run's observed pace over its probed one carries that share over (CIFAR-10, 15 minutes,
@@ -356,7 +356,7 @@ def _final_plan(ctx: Context, chosen: Candidate, n_train: int) -> Plan:
         overhead = min(1.0, ips / measure_throughput(ctx, settings["model"], settings["batch_size"]))
         muon_ips = overhead * measure_throughput(ctx, muon["model"], muon["batch_size"])
         muon_epochs, muon_subset = _final_epochs(ctx, muon, muon_ips, n_train, validated)
-        if final_recipe(settings, muon_subset or n_train, validated) is not settings:
+        if final_recipe(settings, muon_subset or n_train) is not settings:
             settings, ips, epochs, subset = muon, muon_ips, muon_epochs, muon_subset
     if epochs != validated:
         # The schedule keeps its shape: the same fraction of the run warms up.
