@@ -4,8 +4,8 @@ PyTorch on a CPU allocates every activation and gradient with malloc. glibc serv
 32 MB (a batch of 1,000 32x32 activations is 60-250 MB) with a fresh mmap and unmaps them on
 free, so each large tensor is page-faulted and zero-filled by the kernel again, step after step:
 on the Xeon (2 vCPUs) a ReLU over 61 M bf16 values took 55 ms that way and 15 ms with the memory
-kept, and training fast-large sped up by 15%, fast-small by 35%, inference by up to 2x
-(docs/RESULTS.md). Allocators such as jemalloc or tcmalloc (PyTorch's CPU launcher preloads them)
+kept, and training sped up by 13-15% (benchmarks/throughput.py) and `--preset fast` trained in
+62 s instead of 80 (docs/RESULTS.md). Allocators such as jemalloc or tcmalloc (PyTorch's CPU launcher preloads them)
 keep freed memory too; this does it with glibc's own switches, so nothing needs installing.
 
 The price: the process keeps its peak memory until it exits, which suits a training or
