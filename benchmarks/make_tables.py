@@ -191,8 +191,7 @@ def workflow_table(result: dict) -> str:
     for s in result.get("summary", []):
         runs = [r for r in result["runs"] if (r["data"], r["budget_minutes"]) == (s["data"], s["budget_minutes"])]
         acc = _accuracy(s, "test")
-        wall = (f"{s['elapsed_minutes_mean']:.1f} ± {s['elapsed_minutes_std']:.1f} min" if s["n"] > 1
-                else f"{s['elapsed_minutes_mean']:.1f} min")
+        wall = _minutes(s["elapsed_minutes_mean"] * 60, s["elapsed_minutes_std"] * 60, s["n"])
         detail = "; ".join(f"{r['seed']}: {r['test_accuracy']:.4f}, {r['model']}, {r['final_optimizer']}, "
                            f"{r['final_epochs']}" for r in runs)
         lines.append(f"| {s['data']} | {s['budget_minutes']:g} min | {acc} | {wall} "

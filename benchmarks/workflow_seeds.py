@@ -43,7 +43,6 @@ def run_one(data: str, minutes: float, seed: int, runs_dir: Path) -> dict:
                 "--seed", str(seed), "--out", str(out)])
     wall = time.perf_counter() - t0
     record = read_json(out / "workflow.json", "workflow record")
-    steps = {step["name"]: step for step in record["steps"]}
     final = record["steps"][-1]["metrics"]
     scaled = record["state"]["scaled"] or {}
     chosen = record["state"]["chosen"] or {}
@@ -51,7 +50,7 @@ def run_one(data: str, minutes: float, seed: int, runs_dir: Path) -> dict:
             "elapsed_minutes": record["elapsed_minutes"], "command_seconds": round(wall, 1),
             "model": scaled.get("model"), "chosen": chosen.get("name"), "final_epochs": final.get("epochs"),
             "validated_epochs": final.get("validated_epochs"), "final_optimizer": final.get("recipe_changed_to")
-            or (chosen.get("settings") or {}).get("optimizer"), "steps": list(steps), "out": str(out),
+            or (chosen.get("settings") or {}).get("optimizer"), "steps": [step["name"] for step in record["steps"]], "out": str(out),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -237,7 +237,7 @@ def final_words(outcome: FinalOutcome) -> tuple[str, str]:
                 + f"; test {metric_name(o.metric)} {o.test[o.metric]:.4f}"
                 + (" with test-time augmentation" if o.tta else "")
                 + f" (majority baseline {o.test['majority_baseline_accuracy']:.4f})")
-    switched = (f" On all {o.n_train} images a batch of 1,000 leaves enough steps per epoch for airbench94_muon's "
+    switched = (f" On {o.trained_on} images a batch of 1,000 leaves enough steps per epoch for airbench94_muon's "
                 "recipe (Muon for the convolution filters), which reaches in fewer epochs what the SGD recipe "
                 "explored with does; the chosen regularisation is kept." if o.recipe_changed_to == "muon" else "")
     views = (" It trained on mirrored and shifted images, so each test image is classified by the weighted "
