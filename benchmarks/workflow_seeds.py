@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -86,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS / f"workflow-{machine_slug(machine)}.json"
     previous = read_json(out, "results").get("runs", []) if out.is_file() else []
     for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
-        record = run_one(args.data, args.budget_minutes, seed, args.runs_dir)
+        try:
+            record = run_one(args.data, args.budget_minutes, seed, args.runs_dir)
+        except subprocess.CalledProcessError as exc:  # imgflow printed why, in one line, above
+            print(f"workflow_seeds: imgflow workflow failed for seed {seed} (exit {exc.returncode}); "
+                  f"results so far are in {out if previous else 'no file'}", file=sys.stderr)
+            return 2
         log.info("%s, %g min, seed %d: test accuracy %.4f in %.1f min (%s, %s, %d epochs)", args.data,
                  args.budget_minutes, seed, record["test_accuracy"], record["elapsed_minutes"], record["model"],
                  record["final_optimizer"], record["final_epochs"] or 0)

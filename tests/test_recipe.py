@@ -432,6 +432,24 @@ def test_workflow_seeds_summarise_and_tabulate(monkeypatch, tmp_path):
     assert "1: 0.9200, fast-large, muon, 11" in text
 
 
+def test_workflow_seeds_stops_with_exit_2_when_the_workflow_fails_and_keeps_earlier_results(
+        monkeypatch, tmp_path, capsys):
+    import subprocess
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import workflow_seeds
+
+    def fail(*args):
+        raise subprocess.CalledProcessError(2, ["imgflow"])
+
+    out = tmp_path / "workflow.json"
+    out.write_text(json.dumps({"runs": [{"data": "cifar10", "budget_minutes": 15.0, "seed": 0, "test_accuracy": 0.9,
+                                         "elapsed_minutes": 15.0}]}))
+    before = out.read_text()
+    monkeypatch.setattr(workflow_seeds, "run_one", fail)
+    assert workflow_seeds.main(["--seeds", "1", "--out", str(out)]) == 2
+    assert "failed for seed 1 (exit 2)" in capsys.readouterr().err and out.read_text() == before
+
+
 def test_ablation_variants_parse_and_summarise_and_tabulate(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import ablation
