@@ -8,7 +8,9 @@ Each (variant, seed) is one `imgflow train DATA --preset P --seed S [OPTIONS]` r
 process, under RUNS/<variant>-seed<S>. A directory that already holds a finished run is reused
 through `--resume`, which refuses if its options differ, so a series can be extended with new
 variants or seeds, or re-tabulated, without training again. The score is the last epoch's
-validation accuracy: choosing a recipe must not look at the test split. Training seconds are
+validation accuracy: choosing a recipe must not look at the test split. With --tta, each run is
+also scored on validation with airbench94's six test-time views, averaged two ways: their
+probabilities (imgflow's `evaluate --tta`) and their logits (airbench's). Training seconds are
 recorded, but runs that shared the cores with other work are slower: compare speed with
 benchmarks/throughput.py, not here. Results: benchmarks/results/ablation-<preset>-<cpu>.json.
 """
@@ -60,14 +62,40 @@ def run_one(data: str, preset: str, variant: str, options: list[str], seed: int,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def tta_accuracies(run_dir: Path) -> dict[str, float]:
+    """Validation accuracy of a finished run with the six-view TTA, per way of averaging the views."""
+    from imgflow.inference import TTA_AVERAGES, loss_and_accuracy, model_device, predict_logits
+    from imgflow.precision import resolve_precision, set_threads
+    from imgflow.preprocess import Preprocessing
+    from imgflow.runs import load_run_data, load_trained_model
+    from imgflow.training.batches import split_for_training
+    from imgflow.training.config import TrainConfig
+
+    model, config = load_trained_model(run_dir)
+    train = config["train"]
+    _, val = split_for_training(load_run_data(train).train, TrainConfig.from_dict(train))
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    precision = resolve_precision(train.get("precision", "fp32"), model_device(model))
+    set_threads(train.get("threads"))
+    return {average: round(loss_and_accuracy(predict_logits(model, val.images, prep, precision, tta=True,
+                                                            tta_average=average), val.labels)["accuracy"], 4)
+            for average in TTA_AVERAGES}
+
+
 def summarise(runs: list[dict]) -> list[dict]:
-    """Mean +- std of the validation accuracy per variant, in the order the variants first appear."""
+    """Mean +- std of the validation accuracy per variant, in the order the variants first appear
+    (and with TTA, per way of averaging, where every run of the variant was so scored)."""
     rows = []
     for variant, rs in grouped(runs, lambda r: r["variant"]).items():
         acc, acc_sd = mean_std([r["val_accuracy"] for r in rs])
-        rows.append({"variant": variant, "options": rs[0]["options"], "n": len(rs), "epochs": rs[0]["epochs"],
-                     "seeds": sorted(r["seed"] for r in rs),
-                     "val_accuracy_mean": round(acc, 4), "val_accuracy_std": round(acc_sd, 4)})
+        row = {"variant": variant, "options": rs[0]["options"], "n": len(rs), "epochs": rs[0]["epochs"],
+               "seeds": sorted(r["seed"] for r in rs),
+               "val_accuracy_mean": round(acc, 4), "val_accuracy_std": round(acc_sd, 4)}
+        if all("val_accuracy_tta" in r for r in rs):
+            for average in rs[0]["val_accuracy_tta"]:
+                m, sd = mean_std([r["val_accuracy_tta"][average] for r in rs])
+                row[f"val_tta_{average}_accuracy_mean"], row[f"val_tta_{average}_accuracy_std"] = round(m, 4), round(sd, 4)
+        rows.append(row)
     return rows
 
 
@@ -81,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--runs-dir", type=Path, default=Path("runs/ablation"))
     p.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/ablation-<preset>-<cpu>.json)")
+    p.add_argument("--tta", action="store_true",
+                   help="also score each run on validation with six-view TTA, averaging probabilities and logits")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.preset not in PRESETS:
@@ -108,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ablation: imgflow train failed for variant {name!r} seed {seed} (exit {exc.returncode}); "
                       f"results so far are in {out if runs else 'no file'}", file=sys.stderr)
                 return 2
-            log.info("%s seed %d: validation accuracy %.4f", name, seed, runs[-1]["val_accuracy"])
+            if args.tta:
+                runs[-1]["val_accuracy_tta"] = tta_accuracies(Path(runs[-1]["run_dir"]))
+            log.info("%s seed %d: validation accuracy %.4f%s", name, seed, runs[-1]["val_accuracy"],
+                     f", with TTA {runs[-1]['val_accuracy_tta']}" if args.tta else "")
             write_json(out, {"benchmark": "ablation", "preset": args.preset, "preset_settings": PRESETS[args.preset],
                              "machine": machine, "runs": runs, "summary": summarise(runs)})
     for row in summarise(runs):

@@ -118,13 +118,18 @@ def time_to_accuracy_table(result: dict) -> str:
 
 
 def ablation_table(result: dict) -> str:
+    summary = result.get("summary", [])
+    tta = [k for k in ("probabilities", "logits") if any(f"val_tta_{k}_accuracy_mean" in s for s in summary)]
     lines = [f"Machine: {describe_machine(result['machine'])}. Preset `{result['preset']}` plus the "
-             "options below; last-epoch validation accuracy (no TTA; the test split is not used).", "",
-             "| variant | options | epochs | validation accuracy | seeds |",
-             "|---|---|---:|---:|---|"]
-    for s in result.get("summary", []):
-        acc = _accuracy(s, "val")
-        lines.append(f"| {s['variant']} | `{' '.join(s['options']) or '-'}` | {s['epochs']} | {acc} "
+             "options below; last-epoch validation accuracy (the test split is not used)"
+             + (", without TTA and with six-view TTA averaging the views' probabilities or logits." if tta else
+                " (no TTA)."), "",
+             "| variant | options | epochs | validation accuracy | " + "".join(f"TTA, {k} | " for k in tta) + "seeds |",
+             "|---|---|---:|---:|" + "---:|" * len(tta) + "---|"]
+    for s in summary:
+        accs = [_accuracy(s, "val")] + [_accuracy(s, f"val_tta_{k}") if f"val_tta_{k}_accuracy_mean" in s else "-"
+                                        for k in tta]
+        lines.append(f"| {s['variant']} | `{' '.join(s['options']) or '-'}` | {s['epochs']} | {' | '.join(accs)} "
                      f"| {', '.join(map(str, s['seeds']))} |")
     return "\n".join(lines)
 

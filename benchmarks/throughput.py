@@ -160,9 +160,12 @@ def _timed_steps(step, warmup: int, steps: int, device: torch.device = torch.dev
 
 
 def bench_torch(name: str, precision: str, batch: int, eval_batch: int, warmup: int, steps: int,
-                eval_steps: int, device: torch.device = torch.device("cpu"), compile: bool = False) -> dict:
+                eval_steps: int, device: torch.device = torch.device("cpu"), compile: bool = False,
+                fold: bool = True) -> dict:
     """Training and inference img/s of one registered model at one precision on `device`; with
-    `compile`, through torch.compile (its compile time: the first warm-up step's, in the row)."""
+    `compile`, through torch.compile (its compile time: the first warm-up step's, in the row).
+    Inference folds BatchNorm into the convolutions where the model can, as a loaded run does
+    (runs.load_trained_model), unless `fold` is False."""
     H, W, C = IMAGE
     torch.manual_seed(0)
     model = create_model(name, num_classes=CLASSES, in_channels=C, image_size=(H, W))
@@ -196,6 +199,9 @@ def bench_torch(name: str, precision: str, batch: int, eval_batch: int, warmup: 
     first = time.perf_counter() - first
     train_times = _timed_steps(train_step, max(warmup - 1, 0), steps, device)
     model.eval()
+    folded = fold and hasattr(model, "fold_batchnorm")
+    if folded:
+        model.fold_batchnorm()
     eval_times = _timed_steps(eval_step, 2 if compile else 1, eval_steps, device)
     train_ips = batch / statistics.median(train_times)
     eval_ips = eval_batch / statistics.median(eval_times)
@@ -207,7 +213,7 @@ def bench_torch(name: str, precision: str, batch: int, eval_batch: int, warmup: 
         "train_images_per_second": round(train_ips, 1),
         "train_step_seconds": [round(t, 4) for t in train_times],
         "train_gflops": round(TRAIN_FLOP_FACTOR * flops * train_ips / 1e9, 2),
-        "inference_images_per_second": round(eval_ips, 1),
+        "inference_images_per_second": round(eval_ips, 1), "inference_batchnorm_folded": folded,
         "inference_gflops": round(flops * eval_ips / 1e9, 2),
     }
 
@@ -383,6 +389,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=5, help="steps to profile (default 5)")
     p.add_argument("--system-malloc", action="store_true",
                    help="leave glibc's malloc as it is (imgflow's commands keep freed memory: imgflow.allocator)")
+    p.add_argument("--no-fold", action="store_true",
+                   help="infer with BatchNorm as trained (a loaded run folds it into the convolutions)")
     return p.parse_args(argv)
 
 
@@ -452,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                 heavy = args.quick and name == "seed-batchnorm"
                 row = bench_torch(name, precision, max(8, batch // 2) if heavy else batch,
                                   max(50, eval_batch // 2) if heavy else eval_batch,
-                                  warmup, steps, eval_steps, device, compile=args.compile)
+                                  warmup, steps, eval_steps, device, compile=args.compile,
+                                  fold=not args.no_fold)
                 row["threads"] = threads
                 thread_rows.append(row)
                 log.info("%-15s %-5s %d thr  train %8.1f img/s  inference %8.1f img/s", name, precision,

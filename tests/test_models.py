@@ -314,3 +314,50 @@ def test_a_model_too_large_to_train_is_refused_before_it_is_allocated():
     with pytest.raises(UserError, match=r"seed-baseline for 10 classes of 4096x4096x3 images would have "
                                         r"2,147,508,650 parameters, more than the 250,000,000"):
         create_model("seed-baseline", 10, image_size=(4096, 4096))
+
+
+def _with_running_statistics(model: nn.Module) -> nn.Module:
+    """`model` after a few training-mode passes (running statistics away from 0 and 1) and with
+    BatchNorm biases away from 0, in eval mode: what folding has to reproduce."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, 32, 32) * 2 + 0.5)
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.bias.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["fast-small", "fast-large", "resnet9"])
+def test_folding_batchnorm_keeps_the_logits_and_removes_every_batchnorm(name):
+    model = _with_running_statistics(create_model(name, num_classes=10, in_channels=3, image_size=(32, 32)))
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        folded = model.fold_batchnorm()
+        got = folded(x)
+    assert folded is model
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_with_a_negative_scale_is_not_folded_across_the_max_pool():
+    # max(s * x) is s * min(x) for s < 0: only a positive scale commutes with the pool.
+    model = create_model("fast-small", num_classes=10, in_channels=3, image_size=(32, 32))
+    model = _with_running_statistics(model)
+    first = model.groups[0]
+    with torch.no_grad():
+        first.norm.weight[0] = -1.0
+        x = torch.randn(4, 3, 32, 32)
+        expected = model(x)
+        got = model.fold_batchnorm()(x)
+    assert isinstance(first.norm, nn.BatchNorm2d)  # left in place
+    assert not isinstance(first.body[1], nn.BatchNorm2d)  # the one after the body's conv is folded
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_folding_needs_eval_mode():
+    model = create_model("fast-small", num_classes=10, in_channels=3, image_size=(32, 32))
+    with pytest.raises(AssertionError, match="eval"):
+        model.fold_batchnorm()

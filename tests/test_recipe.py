@@ -248,6 +248,19 @@ def test_tta_averages_the_probabilities_of_all_views_with_their_weights():
     assert torch.allclose(tta, expected, atol=1e-5)
 
 
+def test_tta_can_average_the_logits_as_airbench_does():
+    torch.manual_seed(0)  # a linear map of the pixels: views far apart, so the two averages differ
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 12 * 10, 4)).eval()
+    x = _batch(B=6)
+    with torch.no_grad():
+        model[1].weight.mul_(50)
+    tta = predict_logits(model, x, _prep(), batch_size=4, tta=True, tta_average="logits")
+    expected = sum(w * predict_logits(model, v, _prep()) for v, w in tta_views(x))
+    assert torch.allclose(tta, expected, atol=1e-5)
+    probabilities = predict_logits(model, x, _prep(), batch_size=4, tta=True).softmax(1)
+    assert not torch.allclose(tta.softmax(1), probabilities, atol=1e-4)  # another average
+
+
 def test_evaluate_run_with_tta_on_the_tiny_run(tiny_run, tmp_path):
     from imgflow.evaluation import evaluate_run
 
@@ -474,6 +487,17 @@ def test_ablation_variants_parse_and_summarise_and_tabulate(monkeypatch, tmp_pat
     text = make_tables.build(tmp_path)
     assert "| plain | `-` | 4 | 0.8100 ± 0.0141 | 0, 1 |" in text
     assert "| la | `--lookahead 5` | 4 | 0.8100 | 0 |" in text
+    # Scored with TTA too: both averages summarised and tabulated.
+    for r, (probs, logits) in zip(runs, [(0.84, 0.85), (0.83, 0.83), (0.86, 0.85)]):
+        r["val_accuracy_tta"] = {"probabilities": probs, "logits": logits}
+    summary = ablation.summarise(runs)
+    assert summary[0]["val_tta_probabilities_accuracy_mean"] == pytest.approx(0.85)
+    assert summary[0]["val_tta_logits_accuracy_mean"] == pytest.approx(0.85)
+    (tmp_path / "ablation-fast-test.json").write_text(json.dumps(
+        {"preset": "fast", "machine": machine, "summary": summary}))
+    text = make_tables.build(tmp_path)
+    assert "| validation accuracy | TTA, probabilities | TTA, logits | seeds |" in text
+    assert "| la | `--lookahead 5` | 4 | 0.8100 | 0.8300 | 0.8300 | 0 |" in text
     # A preset without validation cannot be scored: refused before anything trains.
     assert ablation.main(["--preset", "best", "--variant", "x=--epochs 1", "--runs-dir", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r").exists()
@@ -482,6 +506,21 @@ def test_ablation_variants_parse_and_summarise_and_tabulate(monkeypatch, tmp_pat
     assert ablation.main(["--data", str(tmp_path / "missing"), "--variant", "x=--epochs 1",
                           "--runs-dir", str(tmp_path / "r"), "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_ablation_scores_a_run_on_its_validation_split_with_both_tta_averages(monkeypatch, tiny_data, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import ablation
+    from imgflow.data import load_dataset
+    from conftest import train_tiny
+    from imgflow.data.splits import split_train_val
+
+    train_tiny(tiny_data, tmp_path / "run", model="fast-small", epochs=2, lr=0.05)
+    scores = ablation.tta_accuracies(tmp_path / "run")
+    assert set(scores) == {"probabilities", "logits"}
+    _, val = split_train_val(load_dataset(str(tiny_data), progress=False).train, 0.2, "last", 0)
+    # Accuracies of the validation split's images, not of another split's.
+    assert all(round(a * len(val.labels)) == pytest.approx(a * len(val.labels), abs=1e-2) for a in scores.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,6 +706,10 @@ def test_the_throughput_benchmark_measures_on_the_device_it_is_given(monkeypatch
     assert [(r["device"], r["precision"]) for r in result["pytorch"]] == [("cpu", "fp32")]
     assert any("fp16 skipped" in note for note in result["notes"])
     assert result["pytorch"][0]["train_images_per_second"] > 0
+    assert result["pytorch"][0]["inference_batchnorm_folded"] is False  # seed-baseline cannot fold
+    row = throughput.bench_torch("fast-small", "fp32", 8, 8, 1, 1, 1)
+    assert row["inference_batchnorm_folded"] is True  # as a loaded run infers
+    assert throughput.bench_torch("fast-small", "fp32", 8, 8, 1, 1, 1, fold=False)["inference_batchnorm_folded"] is False
     if not torch.cuda.is_available():
         capsys.readouterr()
         assert throughput.main(["--device", "cuda", "--out", str(tmp_path / "no.json")]) == 2

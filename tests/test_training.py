@@ -298,6 +298,21 @@ def test_early_stopping_restores_the_best_weights(tiny_data, tmp_path):
     assert config["result"]["final_val_accuracy"] == best["val_acc"]  # of the weights it saved
 
 
+def test_a_loaded_fast_run_has_its_batchnorm_folded_and_the_validation_loss_it_trained_to(tiny_data, tmp_path):
+    from imgflow.data import load_dataset
+    from imgflow.inference import loss_and_accuracy, predict_logits
+    from imgflow.preprocess import Preprocessing
+    from imgflow.runs import load_trained_model
+
+    train_tiny(tiny_data, tmp_path / "run", model="fast-small", epochs=2, lr=0.05)
+    last = read_history(tmp_path / "run" / "history.csv")[-1]
+    model, config = load_trained_model(tmp_path / "run")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    _, val_part = split_train_val(load_dataset(str(tiny_data), progress=False).train, 0.2, "last", 0)
+    logits = predict_logits(model, val_part.images, Preprocessing.from_dict(config["preprocessing"]))
+    assert loss_and_accuracy(logits, val_part.labels)["loss"] == pytest.approx(last["val_loss"], rel=1e-4)
+
+
 def test_ctrl_c_in_the_epoch_that_stops_early_still_finishes_the_run(tiny_data, tmp_path, monkeypatch):
     import imgflow.training.loop as training_loop
 

@@ -12,6 +12,9 @@ from imgflow.preprocess import Preprocessing, to_model_input
 from imgflow.progress import progress_bar
 
 
+TTA_AVERAGES = ("probabilities", "logits")
+
+
 def tta_views(images: torch.Tensor, prep: Preprocessing | None = None) -> list[tuple[torch.Tensor, float]]:
     """Test-time views and their weights. Images with a margin around their centre crop (a photo
     run's, at prep.resize_size): the centre crop, its mirror, and the top-left and bottom-right
@@ -34,13 +37,15 @@ def tta_views(images: torch.Tensor, prep: Preprocessing | None = None) -> list[t
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, prep: Preprocessing,
                    precision: str = "fp32", batch_size: int = 500, tta: bool = False,
-                   progress: bool = False, desc: str = "predict") -> torch.Tensor:
+                   progress: bool = False, desc: str = "predict", tta_average: str = "probabilities") -> torch.Tensor:
     """float32 logits (N, classes), on the CPU, for uint8 images (N, H, W, C) wherever they are.
 
     The model must be in eval mode; it runs on its own device, and each batch goes there. With
-    tta, the logits are log of the weighted mean softmax over the views, so softmax() of the result is
-    the averaged probability.
+    tta, the views are averaged as `tta_average` says: "probabilities" (imgflow's): the logits are
+    log of the weighted mean softmax, so softmax() of the result is the averaged probability;
+    "logits" (airbench's): the weighted mean of the logits.
     """
+    assert tta_average in TTA_AVERAGES, f"tta_average: expected one of {TTA_AVERAGES}, got {tta_average!r}"
     images = torch.as_tensor(images)
     assert images.dtype == torch.uint8, f"expected uint8 images, got {images.dtype}"
     assert not model.training, "predict_logits needs model.eval()"
@@ -51,17 +56,17 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, pr
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size].to(device, non_blocking=True)
             views = tta_views(batch, prep) if tta else [(batch, 1.0)]
-            probs = None
+            total = None
             for view, weight in views:
                 with autocast(precision, device.type):
                     logits = model(to_model_input(view, prep, channels_last=True)).float()
                 if not tta:
                     out.append(logits.cpu())
                     break
-                p = weight * logits.softmax(dim=1)
-                probs = p if probs is None else probs + p
+                part = weight * (logits.softmax(dim=1) if tta_average == "probabilities" else logits)
+                total = part if total is None else total + part
             if tta:
-                out.append(probs.clamp_min(1e-12).log().cpu())
+                out.append((total.clamp_min(1e-12).log() if tta_average == "probabilities" else total).cpu())
             bar.update(len(batch))
     return torch.cat(out) if out else torch.empty(0)
 

@@ -209,7 +209,8 @@ def create_run_model(config: dict):
 
 def load_trained_model(run_dir: Path, device: str = "cpu"):
     """(model in eval mode on `device`, config dict) from a finished run's config.json and
-    model.safetensors. The weights are read on the CPU (where any run's load) and then moved."""
+    model.safetensors, ready for inference only (BatchNorm folded away where the model can). The
+    weights are read on the CPU (where any run's load) and then moved."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -229,7 +230,12 @@ def load_trained_model(run_dir: Path, device: str = "cpu"):
                         f"({state_dict_mismatch(exc)}): train the run again with --overwrite") from None
     from imgflow.device import resolve_device
 
-    model.to(resolve_device(device)).eval()
+    model.eval()
+    # Loaded for inference only: a model that can (FastNet) folds its BatchNorm layers into its
+    # convolutions, one pass over each activation fewer for evaluate, predict, serve and export.
+    if hasattr(model, "fold_batchnorm"):
+        model.fold_batchnorm()
+    model.to(resolve_device(device))
     return model, config
 
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgflow.models.backbone import HeadAndBackbone
-from imgflow.models.layers import GlobalMaxPool, Scale, bias_only_batchnorm, make_activation
+from imgflow.models.layers import (GlobalMaxPool, Scale, batchnorm_scale_positive, bias_only_batchnorm,
+                                   fold_into_conv, make_activation)
 from imgflow.models.registry import ModelSpec, register_model
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,17 @@ class ConvGroup(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.norm(self.pool(self.conv(x))))
         return x + self.body(x) if self.residual else self.body(x)
+
+    def fold_batchnorm(self) -> None:
+        """Fold each BatchNorm into the conv before it (eval mode). The first one lies across the
+        max-pool, which it commutes with when its scales are positive (airbench's are frozen at 1)."""
+        if isinstance(self.norm, nn.BatchNorm2d) and batchnorm_scale_positive(self.norm):
+            fold_into_conv(self.conv, self.norm)
+            self.norm = nn.Identity()
+        for i, layer in enumerate(self.body):
+            if isinstance(layer, nn.BatchNorm2d):
+                fold_into_conv(self.body[i - 1], layer)
+                self.body[i] = nn.Identity()
 
 
 class WhiteningStem(nn.Module):
@@ -117,6 +129,11 @@ class ConvStem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.conv(x)))
 
+    def fold_batchnorm(self) -> None:
+        if isinstance(self.norm, nn.BatchNorm2d):
+            fold_into_conv(self.conv, self.norm)
+            self.norm = nn.Identity()
+
 
 def _per_group(value, n: int, what: str) -> list:
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
@@ -185,6 +202,17 @@ class FastNet(HeadAndBackbone, nn.Module):
 
     def head_modules(self) -> list[nn.Module]:
         return [self.head, self.scale]
+
+    def fold_batchnorm(self) -> "FastNet":
+        """Fold every BatchNorm into its convolution, for inference only: the same logits (to
+        rounding) from one pass over each activation fewer. Needs eval mode (running statistics);
+        the folded model cannot train on. Returns the model."""
+        assert not self.training, "fold_batchnorm needs model.eval(): it folds the running statistics"
+        if isinstance(self.stem, ConvStem):
+            self.stem.fold_batchnorm()
+        for group in self.groups:
+            group.fold_batchnorm()
+        return self
 
 
 _AIRBENCH = dict(stem="whiten", depths=1, residual=False, act="gelu", logit_scale=1 / 9)

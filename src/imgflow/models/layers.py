@@ -96,6 +96,27 @@ def bias_only_batchnorm(num_features: int, eps: float, momentum: float) -> nn.Ba
     return bn
 
 
+@torch.no_grad()
+def fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an eval-mode BatchNorm that follows `conv` into the conv's weight and bias, in place.
+
+    BatchNorm at inference is a per-channel affine map, s * x + t: scaling each filter by s and
+    adding t as the conv's bias computes the same thing in one pass instead of two."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    conv.weight.mul_(scale.view(-1, 1, 1, 1).to(conv.weight.dtype))
+    if conv.bias is None:
+        conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
+    else:
+        conv.bias.mul_(scale).add_(shift)
+
+
+def batchnorm_scale_positive(bn: nn.BatchNorm2d) -> bool:
+    """Whether an eval-mode BatchNorm scales every channel by a positive factor: then it commutes
+    with a max-pool (max(s*x + t) = s*max(x) + t only for s > 0) and may be folded across one."""
+    return bool((bn.weight > 0).all())
+
+
 def make_activation(name: str) -> nn.Module:
     """Return the activation module called `name` ('gelu' or 'relu')."""
     acts = {"gelu": nn.GELU, "relu": nn.ReLU}
