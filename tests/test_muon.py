@@ -99,6 +99,39 @@ def test_the_whitening_bias_group_stops_after_its_epochs():
     assert not any(g.get("whitening_bias") for g in plain.param_groups)
 
 
+def test_the_whitening_bias_can_learn_at_its_own_scale_throughout_or_for_its_epochs():
+    from imgflow.models import create_model
+
+    model = create_model("fast-small", num_classes=3, in_channels=3, image_size=(16, 16))
+    for epochs, expected in [(0, [64.0, 64.0, 64.0]), (2, [64.0, 64.0, 0.0])]:
+        config = TrainConfig("x", "fast-small", optimizer="sgd", whiten_bias_epochs=epochs, whiten_bias_lr_scale=64.0)
+        optimizer = build_optimizer(model, config)
+        (group,) = [g for g in optimizer.param_groups if g.get("whitening_bias")]
+        scales = []
+        for epoch in range(3):
+            apply_whitening_bias(optimizer, config, epoch)
+            scales.append(group["lr_scale"])
+        assert scales == expected, epochs
+    with pytest.raises(UserError, match="--whiten-bias-lr-scale"):
+        TrainConfig("x", "fast-small", whiten_bias_lr_scale=0).validate()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_decay_biases_shrinks_every_bias_per_step_as_much_as_the_weights(optimizer):
+    from imgflow.models import create_model
+
+    model = create_model("fast-small", num_classes=3, in_channels=3, image_size=(16, 16))
+    options = dict(optimizer=optimizer, weight_decay=0.01, bn_lr_scale=64.0, whiten_bias_epochs=3,
+                   whiten_bias_lr_scale=8.0)
+    plain = build_optimizer(model, TrainConfig("x", "fast-small", **options))
+    assert all(g["weight_decay"] == 0 for g in plain.param_groups if all(p.ndim < 2 for p in g["params"]))
+    decayed = build_optimizer(model, TrainConfig("x", "fast-small", decay_biases=True, **options))
+    biases = [g for g in decayed.param_groups if g["params"] and all(p.ndim < 2 for p in g["params"])]
+    assert {g["lr_scale"] for g in biases} >= {64.0, 8.0}  # BatchNorm's and the whitening bias's groups
+    # Per step SGD shrinks by lr x lr_scale x weight_decay: the same for every group as for the weights.
+    assert all(g["lr_scale"] * g["weight_decay"] == pytest.approx(0.01) for g in biases)
+
+
 def test_a_frozen_whitening_bias_ends_where_its_last_training_epoch_left_it(tiny_data, tmp_path):
     """Constant lr: a 2-epoch run's first epoch is a 1-epoch run. With the bias stopped after epoch
     1, the 2-epoch run ends with the 1-epoch run's bias, while its other weights moved on."""

@@ -38,7 +38,7 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate
     momentum: float = 0.9  # sgd momentum; adam beta1 stays 0.9
     adam_eps: float = 1e-7  # Keras' Adam epsilon (PyTorch's default is 1e-8)
-    weight_decay: float = 0.0  # on conv/dense weights only, never on BatchNorm or biases
+    weight_decay: float = 0.0  # on conv/dense weights; on BatchNorm and biases only with decay_biases
     schedule: str = "constant"  # constant | onecycle (linear warmup, linear decay) | cosine
     warmup_epochs: float = 0.0  # linear warmup length for onecycle/cosine, in epochs
     lr_floor: float = 0.0  # onecycle/cosine decay to this fraction of --lr (airbench: 0.07)
@@ -74,6 +74,8 @@ class TrainConfig:
     freeze_backbone: bool = False  # keep the backbone frozen throughout (train the head only)
     whiten_bias_epochs: int = 0  # train the whitening stem's bias in the first N epochs only (airbench: 3); 0 = always
     muon_lr: float = 0.24  # with --optimizer muon: peak lr of the conv filters (airbench94_muon: 0.24)
+    decay_biases: bool = False  # weight decay on biases and BatchNorm shifts too, shrinking them per step as the weights (airbench)
+    whiten_bias_lr_scale: float = 1.0  # lr multiplier for the whitening stem's bias (airbench94: 1, airbench94_muon: 64)
     crop_scale: float = 0.35  # photo: smallest random crop, as a fraction of the image's area (largest: all)
     crop_pct: float = 0.875  # photo at an image_size: evaluation's centre crop, fraction of each side (hf: the model's)
 
@@ -113,6 +115,8 @@ class TrainConfig:
              f"--bn-lr-scale must be > 0 and <= {MAX_BN_LR_SCALE:g}, got {self.bn_lr_scale}"),
             (self.lookahead >= 0, f"--lookahead must be >= 0, got {self.lookahead}"),
             (self.whiten_bias_epochs >= 0, f"--whiten-bias-epochs must be >= 0, got {self.whiten_bias_epochs}"),
+            (0 < self.whiten_bias_lr_scale <= MAX_BN_LR_SCALE,
+             f"--whiten-bias-lr-scale must be > 0 and <= {MAX_BN_LR_SCALE:g}, got {self.whiten_bias_lr_scale}"),
             (0 < self.muon_lr <= MAX_LR, f"--muon-lr must be > 0 and <= {MAX_LR:g}, got {self.muon_lr}"),
             (0 < self.crop_scale <= 1, f"--crop-scale must be in (0, 1], got {self.crop_scale}"),
             (0.5 <= self.crop_pct <= 1, f"--crop-pct must be in [0.5, 1], got {self.crop_pct}"),
@@ -425,6 +429,11 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            "non_negative_int", metavar="N"),
     Option("whiten_bias_epochs", "train the whitening stem's bias in the first N epochs only, then "
                                  "freeze it (airbench: 3; 0 = throughout)", "non_negative_int", metavar="N"),
+    Option("whiten_bias_lr_scale", "lr multiplier for the whitening stem's bias (airbench94: 1; airbench94_muon: "
+                                   f"64, as its BatchNorm biases; at most {MAX_BN_LR_SCALE:g})"),
+    Option("decay_biases", "weight decay on biases and BatchNorm shifts too, each shrunk per step as much as "
+                           "the weights whatever its lr scale (airbench decays them; by default they are not)",
+           "flag"),
     Option("label_smoothing", "in [0, 1)"),
     Option("augment", "photo: random-resized crop, flip and light colour jitter, for photos", "str", AUGMENTS),
     Option("flip", "random: a fresh coin per image and epoch; alternate: each image flipped every other "

@@ -8,14 +8,14 @@ from imgflow.training.muon import MuonAndSGD
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Conv/dense weights with weight decay; BatchNorm parameters and biases without.
-
-    Decaying BatchNorm and biases only hurts. Each group's `lr_scale` multiplies the scheduled
+    """Conv/dense weights with weight decay; BatchNorm parameters and biases without, unless
+    --decay-biases (airbench decays them; `_bias_decay`). Each group's `lr_scale` multiplies the scheduled
     lr: BatchNorm gets `bn_lr_scale` (airbench trains its BatchNorm biases 64x faster: their
     gradients are small, and they set where each activation bends). airbench's BatchNorm has no
     trainable scale, like the fast family here; in a model whose BatchNorm scales train
     (seed-batchnorm), they get the multiplier too. With --whiten-bias-epochs the whitening
-    stem's bias has a group of its own, stopped by `apply_whitening_bias`; with --optimizer muon
+    stem's bias has a group of its own (at --whiten-bias-lr-scale), stopped by
+    `apply_whitening_bias`; with --optimizer muon
     the conv filters have one at --muon-lr (`MuonAndSGD`).
     """
     if config.finetune or config.freeze_backbone:
@@ -26,7 +26,8 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     params = [p for p in params if id(p) not in taken]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay,
                "lr_scale": 1.0},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": _bias_decay(config, 1.0),
+               "lr_scale": 1.0},
               *special]
     if config.optimizer == "muon":
         return _muon(groups, config)
@@ -38,24 +39,35 @@ def _norm_group(model: torch.nn.Module, config: TrainConfig, params: list) -> li
         return []
     norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
     norm = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters()}
-    return [{"params": [p for p in params if id(p) in norm], "weight_decay": 0.0,
+    return [{"params": [p for p in params if id(p) in norm], "weight_decay": _bias_decay(config, config.bn_lr_scale),
              "lr_scale": config.bn_lr_scale}]
 
 
+def _bias_decay(config: TrainConfig, lr_scale: float) -> float:
+    """A bias group's weight decay: none, or with --decay-biases airbench's form, the weights'
+    decay divided by the group's lr scale. SGD shrinks a parameter by lr x scale x decay per step,
+    so every group then shrinks as much per step as the weights, however fast it learns."""
+    return config.weight_decay / lr_scale if config.decay_biases else 0.0
+
+
 def _whitening_bias_group(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
-    bias = model.whitening_bias() if config.whiten_bias_epochs and hasattr(model, "whitening_bias") else None
+    own = config.whiten_bias_epochs or config.whiten_bias_lr_scale != 1.0
+    bias = model.whitening_bias() if own and hasattr(model, "whitening_bias") else None
     if bias is None:
         return []
-    return [{"params": [bias], "weight_decay": 0.0, "lr_scale": 1.0, "whitening_bias": True}]
+    return [{"params": [bias], "weight_decay": _bias_decay(config, config.whiten_bias_lr_scale),
+             "lr_scale": config.whiten_bias_lr_scale, "whitening_bias": True}]
 
 
 def apply_whitening_bias(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -> None:
-    """airbench's whitening bias trains for the first --whiten-bias-epochs epochs only. Stopped by a
-    zero lr rather than by requires_grad, so DistributedDataParallel's set of gradients never
-    changes; a function of the epoch, so a resumed run stops it where the uninterrupted one did."""
+    """airbench's whitening bias trains for the first --whiten-bias-epochs epochs only (0: all of
+    them). Stopped by a zero lr rather than by requires_grad, so DistributedDataParallel's set of
+    gradients never changes; a function of the epoch, so a resumed run stops it where the
+    uninterrupted one did."""
+    training = not config.whiten_bias_epochs or epoch < config.whiten_bias_epochs
     for group in optimizer.param_groups:
         if group.get("whitening_bias"):
-            group["lr_scale"] = 1.0 if epoch < config.whiten_bias_epochs else 0.0
+            group["lr_scale"] = config.whiten_bias_lr_scale if training else 0.0
 
 
 def _muon(groups: list[dict], config: TrainConfig) -> MuonAndSGD:
@@ -97,7 +109,9 @@ def _finetune_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
     for params, scale in parts:
         groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay,
                        "lr_scale": scale})
-        groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale})
+        # A stage's biases shrink as its weights do: both learn at the stage's scale.
+        groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": _bias_decay(config, 1.0),
+                       "lr_scale": scale})
     return [g for g in groups if g["params"]]
 
 
